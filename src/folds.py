@@ -1,0 +1,111 @@
+"""Fold schemes: month-grouped StratifiedGroupKFold by default, harsher ones for stress tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from src.errors import BiomassError
+from src.io_utils import write_csv_atomic
+from src.schema import TARGETS
+
+SCHEMES = ("group_month", "group_date_state", "leave_state_out", "leave_month_out")
+
+
+def strat_label(wide: pd.DataFrame, n_bins: int = 4) -> np.ndarray:
+    """Composite stratum: quantile bin of Total x whether Clover is zero (the two things folds must share)."""
+    total = wide["Dry_Total_g"].to_numpy()
+    edges = np.quantile(total, np.linspace(0, 1, n_bins + 1)[1:-1])
+    total_bin = np.digitize(total, edges)
+    clover_zero = (wide["Dry_Clover_g"].to_numpy() <= 0).astype(int)
+    return total_bin * 2 + clover_zero
+
+
+def groups_for(wide: pd.DataFrame, scheme: str) -> np.ndarray:
+    """The group label of each image under a scheme (images of one group never straddle folds)."""
+    if scheme in ("group_month", "leave_month_out"):
+        return wide["Sampling_Date"].dt.strftime("%Y-%m").to_numpy()
+    if scheme == "group_date_state":
+        return (wide["Sampling_Date"].dt.strftime("%Y-%m-%d") + "_" + wide["State"].astype(str)).to_numpy()
+    if scheme == "leave_state_out":
+        return wide["State"].astype(str).to_numpy()
+    raise BiomassError(f"unknown fold scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def make_folds(wide: pd.DataFrame, scheme: str = "group_month", n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+    """Assign every image one fold; returns `image_id,fold` in the order of `wide`."""
+    groups = groups_for(wide, scheme)
+    if scheme in ("leave_state_out", "leave_month_out"):
+        # one fold per group, numbered in sorted group order so the mapping is stable
+        names = sorted(set(groups))
+        fold = np.array([names.index(g) for g in groups])
+    else:
+        n_groups = len(set(groups))
+        if n_groups < n_folds:
+            raise BiomassError(
+                f"scheme {scheme} has {n_groups} groups, fewer than --n-folds {n_folds}; lower --n-folds"
+            )
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        fold = np.full(len(wide), -1)
+        for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(wide)), strat_label(wide), groups)):
+            fold[val_idx] = k
+    return pd.DataFrame({"image_id": wide["image_id"].to_numpy(), "fold": fold.astype(int)})
+
+
+def fold_table(wide: pd.DataFrame, folds: pd.DataFrame, scheme: str = "group_month") -> pd.DataFrame:
+    """Per-fold balance: images, groups, mean of each target, share of zero Clover / Dead."""
+    merged = wide.merge(folds, on="image_id")
+    merged["group"] = groups_for(merged, scheme)
+    rows = []
+    for k, part in merged.groupby("fold"):
+        row = {"fold": int(k), "images": len(part), "groups": part["group"].nunique()}
+        row.update({t: round(float(part[t].mean()), 2) for t in TARGETS})
+        row["clover_zero"] = round(float((part["Dry_Clover_g"] <= 0).mean()), 3)
+        row["dead_zero"] = round(float((part["Dry_Dead_g"] <= 0).mean()), 3)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def save_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write `image_id,fold` atomically."""
+    return write_csv_atomic(folds, path)
+
+
+def load_folds(path: str | os.PathLike, wide: pd.DataFrame) -> pd.DataFrame:
+    """Read a folds CSV and check it covers exactly the images of train.csv."""
+    path = Path(path)
+    if not path.is_file():
+        raise BiomassError(f"{path}: folds file not found; create it with `python folds.py --data-dir DIR --out {path}`")
+    folds = pd.read_csv(path, dtype={"image_id": str})
+    if list(folds.columns) != ["image_id", "fold"]:
+        raise BiomassError(f"{path}: expected columns image_id,fold, got {','.join(map(str, folds.columns))}")
+    fold_values = pd.to_numeric(folds["fold"], errors="coerce")
+    if fold_values.isna().any() or (fold_values < 0).any():
+        i = int(np.flatnonzero((fold_values.isna() | (fold_values < 0)).to_numpy())[0])
+        raise BiomassError(f"{path} line {i + 2}, column fold: {folds['fold'].iloc[i]!r} is not a fold index >= 0")
+    folds["fold"] = fold_values.astype(int)
+    dup = folds["image_id"].duplicated()
+    if dup.any():
+        raise BiomassError(f"{path}: image {folds['image_id'][dup].iloc[0]} appears twice; regenerate with folds.py")
+    unknown = sorted(set(folds["image_id"]) - set(wide["image_id"]))
+    if unknown:
+        raise BiomassError(
+            f"{path}: {len(unknown)} image(s) not in train.csv, first {unknown[0]}; regenerate with folds.py"
+        )
+    missing = sorted(set(wide["image_id"]) - set(folds["image_id"]))
+    if missing:
+        raise BiomassError(
+            f"{path}: {len(missing)} train image(s) have no fold, first {missing[0]}; regenerate with folds.py"
+        )
+    return folds
+
+
+def check_fold_index(folds: pd.DataFrame, fold: int, path: str | os.PathLike) -> None:
+    """A requested fold must exist in the folds file."""
+    available = sorted(folds["fold"].unique())
+    if fold not in available:
+        raise BiomassError(f"fold {fold} is not in {path} (folds {available[0]}..{available[-1]}); pass --fold in that range")

@@ -1,0 +1,236 @@
+"""Stereo tile model: backbone on every tile of both views, FiLM between views, attention pooling, heads.
+
+    left view  -> R x C tiles -> backbone -> tile feats -+-> proj + tile pos + view embed -> FiLM(right summary) -+
+    right view -> R x C tiles -> backbone -> tile feats -+-> proj + tile pos + view embed -> FiLM(left summary)  -+
+                                                        attention pooling over all 2*R*C tokens -> 5 heads (+ aux)
+
+`encode_tiles` and `head_from_features` are the two halves of `forward`, so stage-1 training can cache
+tile features and TTA can swap views without running the backbone again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.backbone import create_backbone, norm_constants, patch_size
+from src.config import ModelConfig
+from src.errors import BiomassError
+from src.schema import MONTHS, SPECIES_GROUPS, STATES, TARGETS
+
+AUX_CLASSES = {"state": len(STATES), "month": len(MONTHS), "species": len(SPECIES_GROUPS)}
+NATIVE_VIEW_PX = 1000  # a 2000x1000 image holds two 1000x1000 views
+
+
+def default_tile_size(grid: tuple[int, int], patch: int, view_px: int = NATIVE_VIEW_PX) -> int:
+    """About the native tile resolution, rounded to the patch: 2x2 -> 504, 3x3 -> 336 for patch 14."""
+    native = view_px / math.sqrt(grid[0] * grid[1])
+    return max(patch, int(round(native / patch)) * patch)
+
+
+def tile_views(images: torch.Tensor, grid: tuple[int, int], tile: int) -> torch.Tensor:
+    """(B, 3, H, W) views -> (B, R*C, 3, T, T) tiles, row-major; one resize and one reshape, no loops."""
+    rows, cols = grid
+    batch = images.shape[0]
+    if images.shape[-2:] != (rows * tile, cols * tile):
+        images = F.interpolate(images, size=(rows * tile, cols * tile), mode="bilinear", antialias=True, align_corners=False)
+    tiles = images.reshape(batch, 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)
+    return tiles.reshape(batch, rows * cols, 3, tile, tile)
+
+
+def probe_patch_size(cfg: ModelConfig) -> int:
+    """Patch size of cfg's backbone, read from a weightless copy built on the meta device (instant)."""
+    with torch.device("meta"):
+        return patch_size(create_backbone(cfg.backbone, tile_size=224, **cfg.backbone_kwargs))
+
+
+class FiLM(nn.Module):
+    """Per-channel scale and shift of one view's tokens from the other view's summary.
+
+    The last layer starts at zero, so at init gamma = beta = 0 and FiLM is the identity.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 2 * dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.net(context).chunk(2, dim=-1)
+        return tokens * (1.0 + gamma.unsqueeze(1)) + beta.unsqueeze(1)
+
+
+class AttentionPool(nn.Module):
+    """Learned score per token, softmax over tokens, weighted sum: which tiles matter is learned."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = self.score(tokens).squeeze(-1).softmax(dim=-1)
+        return torch.einsum("bn,bnd->bd", weights, tokens), weights
+
+
+class Head(nn.Module):
+    """One target: MLP with hidden ratio and dropout, one output."""
+
+    def __init__(self, dim: int, hidden_ratio: float, dropout: float, out: int = 1) -> None:
+        super().__init__()
+        hidden = max(8, int(dim * hidden_ratio))
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BiomassModel(nn.Module):
+    """Five-target regressor over a stereo pair of views, each cut into a grid of tiles."""
+
+    def __init__(self, cfg: ModelConfig, load_backbone_weights: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.grid = tuple(int(g) for g in cfg.grid)
+        tile = cfg.tile_size or default_tile_size(self.grid, probe_patch_size(cfg))
+        weights = cfg.backbone_weights if load_backbone_weights else None
+        self.backbone = create_backbone(
+            cfg.backbone, tile_size=tile, weights=weights, grad_checkpointing=cfg.grad_checkpointing, **cfg.backbone_kwargs
+        )
+        self.patch = patch_size(self.backbone)
+        if tile % self.patch:
+            raise BiomassError(f"tile size {tile} is not a multiple of {cfg.backbone}'s patch size {self.patch}; use e.g. {tile // self.patch * self.patch or self.patch}")
+        self.tile_size = tile
+        mean, std = norm_constants(self.backbone)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if cfg.feature not in ("cls", "mean", "cls_mean"):
+            raise BiomassError(f"unknown --feature {cfg.feature!r}; choose cls, mean or cls_mean")
+        embed = self.backbone.num_features
+        self.feature_dim = embed * (2 if cfg.feature == "cls_mean" else 1)
+        dim = cfg.fusion_dim
+        n_tiles = self.grid[0] * self.grid[1]
+        self.proj = nn.Sequential(nn.LayerNorm(self.feature_dim), nn.Linear(self.feature_dim, dim), nn.GELU())
+        self.tile_pos = nn.Parameter(torch.randn(n_tiles, dim) * 0.02)
+        self.view_embed = nn.Parameter(torch.randn(2, dim) * 0.02)
+        self.film_from_right = FiLM(dim)  # right summary modulates left tokens
+        self.film_from_left = FiLM(dim)
+        self.pool = AttentionPool(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.heads = nn.ModuleList(Head(dim, cfg.hidden_ratio, cfg.dropout) for _ in TARGETS)
+        self.aux_heads = nn.ModuleDict(
+            {name: nn.Linear(dim, n) for name, n in AUX_CLASSES.items()} if cfg.use_aux_heads else {}
+        )
+        self.backbone_frozen = False
+
+    # ---- input side -------------------------------------------------------------------------
+    @property
+    def view_size(self) -> tuple[int, int]:
+        """(H, W) a view is resized to before tiling."""
+        return self.grid[0] * self.tile_size, self.grid[1] * self.tile_size
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float views -> normalized float."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return (images - self.mean) / self.std
+
+    def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 3, T, T) normalized tiles -> (N, feature_dim)."""
+        tokens = self.backbone.forward_features(tiles)
+        prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+        cls, patches = tokens[:, 0], tokens[:, prefix:].mean(dim=1)
+        if self.cfg.feature == "cls":
+            return cls
+        if self.cfg.feature == "mean":
+            return patches
+        return torch.cat([cls, patches], dim=-1)
+
+    def encode_tiles(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) views -> (B, R*C, feature_dim); all tiles of the batch in chunked backbone calls."""
+        tiles = tile_views(self.normalize(images), self.grid, self.tile_size)
+        batch, n_tiles = tiles.shape[:2]
+        flat = tiles.reshape(batch * n_tiles, *tiles.shape[2:]).contiguous(memory_format=torch.channels_last)
+        chunk = max(1, self.cfg.max_tiles_per_call)
+        feats = torch.cat([self.tile_features(flat[i : i + chunk]) for i in range(0, len(flat), chunk)])
+        return feats.reshape(batch, n_tiles, -1)
+
+    # ---- fusion and heads ---------------------------------------------------------------------
+    def head_from_features(self, left_feats: torch.Tensor, right_feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tile features of both views -> {'targets': (B, 5) log1p grams, aux logits...}."""
+        left = self.proj(left_feats) + self.tile_pos + self.view_embed[0]
+        right = self.proj(right_feats) + self.tile_pos + self.view_embed[1]
+        left_summary, right_summary = left.mean(dim=1), right.mean(dim=1)
+        left = self.film_from_right(left, right_summary)
+        right = self.film_from_left(right, left_summary)
+        pooled, attn = self.pool(torch.cat([left, right], dim=1))
+        pooled = self.norm(pooled)
+        out = {"targets": torch.cat([head(pooled) for head in self.heads], dim=-1), "attention": attn}
+        for name, head in self.aux_heads.items():
+            out[name] = head(pooled)
+        return out
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor, features: bool = False) -> dict[str, torch.Tensor]:
+        """Views (or, with features=True, cached tile features) -> outputs. One entry point for DDP."""
+        if not features:
+            left, right = self.encode_tiles(left), self.encode_tiles(right)
+        return self.head_from_features(left, right)
+
+    # ---- training support ----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_target_bias(self, mean_log1p) -> None:
+        """Start each head at the training mean (log1p): the first steps learn signal, not the offset."""
+        for head, value in zip(self.heads, mean_log1p):
+            head.net[-1].bias.fill_(float(value))
+
+    def freeze_backbone(self) -> None:
+        """Stage 1: no backbone gradients, backbone in eval mode (dropout/drop-path off)."""
+        self.backbone_frozen = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def unfreeze_backbone(self) -> None:
+        """Stage 2: the backbone trains again (with its own, low learning rate)."""
+        self.backbone_frozen = False
+        self.backbone.requires_grad_(True)
+        self.backbone.train(self.training)
+
+    def train(self, mode: bool = True) -> BiomassModel:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def param_groups(self, lr: float, backbone_lr: float, weight_decay: float, include_backbone: bool = True) -> list[dict]:
+        """AdamW groups: backbone vs the rest, each split into decayed weights and undecayed bias/norm/embeddings."""
+        groups: dict[tuple[str, bool], list] = {}
+        for name, param in self.named_parameters():
+            is_backbone = name.startswith("backbone.")
+            if is_backbone and not include_backbone:
+                continue
+            decay = param.ndim >= 2 and "pos" not in name and "embed" not in name and "token" not in name
+            groups.setdefault(("backbone" if is_backbone else "head", decay), []).append(param)
+        out = []
+        for (part, decay), params in groups.items():
+            out.append(
+                {
+                    "name": f"{part}{'' if decay else '_no_decay'}",
+                    "params": params,
+                    "lr": backbone_lr if part == "backbone" else lr,
+                    "weight_decay": weight_decay if decay else 0.0,
+                }
+            )
+        return out
+
+
+def log1p_to_grams(pred_log1p: torch.Tensor) -> torch.Tensor:
+    """Head outputs (log1p grams) -> grams, clamped at 0."""
+    return torch.expm1(pred_log1p).clamp_min(0.0)
+
+
+def build_model(cfg: ModelConfig, load_backbone_weights: bool = True) -> BiomassModel:
+    """The one constructor used by training, inference and tests."""
+    return BiomassModel(cfg, load_backbone_weights=load_backbone_weights)

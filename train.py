@@ -1,0 +1,49 @@
+"""python train.py --fold K [--preset tiny] [...]: train one fold (or --fold all) of the stereo tile model.
+
+Multi-GPU: torchrun --nproc_per_node N train.py --fold K ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from src.config import add_config_flags, resolve_config
+from src.errors import BiomassError, run_cli
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fold", required=True, help="fold index, or 'all' for every fold in turn")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the fold directory")
+    add_config_flags(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    from src.backbone import check_backbone_name
+    from src.training import train_fold
+
+    check_backbone_name(cfg.model.backbone)
+    command = "python train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.fold == "all":
+        from src.data import load_train
+        from src.folds import load_folds
+
+        folds = sorted(load_folds(cfg.data.folds, load_train(cfg.data.data_dir))["fold"].unique())
+    else:
+        try:
+            folds = [int(args.fold)]
+        except ValueError as err:
+            raise BiomassError(f"--fold must be an integer or 'all', got {args.fold!r}") from err
+    for fold in folds:
+        train_fold(cfg, int(fold), resume=args.resume, overwrite=args.overwrite, command=command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
