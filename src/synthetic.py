@@ -67,6 +67,7 @@ SHIFTS = ("lighting", "soil")
 STAMP_SHARE, FRAME_SHARE = 0.27, 0.3
 ORANGE = (255, 140, 20)
 LEAF_R = (0.006, 0.0085, 0.011)  # clover leaflet radii, fractions of the view height
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in full-image pixels
 
 
 def _pick(rng: np.random.Generator, counts: dict[str, int], n: int) -> np.ndarray:
@@ -241,7 +242,7 @@ def _light(view: np.ndarray, rng: np.random.Generator, gain: float, tint: np.nda
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _stamp(img: np.ndarray, date: str, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def _stamp(img: np.ndarray, date: str, rng: np.random.Generator) -> Box:
     """Orange camera date stamp in the bottom-right corner; returns its box (x0, y0, x1, y1)."""
     h, w = img.shape[:2]
     y, m, d = (int(v) for v in date.split("/"))
@@ -256,8 +257,10 @@ def _stamp(img: np.ndarray, date: str, rng: np.random.Generator) -> tuple[int, i
     return max(x - pad, 0), max(yb - th - pad, 0), min(x + tw + pad, w), min(yb + base + pad, h)
 
 
-def render_image(labels_row, rng: np.random.Generator, size: tuple[int, int] = (2000, 1000), shift: str | None = None):
-    """Render one image (H, W, 3) uint8 RGB: the same quadrat twice side by side; returns (image, stamp box or None)."""
+def render_image(
+    labels_row, rng: np.random.Generator, size: tuple[int, int] = (2000, 1000), shift: str | None = None
+) -> tuple[np.ndarray, Box | None]:
+    """Render one (H, W, 3) uint8 RGB image: the same quadrat twice side by side; also the stamp box or None."""
     w, h = size
     left_w, right_w = w // 2, w - w // 2
     m = max(2, round(0.04 * w))  # room for the stereo shift
@@ -284,7 +287,7 @@ def to_long(wide: pd.DataFrame, split: str) -> pd.DataFrame:
     return long.sort_values("sample_id", ignore_index=True)[list(TRAIN_COLUMNS)]
 
 
-def _render_job(job: tuple) -> tuple[str, tuple | None]:
+def _render_job(job: tuple) -> tuple[str, Box | None]:
     index, row, path, seed, size, shift = job
     img, box = render_image(row, np.random.default_rng([seed, 1, index]), size, shift)  # seed per image
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])

@@ -149,6 +149,18 @@ def compute_feature_cache(
     return torch.cat(chunks)
 
 
+def feature_cache(model: BiomassModel, train_frame, val_frame, cfg: Config, device, show: bool = True) -> dict[str, torch.Tensor]:
+    """Stage-1 cache of a frozen backbone: all flip variants of the training images, identity of the val ones.
+
+    Computed once per fold; sweeps pass it to every `fit` call so the backbone runs once for all runs.
+    """
+    model.freeze_backbone()
+    cache = {"train": compute_feature_cache(model, train_frame, cfg, device, show=show)}
+    if val_frame is not None:
+        cache["val"] = compute_feature_cache(model, val_frame, cfg, device, variants=FLIP_VARIANTS[:1], show=False)
+    return cache
+
+
 # ---- one epoch -----------------------------------------------------------------------------------------------
 def _loss(model, batch, cfg: Config, device, cached: bool, mix) -> torch.Tensor:
     with autocast(device, cfg.train.amp):
@@ -225,7 +237,10 @@ def predict_grams(model: BiomassModel, loader, device, amp: bool, cached: bool, 
 class Stage:
     """Optimizer, scheduler and loaders of one stage (frozen: cached features; unfrozen: images)."""
 
-    def __init__(self, number: int, model: BiomassModel, train_frame, val_frame, cfg: Config, device, dist_info: DistInfo) -> None:
+    def __init__(
+        self, number: int, model: BiomassModel, train_frame, val_frame, cfg: Config, device, dist_info: DistInfo,
+        cache: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.number = number
         self.cfg = cfg
         self.dist_info = dist_info
@@ -238,10 +253,10 @@ class Stage:
         self.cached = frozen and tc.cache_features
         view_size = model.view_size
         if self.cached:
-            feats = compute_feature_cache(model, train_frame, cfg, device, show=dist_info.is_main)
-            self.train_set = FeatureCacheDataset(feats, train_frame, tc.stereo_swap_prob, tc.seed)
+            cache = cache if cache is not None else feature_cache(model, train_frame, val_frame, cfg, device, dist_info.is_main)
+            self.train_set = FeatureCacheDataset(cache["train"], train_frame, tc.stereo_swap_prob, tc.seed)
             if val_frame is not None:
-                val_feats = compute_feature_cache(model, val_frame, cfg, device, variants=FLIP_VARIANTS[:1], show=False)
+                val_feats = cache["val"]
                 self.val_set = FeatureCacheDataset(val_feats, val_frame, 0.0, tc.seed)
         else:
             # photometric augmentation only when the backbone sees the pixels (or the cache is off)
@@ -301,11 +316,12 @@ def fit(
     resume: bool = False,
     model: BiomassModel | None = None,
     fold: int | None = None,
+    cache: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
     """Train a model on train_frame, validating on val_frame each epoch; checkpoints go to run_dir.
 
     Reused by train.py (one fold), sweeps and test-time fine-tuning (pass `model` to start from trained
-    weights; `run_dir=None` writes nothing).
+    weights; `run_dir=None` writes nothing; `cache` = a precomputed `feature_cache` of the same backbone).
     """
     tc = cfg.train
     seed_everything(tc.seed)
@@ -329,7 +345,7 @@ def fit(
         number = 1 if epoch < tc.freeze_epochs else 2
         if stage is None or stage.number != number:
             seed_everything(tc.seed + 100 * number)
-            stage = Stage(number, model, train_frame, val_frame, cfg, device, dist_info)
+            stage = Stage(number, model, train_frame, val_frame, cfg, device, dist_info, cache if number == 1 else None)
             continuing = saved is not None and saved["stage"] == number
             if continuing:
                 stage.optimizer.load_state_dict(saved["optimizer"])

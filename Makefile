@@ -1,0 +1,37 @@
+# Two set-up commands (README): `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA := data/synthetic
+FOLDS := data/folds.csv
+EXP := demo
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install data-synthetic demo test kernel clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+# the bundled synthetic default: 240 train + 20 test images at 1000x500 (real images are 2000x1000)
+$(DATA)/train.csv: | install
+	$(PY) -m src.synthetic --out $(DATA) --n-train 240 --n-test 20 --size 1000x500 --seed 0
+
+data-synthetic: $(DATA)/train.csv
+
+demo: install data-synthetic
+	$(PY) folds.py --data-dir $(DATA) --out $(FOLDS)
+	$(PY) -m src.baseline --data-dir $(DATA) --folds $(FOLDS)
+	$(PY) train.py --fold all --preset tiny --data-dir $(DATA) --folds $(FOLDS) --exp $(EXP) --overwrite
+	$(PY) infer.py --oof --data-dir $(DATA) --checkpoints checkpoints/$(EXP)
+	$(PY) infer.py --data-dir $(DATA) --checkpoints checkpoints/$(EXP) --out submission.csv
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(DATA) $(FOLDS) checkpoints/$(EXP) submission.csv

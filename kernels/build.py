@@ -1,0 +1,274 @@
+"""python kernels/build.py --checkpoints checkpoints/<exp> [...] [--owner USER] [--slug NAME] --out build/kaggle
+
+Writes the three Kaggle uploads of a submission (kernels/push.py sends them):
+  weights/  every best.pt of the ensemble as <exp>/grid*/fold*/best.pt + MANIFEST.json  -> dataset USER/SLUG-weights
+  code/     the src/ package and infer.py + MANIFEST.json                              -> dataset USER/SLUG-code
+  kernel/   kernel.py (from kernels/kernel_template.py) + kernel-metadata.json         -> kernel USER/SLUG
+The build happens in a temp folder beside --out and replaces --out only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import pprint
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python kernels/build.py`: `src` and `kernels` live in the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.push import OWNER_RE, SLUG_RE, validate_build  # noqa: E402
+from src.download import COMPETITION, kaggle_username  # noqa: E402
+from src.errors import BiomassError, run_cli  # noqa: E402
+from src.inference import TTA_MODES, find_checkpoints  # noqa: E402
+from src.postprocess import MODES as PHYSICS_MODES  # noqa: E402
+from src.training import _git_description, load_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = Path(__file__).with_name("kernel_template.py")
+TEMPLATE_MARKER = "BUILD: dict = {}"
+DEFAULT_SLUG = "image2biomass"
+CODE_FILES = ("infer.py", "src")
+SKIP_NAMES = ("__pycache__", ".pytest_cache", ".ruff_cache")
+
+
+# ---- names -------------------------------------------------------------------------------------------------------
+def resolve_owner(owner: str | None) -> str:
+    """--owner, else the Kaggle user name found in KAGGLE_USERNAME / kaggle.json; a valid owner slug."""
+    owner = owner or kaggle_username()
+    if not owner:
+        raise BiomassError("no Kaggle user name: pass --owner USER (an API token alone does not name its user offline)")
+    if not OWNER_RE.match(owner):
+        raise BiomassError(f"--owner {owner!r}: a Kaggle user name is lowercase letters, digits, '-' or '_'")
+    return owner
+
+
+def check_slug(slug: str) -> str:
+    """Kernel slug; the datasets append -weights/-code, so it stays within Kaggle's 50 characters with them."""
+    if not SLUG_RE.match(slug) or not 6 <= len(slug) <= 42:
+        raise BiomassError(f"--slug {slug!r}: use 6-42 lowercase letters, digits and single dashes, e.g. {DEFAULT_SLUG}")
+    return slug
+
+
+def title_of(slug: str) -> str:
+    """A title that Kaggle turns back into `slug` (image2biomass -> Image2Biomass)."""
+    return slug.replace("-", " ").title()
+
+
+# ---- contents ------------------------------------------------------------------------------------------------------
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link when possible (multi-GB ensembles; checkpoints are replaced atomically, never edited), else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(root: Path, kind: str) -> str:
+    """MANIFEST.json: every file of the dataset with its size, and a content id the kernel checks."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ("MANIFEST.json", "dataset-metadata.json"))
+    rels = [p.relative_to(root).as_posix() for p in files]
+    content_id = hashlib.sha256("".join(f"{rel}\0{_sha256(p)}\n" for rel, p in zip(rels, files)).encode()).hexdigest()
+    manifest = {"kind": kind, "id": content_id, "files": {rel: p.stat().st_size for rel, p in zip(rels, files)}}
+    (root / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return content_id
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def collect_checkpoints(dirs: list[str]) -> dict[str, tuple[Path, list[tuple[Path, str]]]]:
+    """{exp name: (exp dir, [(best.pt, its path in the weights dataset)])}, experiments in the given order."""
+    experiments: dict[str, tuple[Path, list[tuple[Path, str]]]] = {}
+    for raw in dirs:
+        exp_dir = Path(raw)
+        if exp_dir.is_file():
+            raise BiomassError(f"--checkpoints {exp_dir}: pass the experiment directory (checkpoints/<exp>), not a file")
+        name = exp_dir.resolve().name
+        if name in experiments:
+            raise BiomassError(f"--checkpoints: two experiment directories are named {name!r}; rename one (the kernel finds them by name)")
+        experiments[name] = (exp_dir, [(p, f"{name}/{p.relative_to(exp_dir).as_posix()}") for p in find_checkpoints([exp_dir])])
+    return experiments
+
+
+def describe_checkpoint(path: Path) -> dict:
+    """Grid, fold and validation score of a best.pt (loading it also proves it is one of ours)."""
+    ckpt = load_checkpoint(path)
+    grid = ckpt.get("grid") or ckpt["config"]["model"]["grid"]
+    return {"grid": f"{grid[0]}x{grid[1]}", "fold": ckpt.get("fold"), "val_metric": ckpt.get("val_metric")}
+
+
+def oof_summary(exp_dir: Path, tta: str, physics: str) -> str | None:
+    """One line from <exp>/oof_report.csv (python infer.py --oof): the chosen setting and the best one."""
+    path = exp_dir / "oof_report.csv"
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    chosen = next((r for r in rows if r.get("tta") == tta and r.get("physics") == physics), None)
+    best = max(rows, key=lambda r: float(r.get("weighted_r2") or "nan"), default=None)
+    if chosen is None or best is None:
+        return None
+    line = f"OOF weighted R2 {float(chosen['weighted_r2']):.4f} with --tta {tta} --physics {physics}"
+    if best is not chosen:
+        line += f" (best in the report: {float(best['weighted_r2']):.4f} with --tta {best['tta']} --physics {best['physics']})"
+    return line
+
+
+def code_sources() -> list[Path]:
+    """The files the kernel imports: infer.py and the src package (no caches, no tests)."""
+    files = [REPO / "infer.py"]
+    files += sorted(p for p in (REPO / "src").rglob("*") if p.is_file() and not set(p.parts) & set(SKIP_NAMES) and p.suffix != ".pyc")
+    return files
+
+
+def render_kernel(build: dict) -> str:
+    """kernel_template.py with its empty BUILD dict replaced by this build's."""
+    text = TEMPLATE.read_text()
+    if text.count(TEMPLATE_MARKER) != 1:
+        raise BiomassError(f"{TEMPLATE}: expected exactly one line `{TEMPLATE_MARKER}` for kernels/build.py to fill in")
+    return text.replace(TEMPLATE_MARKER, "BUILD: dict = " + pprint.pformat(build, sort_dicts=False, width=110))
+
+
+def build_into(
+    root: Path, experiments: dict[str, tuple[Path, list[tuple[Path, str]]]], owner: str, slug: str, tta: str, physics: str, backbone_weights: Path | None
+) -> dict:
+    """Write weights/, code/, kernel/ and build.json under `root`; return build.json's content."""
+    weights, code, kernel = root / "weights", root / "code", root / "kernel"
+    title = title_of(slug)
+    ids = {"kernel": f"{owner}/{slug}", "weights": f"{owner}/{slug}-weights", "code": f"{owner}/{slug}-code"}
+    described = []
+    for _, items in experiments.values():
+        for src, rel in items:
+            described.append({"path": rel, **describe_checkpoint(src)})
+            _place(src, weights / rel)
+    if backbone_weights is not None:
+        if not backbone_weights.is_file():
+            raise BiomassError(f"--backbone-weights {backbone_weights}: file not found")
+        if backbone_weights.name in experiments:
+            raise BiomassError(f"--backbone-weights {backbone_weights}: its name clashes with an experiment directory; rename it")
+        _place(backbone_weights, weights / backbone_weights.name)
+    weights_id = write_manifest(weights, "weights")
+    write_json(weights / "dataset-metadata.json", {"title": f"{title} weights", "id": ids["weights"], "licenses": [{"name": "CC0-1.0"}]})
+
+    for src in code_sources():
+        dst = code / src.relative_to(REPO)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    code_id = write_manifest(code, "code")
+    write_json(code / "dataset-metadata.json", {"title": f"{title} code", "id": ids["code"], "licenses": [{"name": "CC0-1.0"}]})
+
+    kernel_build = {
+        "kernel": ids["kernel"],
+        "competition": COMPETITION,
+        "code_dataset": ids["code"],
+        "code_id": code_id,
+        "weights_dataset": ids["weights"],
+        "weights_id": weights_id,
+        "experiments": list(experiments),
+        "tta": tta,
+        "physics": physics,
+    }
+    kernel.mkdir(parents=True)
+    (kernel / "kernel.py").write_text(render_kernel(kernel_build))
+    write_json(
+        kernel / "kernel-metadata.json",
+        {
+            "id": ids["kernel"],
+            "title": title,
+            "code_file": "kernel.py",
+            "language": "python",
+            "kernel_type": "script",
+            "is_private": True,
+            "enable_gpu": True,
+            "enable_tpu": False,
+            "enable_internet": False,
+            "dataset_sources": [ids["weights"], ids["code"]],
+            "competition_sources": [COMPETITION],
+            "kernel_sources": [],
+            "model_sources": [],
+        },
+    )
+    info = {
+        **kernel_build,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git": _git_description().strip(),
+        "checkpoints": described,
+        "backbone_weights": backbone_weights.name if backbone_weights else None,
+    }
+    write_json(root / "build.json", info)
+    return info
+
+
+def build(
+    checkpoints: list[str],
+    out: str | os.PathLike,
+    owner: str | None = None,
+    slug: str = DEFAULT_SLUG,
+    tta: str = "full",
+    physics: str = "project",
+    backbone_weights: str | os.PathLike | None = None,
+) -> dict:
+    """Build the three uploads into `out` (replaced only when the new build is complete and valid)."""
+    out = Path(out)
+    owner, slug = resolve_owner(owner), check_slug(slug)
+    experiments = collect_checkpoints(checkpoints)
+    if out.exists() and not (out / "build.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise BiomassError(f"--out {out}: exists and is not a kernels/build.py output; choose another folder (it is replaced whole)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        info = build_into(tmp, experiments, owner, slug, tta, physics, Path(backbone_weights) if backbone_weights else None)
+        validate_build(tmp)  # the build and push agree on what a valid upload is
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    for name, (exp_dir, items) in experiments.items():
+        summary = oof_summary(exp_dir, tta, physics)
+        print(f"{name}: {len(items)} checkpoint(s)" + (f"; {summary}" if summary else ""))
+    print(f"wrote {out}/{{weights,code,kernel}}: kernel {info['kernel']}, datasets {info['weights_dataset']} and {info['code_dataset']}")
+    print(f"next: python kernels/push.py {out} --dry-run")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python kernels/build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="experiment dirs (checkpoints/<exp>) holding grid*/fold*/best.pt")
+    parser.add_argument("--owner", default=None, help="Kaggle user name (default: KAGGLE_USERNAME or ~/.kaggle/kaggle.json)")
+    parser.add_argument("--slug", default=DEFAULT_SLUG, help="kernel slug; datasets are SLUG-weights and SLUG-code")
+    parser.add_argument("--backbone-weights", default=None, help="optional pretrained backbone file to ship too (inference does not need it)")
+    parser.add_argument("--tta", default="full", choices=list(TTA_MODES), help="infer.py --tta inside the kernel")
+    parser.add_argument("--physics", default="project", choices=list(PHYSICS_MODES), help="infer.py --physics inside the kernel")
+    parser.add_argument("--out", default="build/kaggle", help="output folder (replaced whole)")
+    args = parser.parse_args(argv)
+    build(args.checkpoints, args.out, args.owner, args.slug, args.tta, args.physics, args.backbone_weights)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
