@@ -36,7 +36,6 @@ def create_backbone(
     resamples the position embedding to `tile_size`; None means random init. Never touches the network.
     """
     check_backbone_name(name)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     common = dict(num_classes=0, img_size=tile_size, dynamic_img_size=True, **kwargs)
     if weights is None:
         model = timm.create_model(name, pretrained=False, **common)
@@ -47,6 +46,8 @@ def create_backbone(
         try:
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **common)
         except RuntimeError as err:
+            if "loading state_dict" not in str(err) and "size mismatch" not in str(err):
+                raise BiomassError(f"{path}: cannot load backbone weights ({str(err).strip().splitlines()[0][:200]})") from err
             raise BiomassError(f"{path}: does not fit backbone {name}: {_summarize_load_error(err)}") from err
         except Exception as err:  # unreadable/corrupt files surface as many exception types
             raise BiomassError(f"{path}: cannot load backbone weights ({type(err).__name__}: {err})") from err

@@ -22,7 +22,9 @@ from src.errors import BiomassError
 from src.schema import MONTHS, SPECIES_GROUPS, STATES, TARGETS
 
 AUX_CLASSES = {"state": len(STATES), "month": len(MONTHS), "species": len(SPECIES_GROUPS)}
-NATIVE_VIEW_PX = 1000  # a 2000x1000 image holds two 1000x1000 views
+NATIVE_VIEW_PX = 1000
+# position/view embeddings and special tokens are not decayed (timm's convention); weights otherwise are
+NO_DECAY = {"pos_embed", "tile_pos", "view_embed", "cls_token", "reg_token"}  # a 2000x1000 image holds two 1000x1000 views
 
 
 def default_tile_size(grid: tuple[int, int], patch: int, view_px: int = NATIVE_VIEW_PX) -> int:
@@ -183,6 +185,8 @@ class BiomassModel(nn.Module):
     @torch.no_grad()
     def init_target_bias(self, mean_log1p) -> None:
         """Start each head at the training mean (log1p): the first steps learn signal, not the offset."""
+        if len(mean_log1p) != len(self.heads):
+            raise BiomassError(f"init_target_bias needs {len(self.heads)} values, got {len(mean_log1p)}")
         for head, value in zip(self.heads, mean_log1p):
             head.net[-1].bias.fill_(float(value))
 
@@ -211,7 +215,7 @@ class BiomassModel(nn.Module):
             is_backbone = name.startswith("backbone.")
             if is_backbone and not include_backbone:
                 continue
-            decay = param.ndim >= 2 and "pos" not in name and "embed" not in name and "token" not in name
+            decay = param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY
             groups.setdefault(("backbone" if is_backbone else "head", decay), []).append(param)
         out = []
         for (part, decay), params in groups.items():

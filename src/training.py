@@ -335,6 +335,11 @@ def fit(
     saved = None
     if resume and last_path is not None and last_path.is_file():
         saved = load_checkpoint(last_path)
+        if saved.get("config", {}).get("model") != cfg.to_dict()["model"]:
+            raise BiomassError(
+                f"{last_path}: was trained with another model config (backbone/grid/tile); resume with the same "
+                "flags or pass --overwrite to start again"
+            )
         model.load_state_dict(saved["model"])
         state = FitState(**saved["state"])
         if dist_info.is_main:

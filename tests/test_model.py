@@ -213,7 +213,9 @@ def test_encode_tiles_shape_and_feature_definitions(feature_models, pair):
     assert feats["cls_mean"].shape == (2, 4, 2 * embed) and feature_models["cls_mean"].feature_dim == 2 * embed
     torch.testing.assert_close(feats["cls"], tokens[:, 0].view(2, 4, embed), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats["mean"], tokens[:, 5:].mean(dim=1).view(2, 4, embed), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(feats["cls_mean"], torch.cat([feats["cls"], feats["mean"]], dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        feats["cls_mean"], torch.cat([feats["cls"], feats["mean"]], dim=-1), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_unknown_feature_raises():
@@ -265,13 +267,18 @@ def test_backbone_weights_load_from_local_file(tmp_path, name, filename, patch):
     tile = 2 * patch
     saved = tiny_backbone(name, img_size=tile).state_dict()
     path = save(saved, tmp_path / filename)
-    model = build_model(tiny_cfg(backbone=name, backbone_kwargs=dict(TINY_KWARGS), tile_size=tile, backbone_weights=path))
+    model = build_model(
+        tiny_cfg(backbone=name, backbone_kwargs=dict(TINY_KWARGS), tile_size=tile, backbone_weights=path)
+    )
     loaded = model.backbone.state_dict()
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], v) for k, v in saved.items())
     # the default (load_backbone_weights=False, as inference rebuilding from a checkpoint does) ignores the file
     torch.manual_seed(123)
-    fresh = build_model(tiny_cfg(backbone=name, backbone_kwargs=dict(TINY_KWARGS), tile_size=tile, backbone_weights=path), load_backbone_weights=False)
+    fresh = build_model(
+        tiny_cfg(backbone=name, backbone_kwargs=dict(TINY_KWARGS), tile_size=tile, backbone_weights=path),
+        load_backbone_weights=False,
+    )
     assert not torch.equal(fresh.backbone.patch_embed.proj.weight, saved["patch_embed.proj.weight"])
 
 
@@ -281,7 +288,9 @@ def test_backbone_weights_saved_at_another_size_resample_pos_embed(tmp_path):
     model = build_model(tiny_cfg(backbone_weights=path))  # 28 px tiles: 2x2 patch grid
     loaded = model.backbone.state_dict()
     assert saved["pos_embed"].shape == (1, 16, 64) and loaded["pos_embed"].shape == (1, 4, 64)
-    expected = resample_abs_pos_embed(saved["pos_embed"], new_size=(2, 2), num_prefix_tokens=0, interpolation="bicubic", antialias=True)
+    expected = resample_abs_pos_embed(
+        saved["pos_embed"], new_size=(2, 2), num_prefix_tokens=0, interpolation="bicubic", antialias=True
+    )
     torch.testing.assert_close(loaded["pos_embed"], expected)
     assert all(torch.equal(loaded[k], v) for k, v in saved.items() if k != "pos_embed")
     with torch.no_grad():
@@ -399,7 +408,9 @@ def test_stereo_swap_asymmetry_is_only_view_embedding_and_film_direction(model, 
         a, b = m.head_from_features(fl, fr), m.head_from_features(fr, fl)
         for key in ("targets", *AUX_SIZES):
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(b["attention"], torch.cat([a["attention"][:, n:], a["attention"][:, :n]], dim=1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            b["attention"], torch.cat([a["attention"][:, n:], a["attention"][:, :n]], dim=1), atol=1e-6, rtol=1e-5
+        )
 
 
 # ---- training support ----------------------------------------------------------------------------------
@@ -466,7 +477,6 @@ def test_param_groups_cover_every_parameter_once(model):
     torch.optim.AdamW(groups)  # no parameter in two groups, no empty group
 
 
-@pytest.mark.xfail(reason="src/model.py param_groups: the substring 'embed' also matches patch_embed.proj.weight (see report)", strict=False)
 def test_patch_embedding_conv_weight_is_decayed(model):
     """timm's convention (no_weight_decay = pos_embed/cls_token/reg_token) decays the patch-embedding conv."""
     decay_of = {}

@@ -1,0 +1,18 @@
+"""python report.py checkpoints/<exp> [--data-dir DIR] | --compare EXP [EXP ...] [--baseline NAME] [--out DIR] | --stress EXP
+
+OOF report of one experiment (REPORT.md + plots), or one table comparing experiments. See src/report.py.
+"""
+
+from __future__ import annotations
+
+from src.errors import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    from src.report import main as report_main
+
+    return report_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,747 @@
+"""OOF report of one experiment (tables, breakdowns, plots -> REPORT.md) and the table that compares several.
+
+    python report.py checkpoints/<exp> [--data-dir DIR]           -> checkpoints/<exp>/report/REPORT.md + PNGs
+    python report.py --compare checkpoints/<a> checkpoints/<b>   -> <out>/compare.md + compare.csv
+    python report.py --stress checkpoints/<exp>                  -> the leave-state/month-out commands to run
+
+Every number is recomputed from the files a run left behind (each fold's `oof.csv` and `metrics.csv`,
+and `oof_report.csv` / `oof_ensemble.csv` from `infer.py --oof`), so a report never trusts a logged score.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from src.errors import BiomassError
+from src.io_utils import atomic_path, write_csv_atomic, write_text_atomic
+from src.metric import per_target_r2, score
+from src.schema import SHORT_NAMES, TARGETS
+
+R2_COLUMNS = tuple(f"r2_{t}" for t in TARGETS)
+TRUE_COLUMNS = tuple(f"true_{t}" for t in TARGETS)
+BREAKDOWN_KEYS = (("State", "State"), ("month", "month"), ("species_group", "Species group"))
+# the setting infer.py submits by default: the one row of oof_report.csv that compare uses
+DEFAULT_SETTING = {"tta": "full", "physics": "project"}
+STRESS_SCHEMES = {"leave_state_out": "lso", "leave_month_out": "lmo"}
+PLOTS = ("pred_vs_true.png", "residuals_total.png", "fold_metric.png", "learning_curves.png")
+
+
+# ---- what a run left behind ------------------------------------------------------------------------------
+@dataclass
+class FoldRun:
+    """One `grid<R>x<C>/fold<K>/` directory: its held-out predictions, per-epoch log and resolved config."""
+
+    grid: str  # "2x2"
+    fold: int
+    path: Path
+    oof: pd.DataFrame | None
+    metrics: pd.DataFrame | None
+    config: dict
+    command: str | None
+
+
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise BiomassError(f"{path}: not a readable CSV ({str(err).splitlines()[0]}); re-run the step that wrote it") from err
+
+
+def load_runs(exp_dir: str | Path) -> list[FoldRun]:
+    """Every fold directory of an experiment (`grid*/fold*/`, or `fold*/` directly), sorted by grid then fold."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise BiomassError(f"{exp_dir}: experiment directory not found; pass checkpoints/<exp> as written by train.py")
+    dirs = sorted(exp_dir.glob("grid*/fold*")) or sorted(exp_dir.glob("fold*"))
+    runs = []
+    for d in dirs:
+        if not d.is_dir() or not d.name[4:].isdigit():
+            continue
+        grid = d.parent.name[4:] if d.parent.name.startswith("grid") else "?"
+        config_path = d / "config.yaml"
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        oof = _read_csv(d / "oof.csv", dtype={"image_id": str})
+        if oof is not None:
+            missing = [c for c in ("image_id", *TARGETS, *TRUE_COLUMNS) if c not in oof.columns]
+            if missing:
+                raise BiomassError(f"{d / 'oof.csv'}: missing column(s) {', '.join(missing)}; re-train this fold with train.py")
+        command = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else None
+        runs.append(FoldRun(grid, int(d.name[4:]), d, oof, _read_csv(d / "metrics.csv"), config or {}, command))
+    if not runs:
+        raise BiomassError(f"{exp_dir}: no grid*/fold*/ directories inside; train with `python train.py --fold all --exp NAME`")
+    if not any(r.oof is not None for r in runs):
+        raise BiomassError(f"{exp_dir}: no fold has an oof.csv yet (training writes it after the first validated epoch)")
+    return sorted(runs, key=lambda r: (_grid_key(r.grid), r.fold))
+
+
+def _grid_key(grid: str) -> tuple:
+    try:
+        rows, cols = (int(v) for v in grid.split("x"))
+        return (rows * cols, rows, cols)
+    except ValueError:
+        return (math.inf, 0, 0)
+
+
+def oof_score(oof: pd.DataFrame) -> dict:
+    """The competition metric and per-target R^2 of a wide OOF frame (predictions + true_ columns)."""
+    truth = oof[list(TRUE_COLUMNS)].to_numpy(dtype=np.float64)
+    pred = oof[list(TARGETS)].to_numpy(dtype=np.float64)
+    return {"images": len(oof), **score(truth, pred)}
+
+
+def grid_mean_oof(runs: list[FoldRun]) -> pd.DataFrame:
+    """One prediction per OOF image: the mean over grids of each image's held-out predictions (grams, no TTA)."""
+    frames = [r.oof.assign(fold=r.fold) for r in runs if r.oof is not None]
+    pooled = pd.concat(frames, ignore_index=True)
+    agg = {c: "mean" for c in (*TARGETS, *TRUE_COLUMNS)}
+    agg["fold"] = "first"
+    return pooled.groupby("image_id", sort=False).agg(agg).reset_index()[["image_id", "fold", *TARGETS, *TRUE_COLUMNS]]
+
+
+def fold_table(runs: list[FoldRun]) -> pd.DataFrame:
+    """Metric rows: each fold of each grid, each grid pooled over its folds, all oof.csv pooled, the grid mean."""
+    rows = []
+    for r in runs:
+        if r.oof is None:
+            continue
+        best = None
+        if r.metrics is not None and "weighted_r2" in r.metrics and r.metrics["weighted_r2"].notna().any():
+            best = int(r.metrics.loc[r.metrics["weighted_r2"].idxmax(), "epoch"])
+        rows.append({"scope": "fold", "grid": r.grid, "fold": str(r.fold), "best_epoch": best, **oof_score(r.oof)})
+    grids = sorted({r.grid for r in runs if r.oof is not None}, key=_grid_key)
+    for grid in grids:
+        pooled = pd.concat([r.oof for r in runs if r.grid == grid and r.oof is not None], ignore_index=True)
+        rows.append({"scope": "grid", "grid": grid, "fold": "pooled", "best_epoch": None, **oof_score(pooled)})
+    if len(grids) > 1:
+        pooled = pd.concat([r.oof for r in runs if r.oof is not None], ignore_index=True)
+        rows.append({"scope": "pooled", "grid": "all", "fold": "pooled", "best_epoch": None, **oof_score(pooled)})
+        rows.append({"scope": "grid_mean", "grid": "mean", "fold": "pooled", "best_epoch": None, **oof_score(grid_mean_oof(runs))})
+    table = pd.DataFrame(rows)
+    table["best_epoch"] = table["best_epoch"].astype("Int64")
+    return table
+
+
+def pooled_oof(runs: list[FoldRun]) -> pd.DataFrame:
+    """All oof.csv rows of an experiment concatenated (an image appears once per grid)."""
+    return pd.concat([r.oof for r in runs if r.oof is not None], ignore_index=True)
+
+
+def _stale(path: Path, runs: list[FoldRun]) -> bool:
+    """A file from infer.py --oof older than some checkpoint describes models that no longer exist."""
+    newest = max((p.stat().st_mtime for r in runs for p in (r.path / "best.pt",) if p.is_file()), default=0.0)
+    return path.stat().st_mtime < newest
+
+
+def ensemble_table(exp_dir: Path) -> pd.DataFrame | None:
+    """oof_report.csv (fold x grid ensemble, every TTA x physics row), or None when infer.py --oof has not run."""
+    report = _read_csv(exp_dir / "oof_report.csv")
+    if report is None:
+        return None
+    missing = [c for c in ("tta", "physics", "weighted_r2", *R2_COLUMNS) if c not in report.columns]
+    if missing:
+        raise BiomassError(f"{exp_dir / 'oof_report.csv'}: missing column(s) {', '.join(missing)}; re-run infer.py --oof")
+    return report.sort_values("weighted_r2", ascending=False).reset_index(drop=True)
+
+
+def default_setting_row(report: pd.DataFrame) -> pd.Series:
+    """The tta=full, physics=project row (what infer.py submits by default), else the first row."""
+    hit = report[(report["tta"] == DEFAULT_SETTING["tta"]) & (report["physics"] == DEFAULT_SETTING["physics"])]
+    return (hit if len(hit) else report).iloc[0]
+
+
+def per_image_predictions(exp_dir: Path, runs: list[FoldRun]) -> tuple[pd.DataFrame, str]:
+    """One prediction per OOF image for breakdowns and plots, and a sentence saying where it comes from."""
+    ens = _read_csv(exp_dir / "oof_ensemble.csv", dtype={"image_id": str})
+    if ens is not None and not _stale(exp_dir / "oof_ensemble.csv", runs):
+        return ens, "`oof_ensemble.csv`: the fold x grid ensemble with full TTA and project physics (infer.py --oof)"
+    grids = sorted({r.grid for r in runs if r.oof is not None}, key=_grid_key)
+    what = "the mean over grids " + ", ".join(grids) if len(grids) > 1 else f"grid {grids[0]}"
+    return grid_mean_oof(runs), f"each fold's `oof.csv` ({what}; best epoch, no TTA, no physics)"
+
+
+# ---- breakdowns -----------------------------------------------------------------------------------------------
+def resolve_data_dir(runs: list[FoldRun], data_dir: str | Path | None) -> tuple[Path | None, str]:
+    """--data-dir if given (it must exist), else the training config's data_dir when it exists; else a note."""
+    if data_dir is not None:
+        if not (Path(data_dir) / "train.csv").is_file():
+            raise BiomassError(f"{Path(data_dir) / 'train.csv'}: not found; pass --data-dir DIR holding the competition files")
+        return Path(data_dir), ""
+    configured = next((r.config.get("data", {}).get("data_dir") for r in runs if r.config.get("data")), None)
+    if configured and (Path(configured) / "train.csv").is_file():
+        return Path(configured), ""
+    return None, (
+        f"Breakdowns skipped: the training data_dir ({configured or 'not recorded'}) has no train.csv here; "
+        "re-run with `--data-dir DIR`."
+    )
+
+
+def breakdown_table(pred: pd.DataFrame, wide: pd.DataFrame) -> pd.DataFrame:
+    """Per State, month and species group: images, weighted R^2 and RMSE of Dry_Total_g (grams)."""
+    meta_cols = [c for c, _ in BREAKDOWN_KEYS]
+    merged = pred.merge(wide[["image_id", *meta_cols]], on="image_id", how="left", validate="one_to_one")
+    unknown = merged[meta_cols[0]].isna()
+    if unknown.any():
+        raise BiomassError(
+            f"{int(unknown.sum())} OOF image(s) are not in train.csv (first {merged.loc[unknown, 'image_id'].iloc[0]}); "
+            "pass the --data-dir the experiment was trained on"
+        )
+    rows = []
+    for col, label in BREAKDOWN_KEYS:
+        for value, part in merged.groupby(col, sort=True):
+            s = oof_score(part)
+            err = part["Dry_Total_g"].to_numpy(np.float64) - part["true_Dry_Total_g"].to_numpy(np.float64)
+            rows.append(
+                {
+                    "by": label,
+                    "group": str(value),
+                    "images": len(part),
+                    "weighted_r2": s["weighted_r2"],
+                    "rmse_total": float(np.sqrt(np.mean(err**2))),
+                    "mean_true_total": float(part["true_Dry_Total_g"].mean()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _log1p_axis(ax, which: str = "both") -> None:
+    """Axes evenly spaced in log1p(grams) but labelled in grams: zeros stay visible, large values are not squashed."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    ticks = [0, 1, 3, 10, 30, 100, 300, 1000]
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    for axis, name in ((ax.xaxis, "x"), (ax.yaxis, "y")):
+        if which in ("both", name):
+            getattr(ax, f"set_{name}scale")("function", functions=(np.log1p, np.expm1))
+            axis.set_major_locator(FixedLocator(ticks))
+            axis.set_major_formatter(fmt)
+
+
+def _fold_colors(folds: np.ndarray):
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    uniq = sorted(set(int(f) for f in folds))
+    return [cmap(uniq.index(int(f)) % 10) for f in folds], {f: cmap(i % 10) for i, f in enumerate(uniq)}
+
+
+def plot_pred_vs_true(pred: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Five panels (one per target), predicted vs true grams on log1p axes, coloured by fold."""
+    plt = _plt()
+    colors, legend = _fold_colors(pred["fold"].to_numpy())
+    r2 = per_target_r2(pred[list(TRUE_COLUMNS)].to_numpy(np.float64), pred[list(TARGETS)].to_numpy(np.float64))
+    fig, axes = plt.subplots(1, len(TARGETS), figsize=(3.9 * len(TARGETS), 4.6), layout="constrained")
+    for ax, name in zip(axes, TARGETS):
+        y, p = pred[f"true_{name}"].to_numpy(np.float64), pred[name].to_numpy(np.float64)
+        hi = max(float(np.nanmax(y)), float(np.nanmax(p)), 1.0) * 1.1
+        ax.plot([0, hi], [0, hi], color="0.5", lw=1, ls="--", zorder=1)
+        ax.scatter(y, p, c=colors, s=18, alpha=0.8, edgecolors="none", zorder=2)
+        _log1p_axis(ax)
+        ax.set_xlim(-0.3, hi)  # zeros (common for Clover and Dead) sit just inside the frame
+        ax.set_ylim(-0.3, hi)
+        ax.set_title(f"{name}\nR² = {r2[name]:.3f}", fontsize=10)
+        ax.set_xlabel("true (g)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("predicted (g)")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=f"fold {f}") for f, c in legend.items()]
+    axes[-1].legend(handles=handles, fontsize=8, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=11, fontweight="bold")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_residuals(pred: pd.DataFrame, path: Path) -> Path:
+    """Residual (predicted - true) of Dry_Total_g against true Total: bias at the extremes shows here."""
+    plt = _plt()
+    colors, legend = _fold_colors(pred["fold"].to_numpy())
+    y = pred["true_Dry_Total_g"].to_numpy(np.float64)
+    res = pred["Dry_Total_g"].to_numpy(np.float64) - y
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), constrained_layout=True)
+    ax.axhline(0, color="0.5", lw=1, ls="--")
+    ax.scatter(y, res, c=colors, s=20, alpha=0.8, edgecolors="none")
+    _log1p_axis(ax, "x")
+    ax.set_xlim(-0.3, max(float(y.max()), 1.0) * 1.1)
+    ax.set_xlabel("true Dry_Total_g (g, log1p axis)")
+    ax.set_ylabel("predicted - true (g)")
+    ax.set_title(f"Dry_Total_g residuals: RMSE {np.sqrt(np.mean(res**2)):.1f} g, mean {res.mean():+.1f} g", fontsize=10)
+    ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=f"fold {f}") for f, c in legend.items()]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_fold_bars(table: pd.DataFrame, path: Path) -> Path:
+    """Weighted R^2 of each fold, one bar per grid; dashed lines = each grid pooled over its folds."""
+    plt = _plt()
+    folds = table[table["scope"] == "fold"]
+    grids = list(dict.fromkeys(folds["grid"]))
+    fold_ids = sorted(folds["fold"].astype(int).unique())
+    width = 0.8 / max(1, len(grids))
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(fold_ids) * max(1, len(grids)) + 2.5), 4.2), constrained_layout=True)
+    for g, grid in enumerate(grids):
+        part = folds[folds["grid"] == grid].set_index(folds[folds["grid"] == grid]["fold"].astype(int))
+        xs = [i + (g - (len(grids) - 1) / 2) * width for i in range(len(fold_ids))]
+        vals = [float(part.loc[f, "weighted_r2"]) if f in part.index else np.nan for f in fold_ids]
+        bars = ax.bar(xs, vals, width * 0.95, color=cmap(g % 10), label=f"grid {grid}")
+        ax.bar_label(bars, labels=[f"{v:.3f}" if np.isfinite(v) else "" for v in vals], fontsize=8, padding=2)
+        pooled = table[(table["scope"] == "grid") & (table["grid"] == grid)]
+        if len(pooled):
+            ax.axhline(float(pooled["weighted_r2"].iloc[0]), color=cmap(g % 10), ls="--", lw=1, label=f"grid {grid} pooled")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(fold_ids)), [f"fold {f}" for f in fold_ids])
+    ax.set_ylabel("weighted R²")
+    lo = min(0.0, float(np.nanmin(folds["weighted_r2"]))) - 0.05
+    hi = max(0.0, float(np.nanmax(folds["weighted_r2"])))
+    ax.set_ylim(lo, hi + 0.12 * (hi - lo) + 0.05)
+    ax.set_title("OOF weighted R² per fold", fontsize=10)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(runs: list[FoldRun], path: Path) -> Path:
+    """Train loss and val weighted R^2 per epoch for every fold; dotted line = start of stage 2 (unfrozen)."""
+    plt = _plt()
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.4), constrained_layout=True)
+    cmap = plt.get_cmap("tab10")
+    styles = ["-", "--", ":", "-."]
+    grids = list(dict.fromkeys(r.grid for r in runs))
+    boundaries = set()
+    for r in runs:
+        m = r.metrics
+        if m is None or m.empty:
+            continue
+        color = cmap(r.fold % 10)
+        ls = styles[grids.index(r.grid) % len(styles)]
+        label = f"{r.grid} fold {r.fold}"
+        ax_loss.plot(m["epoch"], m["train_loss"], color=color, ls=ls, marker="o", ms=3, label=label)
+        if "weighted_r2" in m:
+            ax_val.plot(m["epoch"], m["weighted_r2"], color=color, ls=ls, marker="o", ms=3, label=label)
+            if m["weighted_r2"].notna().any():
+                best = m.loc[m["weighted_r2"].idxmax()]
+                ax_val.plot(best["epoch"], best["weighted_r2"], marker="*", ms=12, color=color, ls="")
+        stage2 = m.loc[m["stage"] == 2, "epoch"] if "stage" in m else pd.Series(dtype=float)
+        if len(stage2):
+            boundaries.add(float(stage2.min()) - 0.5)
+    for ax in (ax_loss, ax_val):
+        for b in sorted(boundaries):
+            ax.axvline(b, color="0.3", ls=":", lw=1.2)
+        if boundaries:
+            ymax = ax.get_ylim()[1]
+            for b in sorted(boundaries):
+                ax.text(b + 0.05, ymax, " stage 2 (unfrozen) →", fontsize=7, va="top", ha="left", color="0.3")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_loss.set_ylabel("train loss (weighted, log1p)")
+    ax_loss.set_title("training loss", fontsize=10)
+    ax_val.set_ylabel("val weighted R²")
+    ax_val.set_title("validation metric (★ = best epoch, kept in best.pt)", fontsize=10)
+    ax_val.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ---- markdown ------------------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def to_markdown(frame: pd.DataFrame, digits: dict[str, int] | None = None, default_digits: int = 4) -> str:
+    """A pipe table (no tabulate dependency); floats rounded per column."""
+    digits = digits or {}
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---:" if _numeric(frame[c]) else "---" for c in cols) + "|"]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c], digits.get(c, default_digits)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _numeric(series: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+
+
+def _short_r2(frame: pd.DataFrame) -> pd.DataFrame:
+    """r2_Dry_Green_g -> r2_green for readable tables."""
+    return frame.rename(columns={f"r2_{t}": f"r2_{s}" for t, s in zip(TARGETS, SHORT_NAMES)})
+
+
+# ---- the report ---------------------------------------------------------------------------------------------------
+def make_report(exp_dir: str | Path, data_dir: str | Path | None = None, show: bool = True) -> Path:
+    """Write `<exp>/report/REPORT.md`, its CSVs and PNGs; print the headline table. Returns REPORT.md's path."""
+    exp_dir = Path(exp_dir)
+    runs = load_runs(exp_dir)
+    out = exp_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table = fold_table(runs)
+    write_csv_atomic(table, out / "folds.csv")
+    ens = ensemble_table(exp_dir)
+    notes = [f"fold {r.fold} of grid {r.grid} has no oof.csv (training stopped before a validated epoch)" for r in runs if r.oof is None]
+    ens_stale = ens is not None and _stale(exp_dir / "oof_report.csv", runs)
+    pred, pred_source = per_image_predictions(exp_dir, runs)
+    data_path, data_note = resolve_data_dir(runs, data_dir)
+    breakdown = None
+    if data_path is not None:
+        from src.data import load_train
+
+        breakdown = breakdown_table(pred, load_train(data_path))
+        write_csv_atomic(breakdown, out / "breakdown.csv")
+    title = f"{exp_dir.name}: {pred_source.split(':')[0].strip('`')} (one point per OOF image)"
+    plot_pred_vs_true(pred, out / PLOTS[0], title)
+    plot_residuals(pred, out / PLOTS[1])
+    plot_fold_bars(table, out / PLOTS[2])
+    plot_learning_curves(runs, out / PLOTS[3])
+
+    headline = headline_table(table, ens)
+    text = _report_markdown(exp_dir, runs, table, ens, ens_stale, headline, pred_source, breakdown, data_path, data_note, notes)
+    write_text_atomic(out / "REPORT.md", text)
+    if show:
+        print(_short_r2(headline).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        for note in notes + ([data_note] if data_note else []):
+            print(f"note: {note}")
+        print(f"wrote {out / 'REPORT.md'}")
+    return out / "REPORT.md"
+
+
+def headline_table(table: pd.DataFrame, ens: pd.DataFrame | None) -> pd.DataFrame:
+    """The few rows worth reading first: each grid pooled, all pooled / grid mean, the ensemble settings."""
+    rows = []
+    for _, r in table[table["scope"] != "fold"].iterrows():
+        label = {"grid": f"grid {r['grid']} (oof.csv, folds pooled)", "pooled": "all grids (oof.csv rows pooled)",
+                 "grid_mean": "mean over grids (oof.csv)"}[r["scope"]]
+        rows.append({"model": label, "images": int(r["images"]), "weighted_r2": r["weighted_r2"], **{c: r[c] for c in R2_COLUMNS}})
+    if ens is not None:
+        best = ens.iloc[0]
+        default = default_setting_row(ens)
+        for name, r in (("ensemble, best setting", best), ("ensemble, infer.py default", default)):
+            rows.append(
+                {"model": f"{name} (tta={r['tta']}, physics={r['physics']})", "images": int(r.get("images", 0) or 0),
+                 "weighted_r2": r["weighted_r2"], **{c: r[c] for c in R2_COLUMNS}}
+            )
+    return pd.DataFrame(rows)
+
+
+def _report_markdown(exp_dir, runs, table, ens, ens_stale, headline, pred_source, breakdown, data_path, data_note, notes) -> str:
+    name = exp_dir.name
+    fold_rows = _short_r2(table[table["scope"] == "fold"].drop(columns=["scope"]))
+    summary_rows = _short_r2(table[table["scope"] != "fold"].drop(columns=["scope", "best_epoch"]))
+    lines = [
+        f"# OOF report: `{name}`",
+        "",
+        f"`{exp_dir}`: {len(runs)} fold run(s) over grid(s) {', '.join(dict.fromkeys(r.grid for r in runs))}. "
+        "Metric = the competition's weighted R² over all (image, target) rows (weights Green/Dead/Clover .1, GDM .2, "
+        "Total .5); r2_<target> = plain R² of one target. All numbers are recomputed here from the run's files.",
+        "",
+    ]
+    lines += [f"> note: {n}" for n in notes]
+    lines += ["## Headline", "", to_markdown(_short_r2(headline)), ""]
+    lines += [
+        "## Per fold and grid (each fold's `oof.csv`: best epoch, no TTA, no physics)",
+        "",
+        to_markdown(fold_rows),
+        "",
+        to_markdown(summary_rows),
+        "",
+        "`pooled` concatenates the oof.csv rows (an image counts once per grid); `mean` averages each image's "
+        "predictions over grids first (an ensemble of grids without TTA). Table as CSV: `folds.csv`.",
+        "",
+        "![per-fold metric](fold_metric.png)",
+        "",
+        "## Fold x grid ensemble (`oof_report.csv`)",
+        "",
+    ]
+    if ens is None:
+        lines += [
+            "Not computed yet. Score the ensemble with every TTA x physics setting with:",
+            "",
+            "```",
+            f"python infer.py --oof --data-dir {data_path or 'DIR'} --checkpoints {exp_dir}",
+            f"python report.py {exp_dir}",
+            "```",
+            "",
+        ]
+    else:
+        if ens_stale:
+            lines += ["> warning: `oof_report.csv` is older than some `best.pt`; re-run `infer.py --oof` before trusting it.", ""]
+        lines += [to_markdown(_short_r2(ens)), "", "Rows sorted by the metric; tta none/flip/full x physics none/seed/project.", ""]
+    lines += ["## Breakdowns", "", f"Predictions: {pred_source}.", ""]
+    if breakdown is None:
+        lines += [data_note, ""]
+    else:
+        lines += [f"Metadata from `{data_path}/train.csv`. rmse_total = RMSE of Dry_Total_g in grams.", ""]
+        for _, label in BREAKDOWN_KEYS:
+            part = breakdown[breakdown["by"] == label].drop(columns=["by"]).rename(columns={"group": label})
+            lines += [f"### {label}", "", to_markdown(part, {"rmse_total": 2, "mean_true_total": 2}), ""]
+        lines += [
+            "A group far below the others is what a leave-that-group-out CV (below) measures directly: the default "
+            "folds group by month, so every State and species is seen in training.",
+            "",
+        ]
+    lines += [
+        "## Plots",
+        "",
+        "Predicted vs true per target (log1p axes, labelled in grams; dashed = perfect):",
+        "",
+        "![pred vs true](pred_vs_true.png)",
+        "",
+        "Residuals of Dry_Total_g (weight .5 of the metric):",
+        "",
+        "![residuals](residuals_total.png)",
+        "",
+        "Learning curves from each fold's `metrics.csv` (dotted line = backbone unfrozen):",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+    ]
+    lines += _stress_markdown(exp_dir, runs)
+    lines += ["## Configuration", "", f"Resolved `config.yaml` of {runs[0].grid}/fold{runs[0].fold}:", "", "```yaml",
+              yaml.safe_dump(runs[0].config, sort_keys=False).rstrip(), "```", ""]
+    first = _flatten(runs[0].config)
+    diffs = []
+    for r in runs[1:]:
+        other = _flatten(r.config)
+        changed = {k: other.get(k) for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k)}
+        if changed:
+            diffs.append(f"- {r.grid}/fold{r.fold}: " + ", ".join(f"`{k}` = {v!r}" for k, v in changed.items()))
+    if diffs:
+        lines += ["Other fold runs differ in:", "", *diffs, ""]
+    commands = list(dict.fromkeys(r.command for r in runs if r.command))
+    lines += ["Commands (`command.txt`):", "", "```", *(commands or ["(no command.txt recorded)"]), "```", ""]
+    return "\n".join(lines)
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "backbone_kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ---- CV stress tests ---------------------------------------------------------------------------------------------
+def stress_commands(exp_dir: str | Path, runs: list[FoldRun] | None = None) -> list[str]:
+    """Commands that retrain `exp` under leave-state-out and leave-month-out folds, then compare with the default CV.
+
+    Each grid is retrained from its own resolved config.yaml, so only the folds change.
+    """
+    exp_dir = Path(exp_dir)
+    runs = runs if runs is not None else load_runs(exp_dir)
+    first = runs[0].config.get("data", {})
+    data_dir = first.get("data_dir", "data/synthetic")
+    folds_path = Path(first.get("folds", "data/folds.csv"))
+    commands = []
+    one_per_grid = {r.grid: r for r in runs}
+    for scheme, suffix in STRESS_SCHEMES.items():
+        folds_out = folds_path.with_name(f"folds_{suffix}.csv")
+        commands.append(f"python folds.py --data-dir {shlex.quote(str(data_dir))} --scheme {scheme} --out {shlex.quote(str(folds_out))}")
+        for r in one_per_grid.values():
+            cfg_path = r.path / "config.yaml"
+            commands.append(
+                f"python train.py --fold all --config {shlex.quote(str(cfg_path))} --folds {shlex.quote(str(folds_out))} "
+                f"--exp {exp_dir.name}_{suffix} --overwrite"
+            )
+    siblings = " ".join(shlex.quote(str(exp_dir.parent / f"{exp_dir.name}_{s}")) for s in STRESS_SCHEMES.values())
+    commands.append(f"python report.py --compare {shlex.quote(str(exp_dir))} {siblings} --baseline {exp_dir.name}")
+    return commands
+
+
+def _stress_markdown(exp_dir: Path, runs: list[FoldRun]) -> list[str]:
+    lines = [
+        "## CV stress tests",
+        "",
+        "The default folds group images by sampling month (StratifiedGroupKFold), so a fold's States, species and "
+        "sites are all seen in training. The hidden test set may hold conditions the training set does not; "
+        "`leave_state_out` (one fold per State) and `leave_month_out` (one fold per month) hold out a whole State "
+        "or month. The gap between this experiment's OOF metric and theirs, in one compare table, is how much the "
+        "default CV flatters the model on unseen conditions; a small gap says the default CV can be trusted for "
+        "model selection. (`python report.py --stress <exp>` prints these commands.)",
+        "",
+        "```",
+        *stress_commands(exp_dir, runs),
+        "```",
+        "",
+    ]
+    siblings = [exp_dir.parent / f"{exp_dir.name}_{s}" for s in STRESS_SCHEMES.values()]
+    present = [s for s in siblings if s.is_dir()]
+    if present:
+        table = compare_table([exp_dir, *present], baseline=exp_dir.name)
+        lines += ["Stress runs found next to this experiment:", "", compare_markdown(table), ""]
+    return lines
+
+
+# ---- compare ------------------------------------------------------------------------------------------------------
+def _joined(values: Iterable) -> str:
+    return "/".join(dict.fromkeys(str(v) for v in values))
+
+
+def key_config(runs: list[FoldRun]) -> dict:
+    """The config values that distinguish experiments; several values (e.g. per grid) are joined with '/'."""
+
+    def get(section, name):
+        return _joined(r.config.get(section, {}).get(name) for r in runs)
+
+    aux = _joined(
+        "/".join(f"{r.config.get('train', {}).get(f'aux_{k}_weight', '')}" for k in ("state", "month", "species")) for r in runs
+    )
+    folds_files = _joined(Path(str(r.config.get("data", {}).get("folds", "?"))).name for r in runs)
+    n_folds = len({r.fold for r in runs})
+    return {
+        "grids": _joined(r.grid for r in runs),
+        "tile_size": get("model", "tile_size"),
+        "backbone": get("model", "backbone"),
+        "epochs/freeze": _joined(f"{r.config.get('train', {}).get('epochs')}/{r.config.get('train', {}).get('freeze_epochs')}" for r in runs),
+        "mixup_prob": get("train", "mixup_prob"),
+        "stereo_swap_prob": get("train", "stereo_swap_prob"),
+        "aux s/m/sp": aux,
+        "loss": get("train", "loss"),
+        "folds": f"{folds_files} ({n_folds})",
+    }
+
+
+def experiment_metric(exp_dir: Path, runs: list[FoldRun], source: str) -> dict:
+    """OOF metric of one experiment: `pooled` (all oof.csv rows) or `ensemble` (oof_report.csv default row)."""
+    if source == "ensemble":
+        report = ensemble_table(exp_dir)
+        if report is None:
+            raise BiomassError(f"{exp_dir}: no oof_report.csv; run `python infer.py --oof --checkpoints {exp_dir}` or use --source pooled")
+        row = default_setting_row(report)
+        stale = " STALE" if _stale(exp_dir / "oof_report.csv", runs) else ""
+        return {
+            "source": f"ensemble tta={row['tta']} physics={row['physics']}{stale}",
+            "images": int(row.get("images", 0) or 0),
+            "weighted_r2": float(row["weighted_r2"]),
+            **{c: float(row[c]) for c in R2_COLUMNS},
+        }
+    s = oof_score(pooled_oof(runs))
+    return {"source": f"pooled oof.csv ({len({r.grid for r in runs})} grid(s))", **s}
+
+
+def compare_table(exp_dirs: list[str | Path], baseline: str | None = None, source: str = "auto") -> pd.DataFrame:
+    """One row per experiment: key config, OOF metric, per-target R^2, train time; sorted by the metric, delta to baseline.
+
+    source='auto' uses the ensemble (oof_report.csv) only when every experiment has one, so rows stay comparable.
+    """
+    if source not in ("auto", "pooled", "ensemble"):
+        raise BiomassError(f"unknown --source {source!r}; choose auto, pooled or ensemble")
+    dirs = [Path(d) for d in exp_dirs]
+    names = [d.name for d in dirs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in dirs]
+    loaded = [load_runs(d) for d in dirs]
+    if source == "auto":
+        source = "ensemble" if all((d / "oof_report.csv").is_file() for d in dirs) else "pooled"
+    rows = []
+    for name, d, runs in zip(names, dirs, loaded):
+        seconds = sum(float(r.metrics["seconds"].sum()) for r in runs if r.metrics is not None and "seconds" in r.metrics)
+        rows.append({"experiment": name, **key_config(runs), **experiment_metric(d, runs, source), "train_s": round(seconds, 1)})
+    table = pd.DataFrame(rows)
+    base = baseline if baseline is not None else names[0]
+    match = [i for i, (n, d) in enumerate(zip(names, dirs)) if base in (n, str(d), d.name)]
+    if not match:
+        raise BiomassError(f"--baseline {base!r} is not one of the compared experiments ({', '.join(names)})")
+    base_metric = table.loc[match[0], "weighted_r2"]
+    table.insert(table.columns.get_loc("weighted_r2") + 1, "delta", table["weighted_r2"] - base_metric)
+    table["baseline"] = [i == match[0] for i in range(len(table))]
+    return table.sort_values("weighted_r2", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def compare_markdown(table: pd.DataFrame) -> str:
+    """The compare table as markdown (baseline row marked with *)."""
+    shown = _short_r2(table.drop(columns=["baseline"])).copy()
+    shown["experiment"] = [f"{e} *" if b else e for e, b in zip(table["experiment"], table["baseline"])]
+    shown["delta"] = [f"{v:+.4f}" for v in table["delta"]]
+    return to_markdown(shown, {"train_s": 1})
+
+
+def run_compare(exp_dirs: list[str | Path], baseline: str | None = None, out: str | Path | None = None, source: str = "auto", show: bool = True) -> pd.DataFrame:
+    """compare_table -> <out>/compare.csv + compare.md (atomic); out defaults to <parent of the first exp>/compare."""
+    if len(exp_dirs) < 1:
+        raise BiomassError("--compare needs at least one experiment directory")
+    table = compare_table(exp_dirs, baseline, source)
+    out = Path(out) if out is not None else Path(exp_dirs[0]).parent / "compare"
+    write_csv_atomic(table, out / "compare.csv")
+    md = compare_markdown(table)
+    note = (
+        f"Sorted by weighted_r2; delta = weighted_r2 - baseline (*). Metric source per row in `source`: `pooled` = all "
+        "oof.csv rows of the experiment concatenated (best epoch, no TTA); `ensemble` = oof_report.csv's "
+        f"tta={DEFAULT_SETTING['tta']}, physics={DEFAULT_SETTING['physics']} row. train_s = sum of metrics.csv epoch "
+        "seconds (feature-cache builds excluded)."
+    )
+    with atomic_path(out / "compare.md") as tmp:
+        tmp.write_text(f"# Compare\n\n{md}\n\n{note}\n")
+    if show:
+        print(md)
+        print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")
+    return table
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="report.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument("exp", nargs="?", help="experiment directory (checkpoints/<exp>) to report on")
+    parser.add_argument("--data-dir", default=None, help="competition-layout data for the breakdowns (default: the run's data_dir)")
+    parser.add_argument("--compare", nargs="+", metavar="EXP", default=None, help="experiment directories to compare in one table")
+    parser.add_argument("--baseline", default=None, help="experiment name (or path) the delta column is relative to (default: the first)")
+    parser.add_argument("--out", default=None, help="directory for compare.md/.csv (default: <parent of the first EXP>/compare)")
+    parser.add_argument("--source", default="auto", choices=["auto", "pooled", "ensemble"],
+                        help="compare metric: pooled oof.csv rows, the oof_report.csv ensemble, or auto (ensemble if all have it)")
+    parser.add_argument("--stress", metavar="EXP", default=None, help="print the leave-state/month-out commands for EXP and exit")
+    args = parser.parse_args(argv)
+    chosen = sum(x is not None for x in (args.exp, args.compare, args.stress))
+    if chosen != 1:
+        parser.error("give exactly one of: EXP, --compare EXP [EXP ...], --stress EXP")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.compare is not None:
+        run_compare(args.compare, args.baseline, args.out, args.source)
+    elif args.stress is not None:
+        print("\n".join(stress_commands(args.stress)))
+    else:
+        make_report(args.exp, args.data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    from src.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,303 @@
+"""Hyper-parameter sweeps of the frozen-backbone stage on one shared feature cache per fold.
+
+    python sweep.py --exp NAME --preset tiny --fold 0 --lr 5e-4 1e-3 2e-3 --dropout 0.1 0.2 0.3 --hidden-ratio 0.25 0.5 1.0
+
+Every flag of train.py sets the fixed part of the config; the flags below take several values and the
+sweep runs their cartesian product. Only the stage-1 heads train (epochs = freeze_epochs; `--epochs N`
+sets both), so the backbone runs once per fold: `feature_cache` is built once and every run's `fit`
+reads it. That is only valid while the backbone, its input and its seed stay fixed, which is why grid,
+tile size, backbone, feature, seed and amp cannot be swept here (train them as separate experiments).
+
+Results go to `checkpoints/<exp>/sweep.csv`, one row per (run, fold), rewritten atomically after each run;
+a rerun skips every (run, fold) already there, so an interrupted sweep resumes and added values only
+run what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from src import training
+from src.config import Config, add_config_flags, apply_overrides, resolve_config
+from src.errors import BiomassError
+from src.io_utils import write_csv_atomic, write_text_atomic
+from src.model import build_model
+from src.schema import SHORT_NAMES, TARGETS
+
+# flag -> (config section, field): what a sweep may vary without invalidating the cached tile features
+SWEEP_FIELDS: dict[str, tuple[str, str]] = {
+    "lr": ("train", "lr"),
+    "weight_decay": ("train", "weight_decay"),
+    "warmup_frac": ("train", "warmup_frac"),
+    "batch_size": ("train", "batch_size"),
+    "mixup_prob": ("train", "mixup_prob"),
+    "mixup_alpha": ("train", "mixup_alpha"),
+    "stereo_swap_prob": ("train", "stereo_swap_prob"),
+    "aux_state_weight": ("train", "aux_state_weight"),
+    "aux_month_weight": ("train", "aux_month_weight"),
+    "aux_species_weight": ("train", "aux_species_weight"),
+    "target_weights": ("train", "target_weights"),
+    "loss": ("train", "loss"),
+    "huber_delta": ("train", "huber_delta"),
+    "grad_clip": ("train", "grad_clip"),
+    "dropout": ("model", "dropout"),
+    "hidden_ratio": ("model", "hidden_ratio"),
+    "fusion_dim": ("model", "fusion_dim"),
+}
+# settings that do not change a run's result: left out of its id
+ID_EXCLUDED = {("data", "num_workers"), ("train", "device"), ("exp",), ("out_dir",)}
+R2_COLUMNS = tuple(f"r2_{t}" for t in TARGETS)
+
+
+@dataclass
+class SweepRun:
+    """One point of the product: its resolved config, the swept values and a stable id."""
+
+    cfg: Config
+    values: dict[str, object]
+    run_id: str
+
+
+def _value_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_id_of(cfg: Config) -> str:
+    """A hash of everything that decides a run's result (all swept values and the fixed config), fold excluded.
+
+    Hashing the whole config, not only the varied values, means a changed fixed flag (epochs, seed, data)
+    in the same experiment never passes for a finished run.
+    """
+    data = cfg.to_dict()
+    for path in ID_EXCLUDED:
+        target = data
+        for key in path[:-1]:
+            target = target[key]
+        target.pop(path[-1], None)
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def expand(base: Config, grid: dict[str, list]) -> list[SweepRun]:
+    """The cartesian product of the swept values over a base config, in flag order (last flag varies fastest)."""
+    unknown = [k for k in grid if k not in SWEEP_FIELDS]
+    if unknown:
+        raise BiomassError(f"cannot sweep {unknown[0]!r}; sweepable: {', '.join(SWEEP_FIELDS)}")
+    names = list(grid)
+    runs, seen = [], set()
+    for combo in itertools.product(*(grid[n] for n in names)):
+        cfg = copy.deepcopy(base)
+        overrides: dict[str, dict] = {}
+        for name, value in zip(names, combo):
+            section, field = SWEEP_FIELDS[name]
+            overrides.setdefault(section, {})[field] = value
+        apply_overrides(cfg, overrides, "sweep values")
+        values = {n: getattr(getattr(cfg, SWEEP_FIELDS[n][0]), SWEEP_FIELDS[n][1]) for n in SWEEP_FIELDS}
+        run = SweepRun(cfg, values, run_id_of(cfg))
+        if run.run_id not in seen:  # repeated values on the command line
+            seen.add(run.run_id)
+            runs.append(run)
+    return runs
+
+
+def sweep_path(base: Config) -> Path:
+    """checkpoints/<exp>/sweep.csv"""
+    return Path(base.out_dir) / base.exp / "sweep.csv"
+
+
+def read_sweep(path: Path) -> pd.DataFrame:
+    """Rows of earlier runs (empty frame when the sweep is new)."""
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        frame = pd.read_csv(path, dtype={"run_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise BiomassError(f"{path}: not a readable sweep CSV ({str(err).splitlines()[0]}); move it away to start over") from err
+    if not {"run_id", "fold", "weighted_r2"} <= set(frame.columns):
+        raise BiomassError(f"{path}: not a sweep.csv (needs run_id, fold, weighted_r2); move it away to start over")
+    return frame
+
+
+def _check_stage1(base: Config) -> None:
+    tc = base.train
+    if tc.epochs != tc.freeze_epochs or tc.epochs < 1:
+        raise BiomassError(f"a sweep trains the frozen stage only: epochs ({tc.epochs}) must equal freeze_epochs ({tc.freeze_epochs}) >= 1")
+    if not tc.cache_features:
+        raise BiomassError("a sweep needs --cache-features (the shared feature cache is the point of it)")
+
+
+def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = None, show: bool = True) -> pd.DataFrame:
+    """Run every (run, fold) of the product not yet in sweep.csv; return the table of the product's runs.
+
+    Per fold the backbone is built once with the config's seed and `training.feature_cache` runs once;
+    `fit` then builds each run's model with the same seed (so the same backbone) and reads that cache.
+    """
+    from src.data import load_train
+    from src.folds import check_fold_index, load_folds
+    from src.runtime import resolve_device, seed_everything
+
+    _check_stage1(base)
+    runs = expand(base, grid)
+    path = sweep_path(base)
+    done = read_sweep(path)
+    done_keys = set(zip(done["run_id"], done["fold"].astype(int))) if len(done) else set()
+    wide = load_train(base.data.data_dir, check_images=True)
+    fold_frame = load_folds(base.data.folds, wide)
+    folds = sorted(fold_frame["fold"].unique()) if folds is None else folds
+    for k in folds:
+        check_fold_index(fold_frame, k, base.data.folds)
+    wide = wide.merge(fold_frame, on="image_id")
+    device = resolve_device(base.train.device)
+    total = len(runs) * len(folds)
+    skipped = sum((r.run_id, int(k)) in done_keys for r in runs for k in folds)
+    if show:
+        print(f"sweep {base.exp}: {len(runs)} run(s) x {len(folds)} fold(s) = {total}; {skipped} already in {path}", flush=True)
+    count = skipped
+    for k in folds:
+        todo = [r for r in runs if (r.run_id, int(k)) not in done_keys]
+        if not todo:
+            continue
+        train_frame = wide[wide["fold"] != k].reset_index(drop=True)
+        val_frame = wide[wide["fold"] == k].reset_index(drop=True)
+        start = time.time()
+        seed_everything(base.train.seed)  # the seed fit() uses before build_model: same random-init backbone
+        model = build_model(todo[0].cfg.model)
+        model.to(device)
+        cache = training.feature_cache(model, train_frame, val_frame, todo[0].cfg, device, show=show)
+        del model
+        cache_seconds = time.time() - start
+        if show:
+            print(f"fold {k}: feature cache of {len(train_frame)} train + {len(val_frame)} val images in {cache_seconds:.1f}s", flush=True)
+        for run in todo:
+            start = time.time()
+            result = training.fit(run.cfg, train_frame, val_frame, None, device, fold=int(k), cache=cache)
+            seconds = time.time() - start
+            best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
+            row = {
+                "run_id": run.run_id,
+                "fold": int(k),
+                **{n: _value_text(v) for n, v in run.values.items()},
+                "epochs": run.cfg.train.epochs,
+                "best_epoch": result.best_epoch,
+                "weighted_r2": result.best_metric,
+                **{c: best.get(c, float("nan")) for c in R2_COLUMNS},
+                "seconds": round(seconds, 2),
+                "cache_seconds": round(cache_seconds, 2),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            done = pd.concat([done, pd.DataFrame([row])], ignore_index=True) if len(done) else pd.DataFrame([row])
+            write_csv_atomic(done, path)
+            count += 1
+            if show:
+                varied = " ".join(f"{n}={_value_text(run.values[n])}" for n in grid)
+                print(f"[{count}/{total}] fold {k} {run.run_id} {varied} -> wR2 {result.best_metric:.4f} ({seconds:.1f}s)", flush=True)
+    table = sweep_table(done, runs, list(grid), folds)
+    write_text_atomic(path.with_name("sweep.md"), f"# Sweep `{base.exp}`\n\n{sweep_markdown(table)}\n")
+    if show:
+        print(sweep_markdown(table))
+        print(f"wrote {path} and {path.with_name('sweep.md')}")
+    return table
+
+
+def sweep_table(rows: pd.DataFrame, runs: list[SweepRun], varied: list[str], folds: list[int]) -> pd.DataFrame:
+    """The product's runs (mean over the requested folds), sorted by the metric, delta to the best run."""
+    ids = [r.run_id for r in runs]
+    part = rows[rows["run_id"].isin(ids) & rows["fold"].astype(int).isin([int(f) for f in folds])].copy()
+    metric_cols = ["weighted_r2", *R2_COLUMNS, "seconds"]
+    agg = part.groupby("run_id").agg(folds=("fold", "count"), **{c: (c, "mean") for c in metric_cols}).reset_index()
+    values = pd.DataFrame([{"run_id": r.run_id, **{n: _value_text(r.values[n]) for n in varied}} for r in runs])
+    table = values.merge(agg, on="run_id", how="inner")
+    table = table.sort_values("weighted_r2", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(table.columns.get_loc("weighted_r2") + 1, "delta", table["weighted_r2"] - table["weighted_r2"].max())
+    return table
+
+
+def sweep_markdown(table: pd.DataFrame) -> str:
+    """The sweep table as markdown (per-target R^2 with short names)."""
+    from src.report import to_markdown
+
+    shown = table.rename(columns={f"r2_{t}": f"r2_{s}" for t, s in zip(TARGETS, SHORT_NAMES)}).copy()
+    shown["delta"] = [f"{v:+.4f}" for v in table["delta"]]
+    return to_markdown(shown, {"seconds": 1})
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sweep.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve",
+    )
+    add_config_flags(parser)  # the fixed part; the sweepable flags below replace their single-value versions
+    parser.add_argument("--fold", default="0", help="fold index, comma list, or 'all' (default 0)")
+    group = parser.add_argument_group("swept values (several values each: the sweep runs their product)")
+    for name in SWEEP_FIELDS:
+        flag = "--" + name.replace("_", "-")
+        helptext = "5 floats per run (Green Dead Clover GDM Total); repeat groups of 5" if name == "target_weights" else "one or more values"
+        group.add_argument(flag, dest=f"sweep_{name}", nargs="+", default=None, metavar="V", help=helptext)
+    return parser.parse_args(argv)
+
+
+def grid_from_args(args: argparse.Namespace) -> dict[str, list]:
+    """{flag name: [values...]} in command-line definition order; target weights come in groups of five."""
+    grid = {}
+    for name in SWEEP_FIELDS:
+        values = getattr(args, f"sweep_{name}")
+        if values is None:
+            continue
+        if name == "target_weights":
+            if len(values) % len(TARGETS):
+                raise BiomassError(f"--target-weights takes groups of {len(TARGETS)} numbers; got {len(values)}")
+            values = [values[i : i + len(TARGETS)] for i in range(0, len(values), len(TARGETS))]
+        grid[name] = values
+    return grid
+
+
+def base_config(args: argparse.Namespace) -> Config:
+    """defaults < preset < YAML < flags, then stage 1 only: --epochs N sets both epoch counts."""
+    cfg = resolve_config(args)
+    epochs, freeze = getattr(args, "train.epochs"), getattr(args, "train.freeze_epochs")
+    if epochs is not None and freeze is not None and int(epochs) != int(freeze):
+        raise BiomassError("a sweep trains the frozen stage only: give --epochs N (it sets freeze_epochs too), not both")
+    if epochs is not None:
+        cfg.train.freeze_epochs = cfg.train.epochs
+    else:
+        cfg.train.epochs = cfg.train.freeze_epochs
+    return cfg
+
+
+def parse_folds(text: str) -> list[int] | None:
+    """'all' -> None (every fold of the folds file), '0' or '0,2' -> [0] / [0, 2]."""
+    if text == "all":
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError as err:
+        raise BiomassError(f"--fold must be an integer, a comma list or 'all', got {text!r}") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.exp is None:
+        raise BiomassError("pass --exp NAME: the sweep writes checkpoints/<NAME>/sweep.csv")
+    from src.backbone import check_backbone_name
+
+    base = base_config(args)
+    check_backbone_name(base.model.backbone)
+    run_sweep(base, grid_from_args(args), parse_folds(args.fold))
+    return 0
+
+
+if __name__ == "__main__":
+    from src.errors import run_cli
+
+    raise SystemExit(run_cli(main))
