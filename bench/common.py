@@ -61,8 +61,12 @@ def parser(description: str, repeats: int) -> argparse.ArgumentParser:
     return p
 
 
+WARMUP = {"rounds": 1}  # untimed round-robin rounds before timing; 0 under --quick
+
+
 def setup(args: argparse.Namespace) -> None:
-    """Threads and seed; the same in every benchmark so runs compare."""
+    """Threads, seed and warm-up; the same in every benchmark so runs compare."""
+    WARMUP["rounds"] = 0 if args.quick else 1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -104,6 +108,7 @@ def machine() -> dict[str, str]:
         "torch": f"{torch.__version__}, timm {timm.__version__}, python {platform.python_version()}",
         "gpu": gpu,
         "load": load_average(),
+        "env": ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")),
     }
 
 
@@ -123,13 +128,13 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int | None = None) -> dict[str, list[float]]:
     """Run the variants round-robin (warmup rounds discarded); returns every timed wall time per variant.
 
     Round-robin instead of one variant after another: on a shared machine the load drifts, and
     interleaving spreads the drift over all variants instead of biasing the ratio.
     """
-    for _ in range(warmup):
+    for _ in range(WARMUP["rounds"] if warmup is None else warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -277,7 +282,7 @@ def append_section(doc: str | Path, title: str, command: str, body: str, info: d
         f"\n## {title} — {now:%Y-%m-%d %H:%M %Z}{' (quick smoke settings, not a result)' if quick else ''}\n",
         f"- command: `{command}`",
         f"- machine: {info['cpu']}; {info['cores']}; GPU: {info['gpu']}",
-        f"- software: torch {info['torch']}",
+        f"- software: torch {info['torch']}; {info.get('env', '')}",
         f"- load average at start (1/5/15 min): {info['load']}; at end: {load_average()}",
         f"- date: {now.isoformat(timespec='seconds')}",
         "",

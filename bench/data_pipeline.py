@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     frame = common.train_frame(n, size)
     tiny_kind, vitb_kind, vitb_tile = ("tiny_quick", "tiny_quick", 28) if args.quick else ("tiny", "vit_b", 518)
     tiny_tile = common.make_config(tiny_kind).model.tile_size
-    views = [  # (label, grid, tile)
+    views = [  # (label, grid, tile); the base view last
         (f"tiny preset 2x2 x {tiny_tile}", (2, 2), tiny_tile),
         ("ViT-S 2x2 x 224", (2, 2), 224),
         ("ViT-B 3x3 x 336", (3, 3), 336),
         ("ViT-B 2x2 x 518", (2, 2), 518),
     ]
+    if args.quick:
+        views = [views[0], (f"quick base 2x2 x {2 * tiny_tile}", (2, 2), 2 * tiny_tile)]
     fns, meta = {}, {}
     for label, grid, tile in views:
         view = (grid[0] * tile, grid[1] * tile)
@@ -108,11 +110,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             fns[f"{label} | reduced decode"] = loader_fn(frame, view, grid, tile, jpeg_reduce=True)
             meta[f"{label} | reduced decode"] = (label, view, factor)
     fns.update(decode_fns(frame))
-    with torch.inference_mode(False):
-        loader_times = common.interleaved(fns, repeats)
+    loader_times = common.interleaved(fns, repeats)
     tiny_batch = common.make_config(tiny_kind).train.batch_size
     tiny_model, model_fns = tiny_model_fns(tiny_kind, tiny_batch)
-    model_times = common.interleaved(model_fns, max(repeats, 3))
+    model_times = common.interleaved(model_fns, repeats if args.quick else max(repeats, 3))
+    threads = torch.get_num_threads()
+    if threads > 1 and not args.quick:
+        # one thread is immune to OpenMP spin-waiting when other jobs share the cores: the model's rate
+        # on a quiet machine is at least this
+        torch.set_num_threads(1)
+        one = common.interleaved(model_fns, max(repeats, 3))
+        torch.set_num_threads(threads)
+        model_times.update({f"{k} (1 thread)": v for k, v in one.items()})
     vitb_batch = 2
     vitb_times = encoder_throughput(vitb_kind, vitb_tile, vitb_batch, max(1, repeats - 1))
 
@@ -131,16 +140,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "ms / image": f"{1e3 * sec:.1f}", "images/s per worker": f"{1 / sec:.1f}", "pass time": common.spread(values)})
 
     # ---- model side
-    step_s = common.median(model_times["tiny train step"]) / tiny_batch
-    fwd_s = common.median(model_times["tiny forward"]) / tiny_batch
+    step_s = min(common.median(v) for k, v in model_times.items() if k.startswith("tiny train step")) / tiny_batch
+    fwd_s = min(common.median(v) for k, v in model_times.items() if k.startswith("tiny forward")) / tiny_batch
     encoder = build_encoder(vitb_kind, vitb_tile)
     tile_flops = analytic_vit_flops(encoder.backbone, vitb_tile)
     tiles_per_image = 2 * 4
     vitb = {mode: vitb_batch / common.median(v) / tiles_per_image for mode, v in vitb_times.items()}
     t4_fwd = T4_EFFECTIVE / (tile_flops * tiles_per_image)
     model_rows = [
-        {"model": f"tiny preset train step (batch {tiny_batch}, view {tiny_model.view_size[0]})", "images/s": f"{1 / step_s:.1f}", "source": "measured"},
-        {"model": f"tiny preset forward (batch {tiny_batch})", "images/s": f"{1 / fwd_s:.1f}", "source": "measured"},
+        {"model": f"{name} (batch {tiny_batch}, view {tiny_model.view_size[0]}, {'1 thread' if '1 thread' in name else f'{threads} threads'})",
+         "images/s": f"{tiny_batch / common.median(v):.1f}", "source": "measured: " + common.spread(v)}
+        for name, v in model_times.items()
+    ] + [
         {"model": f"{vitb_kind} 2x2 x {vitb_tile} forward fp32", "images/s": f"{vitb['fp32']:.3f}", "source": f"measured, {vitb_batch} tiles/call"},
         {"model": f"{vitb_kind} 2x2 x {vitb_tile} forward bf16 autocast", "images/s": f"{vitb['bf16 autocast']:.3f}", "source": f"measured, {vitb_batch} tiles/call"},
         {"model": f"{vitb_kind} 2x2 x {vitb_tile} train step bf16 (est.)", "images/s": f"{vitb['bf16 autocast'] / 3:.3f}", "source": "forward / 3 (backward ~2x forward)"},
@@ -152,7 +163,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tiny_label = views[0][0]
     tiny_loader = per_image.get(f"{tiny_label} | reduced decode", per_image[f"{tiny_label} | full decode"])
     share = tiny_loader / (tiny_loader + step_s)
-    base_loader = 2 / per_image[f"{views[3][0]} | full decode"]  # 2 workers, no reduction possible at 1036 px
+    base_label = views[-1][0]
+    base_loader = 2 / per_image.get(f"{base_label} | reduced decode", per_image[f"{base_label} | full decode"])  # 2 workers
+    base_bound = base_loader < t4_fwd
     lines = [
         f"Synthetic {size[0]}x{size[1]} JPEGs (quality 90), {n} images per pass, round-robin repeats in one process "
         "(pass time: median (min-max, n)); 'full decode' = `jpeg_reduce=False`, 'reduced decode' = the factor "
@@ -165,14 +178,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         common.table(model_rows),
         "",
         f"- **Tiny preset, num_workers 0** (loading runs in the training process, serially with the step): "
-        f"{1e3 * tiny_loader:.1f} ms to load an image vs {1e3 * step_s:.1f} ms of training step per image -> the loader "
+        f"{1e3 * tiny_loader:.1f} ms to load an image vs {1e3 * step_s:.1f} ms of training step per image (the faster "
+        f"thread setting) -> the loader "
         f"is {share:.0%} of the step time: {'the loader IS the bottleneck' if share > 0.5 else 'the model is the bottleneck'}"
-        f" (on {size[0]}x{size[1]} images; the demo's 1000x500 images decode ~4x faster).",
-        f"- **Base (ViT-B 2x2 x 518), num_workers 2**: 2 workers deliver ~{base_loader:.0f} images/s (full decode: a "
-        f"1036 px view needs the full 1000 px, no reduction) vs {vitb['bf16 autocast']:.2f} images/s forward bf16 on "
-        f"this CPU and ~{t4_fwd:.0f} forward / ~{t4_fwd / 3:.1f} training images/s on a T4: the loader is not the "
-        f"bottleneck (it has {base_loader / t4_fwd:.1f}x headroom over the T4's forward-only rate, e.g. feature-cache "
-        "building; on this 2-core box the workers also share the cores with the model).",
+        f" (on {size[0]}x{size[1]} images).",
+        f"- **Base ({base_label}), num_workers 2**: 2 workers deliver ~{base_loader:.1f} images/s (a 1036 px view needs "
+        f"the full 1000 px of a view: no decode reduction) vs {vitb['bf16 autocast']:.3f} images/s forward bf16 on this "
+        f"CPU and ~{t4_fwd:.1f} forward-only / ~{t4_fwd / 3:.1f} training images/s estimated on a T4: "
+        + ("**the loader IS the bottleneck** on a T4 for forward-only passes (feature-cache building, inference)"
+           if base_bound else f"the loader is not the bottleneck ({base_loader / t4_fwd:.1f}x the T4's forward-only rate)")
+        + "; on this 2-core box the workers share the cores with the model, so the CPU run is model-bound.",
         "- GPU: not measured (no GPU lent to this session); T4 rows are FLOP-count estimates.",
     ]
     common.report(args, argv, "Data pipeline: loader images/s per worker vs model", "\n".join(lines), info)

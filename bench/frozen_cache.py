@@ -72,7 +72,8 @@ def compare(kind: str, n_images: int, epochs: int, repeats: int, image_size) -> 
     frame = common.train_frame(n_images, image_size)
     arms = ["cache (fit default, 4 flip variants)", "cache, identity only", "recompute"]
     runs: dict[str, list[dict]] = {a: [] for a in arms}
-    run_fit(kind, 1, frame.iloc[:4], "recompute")  # warm-up: first-call allocations, page cache
+    if common.WARMUP["rounds"]:
+        run_fit(kind, 1, frame.iloc[:4], "recompute")  # warm-up: first-call allocations, page cache
     for _ in range(repeats):
         for arm in arms:
             runs[arm].append(run_fit(kind, epochs, frame, arm))
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common.setup(args)
     info = common.machine()
     if args.quick:
-        plan = [("tiny_quick", 6, 2, 1, (256, 128))]
+        plan = [("tiny_quick", 4, 1, 1, (256, 128))]
     else:
         plan = [
             ("tiny", args.images_tiny, args.epochs, args.repeats or 3, IMAGE_SIZE),

@@ -185,7 +185,7 @@ def apply_overrides(cfg: Config, data: dict, source: str) -> Config:
         elif key in ("exp", "out_dir"):
             setattr(cfg, key, str(value))
         else:
-            raise BiomassError(f"{source}: unknown key {key!r}; valid: {', '.join(SECTIONS)}, exp, out_dir")
+            raise BiomassError(f"{source}: unknown key {key!r}; valid: {', '.join(SECTIONS)}, exp, out_dir, preset")
     return cfg
 
 
@@ -231,7 +231,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     """defaults < preset < YAML < flags."""
     cfg = Config()
     yaml_data = load_yaml(args.config) if getattr(args, "config", None) else {}
-    preset = getattr(args, "preset", None) or yaml_data.pop("preset", None)
+    yaml_preset = yaml_data.pop("preset", None)
+    preset = getattr(args, "preset", None) or yaml_preset
     if preset is not None:
         if preset not in PRESETS:
             raise BiomassError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")

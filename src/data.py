@@ -103,7 +103,7 @@ def validate_train(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise BiomassError(
-            f"{path} line {_line(i)}, column target: {frame['target'].iloc[i]!r} is not a finite non-negative "
+            f"{path} line {_line(i)}, column target: '{frame['target'].iloc[i]}' is not a finite non-negative "
             "number of grams; fix or drop that image's rows"
         )
     frame["target"] = values.astype(np.float64)

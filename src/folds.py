@@ -86,7 +86,7 @@ def load_folds(path: str | os.PathLike, wide: pd.DataFrame) -> pd.DataFrame:
     fold_values = pd.to_numeric(folds["fold"], errors="coerce")
     if fold_values.isna().any() or (fold_values < 0).any():
         i = int(np.flatnonzero((fold_values.isna() | (fold_values < 0)).to_numpy())[0])
-        raise BiomassError(f"{path} line {i + 2}, column fold: {folds['fold'].iloc[i]!r} is not a fold index >= 0")
+        raise BiomassError(f"{path} line {i + 2}, column fold: '{folds['fold'].iloc[i]}' is not a fold index >= 0")
     folds["fold"] = fold_values.astype(int)
     dup = folds["image_id"].duplicated()
     if dup.any():

@@ -19,14 +19,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise BiomassError(f"{path}: cannot write ({err.strerror}); choose a writable output directory") from err
+        raise BiomassError(f"{path}: cannot write ({err.strerror or err}); choose a writable output directory") from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     except OSError as err:
-        raise BiomassError(f"{path}: write failed ({err.strerror}); the previous file is left intact") from err
+        raise BiomassError(f"{path}: write failed ({err.strerror or err}); the previous file is left intact") from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

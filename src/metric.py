@@ -44,9 +44,12 @@ def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 
 def weighted_r2_long(truth: pd.DataFrame, pred: pd.DataFrame) -> float:
     """The metric on long frames (`sample_id,target`), joined on sample_id as Kaggle does."""
+    if pred["sample_id"].duplicated().any():
+        raise ValueError(f"prediction repeats sample_id {pred['sample_id'][pred['sample_id'].duplicated()].iloc[0]}")
+    missing = ~truth["sample_id"].isin(pred["sample_id"])
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} truth rows have no prediction, first {truth['sample_id'][missing].iloc[0]}")
     merged = truth[["sample_id", "target"]].merge(pred[["sample_id", "target"]], on="sample_id", suffixes=("", "_pred"))
-    if len(merged) != len(truth):
-        raise ValueError(f"{len(truth) - len(merged)} truth rows have no prediction")
     name = merged["sample_id"].str.split(SAMPLE_ID_SEP).str[-1]
     weight_of = dict(zip(TARGETS, TARGET_WEIGHTS))
     w = name.map(weight_of).to_numpy(dtype=np.float64)

@@ -7,12 +7,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_script
+
 from src.data import load_train, long_to_wide, read_csv_checked, validate_train
 from src.errors import BiomassError
 from src.folds import SCHEMES, check_fold_index, fold_table, load_folds, make_folds, save_folds
 from src.schema import STATES, TARGETS, TRAIN_COLUMNS
+
+# 40 synthetic images leave some strata with a single member; sklearn says so once per split
+pytestmark = pytest.mark.filterwarnings("ignore:The least populated class in y:UserWarning")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,9 @@ def _check_scheme(wide: pd.DataFrame, scheme: str, n_folds: int) -> pd.DataFrame
     assert folds["fold"].dtype.kind == "i" and folds["fold"].min() == 0
     groups = _group(wide, scheme)
     folds_per_group = folds.groupby(groups.to_numpy())["fold"].nunique()
-    assert (folds_per_group == 1).all(), f"{scheme}: groups in two folds: {list(folds_per_group[folds_per_group > 1].index)}"
+    assert (folds_per_group == 1).all(), (
+        f"{scheme}: groups in two folds: {list(folds_per_group[folds_per_group > 1].index)}"
+    )
     if scheme == "leave_state_out":
         states = sorted(wide["State"].unique())
         assert folds["fold"].nunique() == len(states)
@@ -86,17 +91,23 @@ def test_schemes_on_real_labels(real_wide: pd.DataFrame, scheme: str):
 def test_real_fold_balance_table(real_wide: pd.DataFrame):
     for scheme in ("group_month", "group_date_state"):
         table = fold_table(real_wide, make_folds(real_wide, scheme, 5, 42), scheme)
-        print(f"\nreal train.csv, {scheme}, 5 folds, seed 42:\n{table.to_string(index=False)}")
+        distinct = len({frozenset(_partition(make_folds(real_wide, scheme, 5, seed))) for seed in range(10)})
+        print(f"\nreal train.csv, {scheme}, 5 folds, seed 42 ({distinct} distinct partition(s) over seeds 0..9):")
+        print(table.to_string(index=False))
+        folds = make_folds(real_wide, scheme, 5, 42)
+        for k, part in _group(real_wide, scheme).groupby(folds["fold"].to_numpy()):
+            print(f"  fold {k}: {' '.join(sorted(part.unique(), key=lambda g: int(g) if g.isdigit() else g))}")
         assert table["images"].sum() == 357
+        assert table["groups"].sum() == _group(real_wide, scheme).nunique()
 
 
-@pytest.mark.parametrize("data", ["synthetic", "real"])
-def test_seeds_change_the_partition(data: str, request):
-    wide = request.getfixturevalue("syn_wide" if data == "synthetic" else "real_wide")
-    partitions = [_partition(make_folds(wide, "group_date_state", 5, seed)) for seed in range(5)]
+def test_seeds_change_the_partition(syn_wide: pd.DataFrame):
+    # sklearn's StratifiedGroupKFold uses the seed only to break ties between groups of equal label spread;
+    # the synthetic set has many one-image groups (ties), so seeds differ here (on the real file they do not)
+    partitions = [_partition(make_folds(syn_wide, "group_date_state", 5, seed)) for seed in range(5)]
     assert len({frozenset(p) for p in partitions}) > 1
     # leave-one-out schemes have one possible partition: the seed must not matter
-    assert make_folds(wide, "leave_state_out", seed=0).equals(make_folds(wide, "leave_state_out", seed=1))
+    assert make_folds(syn_wide, "leave_state_out", seed=0).equals(make_folds(syn_wide, "leave_state_out", seed=1))
 
 
 def test_too_few_groups_and_unknown_scheme(syn_wide: pd.DataFrame):
@@ -170,7 +181,7 @@ def test_load_folds_negative_fold(syn_wide, folds_frame, tmp_path: Path):
     bad = folds_frame.copy()
     bad.loc[3, "fold"] = -1
     message = _load_error(bad, syn_wide, tmp_path / "f.csv")
-    assert "line 5, column fold: -1" in message
+    assert "line 5, column fold:" in message and "-1" in message and "not a fold index >= 0" in message
 
 
 def test_load_folds_duplicate_and_columns(syn_wide, folds_frame, tmp_path: Path):

@@ -1,0 +1,131 @@
+"""Config resolution: defaults < preset < YAML < flags, flag parsing, unknown keys, YAML round trips."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.config import (
+    DEFAULT_BACKBONE,
+    PRESETS,
+    Config,
+    add_config_flags,
+    load_yaml,
+    resolve_config,
+    save_config,
+)
+from src.errors import BiomassError
+from src.schema import TARGET_WEIGHTS
+
+
+def _resolve(*argv: str) -> Config:
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    return resolve_config(parser.parse_args(list(argv)))
+
+
+def _yaml(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_without_flags():
+    cfg = _resolve()
+    assert cfg == Config()
+    assert cfg.model.backbone == DEFAULT_BACKBONE and cfg.model.grid == (2, 2) and cfg.train.lr == 1e-3
+    assert cfg.train.target_weights == TARGET_WEIGHTS
+
+
+def test_precedence_defaults_preset_yaml_flags(tmp_path: Path):
+    tiny = PRESETS["tiny"]
+    assert tiny["train"]["lr"] == 2e-3 and tiny["train"]["epochs"] == 16 and tiny["model"]["tile_size"] == 56
+    config = _yaml(tmp_path, {"train": {"lr": 5e-3, "epochs": 7}, "exp": "from_yaml"})
+    # preset over defaults
+    cfg = _resolve("--preset", "tiny")
+    assert (cfg.train.lr, cfg.train.epochs, cfg.model.tile_size, cfg.train.batch_size) == (2e-3, 16, 56, 16)
+    # YAML over preset; preset values the YAML does not mention survive
+    cfg = _resolve("--preset", "tiny", "--config", config)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.model.tile_size, cfg.exp) == (5e-3, 7, 56, "from_yaml")
+    # flags over YAML; YAML values the flags do not mention survive
+    cfg = _resolve("--preset", "tiny", "--config", config, "--lr", "7e-3", "--tile-size", "28", "--exp", "flag")
+    assert (cfg.train.lr, cfg.train.epochs, cfg.model.tile_size, cfg.exp) == (7e-3, 7, 28, "flag")
+    assert cfg.train.batch_size == 16 and cfg.model.backbone == "vit_small_patch14_reg4_dinov2"  # preset
+    assert cfg.train.weight_decay == 1e-2  # default
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.model.tile_size, int)
+
+
+def test_flag_types():
+    cfg = _resolve(
+        "--grid", "3", "3", "--backbone-weights", "none", "--no-cache-features", "--amp", "--tile-size", "none",
+        "--target-weights", "1", "0", "0", "2", "5", "--num-workers", "4", "--dropout", "0.25",
+    )  # fmt: skip
+    assert cfg.model.grid == (3, 3) and all(type(v) is int for v in cfg.model.grid)
+    assert cfg.model.backbone_weights is None
+    assert cfg.train.cache_features is False and cfg.train.amp is True
+    assert cfg.model.tile_size is None
+    assert cfg.train.target_weights == (1.0, 0.0, 0.0, 2.0, 5.0)
+    assert cfg.data.num_workers == 4 and cfg.model.dropout == 0.25
+    assert _resolve("--backbone-weights", "w/vit.pth").model.backbone_weights == "w/vit.pth"
+    assert _resolve("--cache-features").train.cache_features is True
+
+
+def test_bad_flag_values_raise():
+    with pytest.raises(BiomassError, match="command line: train.epochs: expected int, got 'ten'"):
+        _resolve("--epochs", "ten")
+    with pytest.raises(SystemExit):  # argparse: --grid needs two values
+        _resolve("--grid", "3")
+
+
+def test_unknown_yaml_keys_raise_naming_the_key(tmp_path: Path):
+    config = _yaml(tmp_path, {"model": {"tile_sz": 56}})
+    with pytest.raises(BiomassError, match=r"cfg.yaml: unknown key model.tile_sz; valid keys: .*tile_size"):
+        _resolve("--config", config)
+    config = _yaml(tmp_path, {"optimizer": {"lr": 1}}, "top.yaml")
+    with pytest.raises(BiomassError, match="top.yaml: unknown key 'optimizer'"):
+        _resolve("--config", config)
+    config = _yaml(tmp_path, {"train": {"cache_features": "yes"}}, "bool.yaml")
+    with pytest.raises(BiomassError, match="bool.yaml: train.cache_features: expected true/false, got 'yes'"):
+        _resolve("--config", config)
+
+
+def test_yaml_with_preset_key(tmp_path: Path):
+    config = _yaml(tmp_path, {"preset": "tiny", "train": {"epochs": 3}})
+    cfg = _resolve("--config", config)
+    assert (cfg.model.tile_size, cfg.train.lr, cfg.train.epochs, cfg.data.num_workers) == (56, 2e-3, 3, 0)
+    assert cfg.model.backbone_kwargs == {"depth": 2, "embed_dim": 64, "num_heads": 2}
+    with pytest.raises(BiomassError, match="unknown preset 'huge'"):
+        _resolve("--config", _yaml(tmp_path, {"preset": "huge"}, "huge.yaml"))
+
+
+def test_preset_flag_overrides_yaml_preset(tmp_path: Path):
+    # flags > YAML: `--preset base` wins over the file's `preset: tiny` (the YAML's other keys still apply)
+    config = _yaml(tmp_path, {"preset": "tiny", "train": {"epochs": 3}})
+    cfg = _resolve("--config", config, "--preset", "base")
+    assert cfg.model.tile_size is None and cfg.model.backbone == DEFAULT_BACKBONE and cfg.train.epochs == 3
+
+
+def test_to_dict_from_dict_round_trip():
+    cfg = _resolve("--preset", "tiny", "--grid", "1", "3", "--backbone-weights", "w.safetensors", "--no-amp")
+    data = cfg.to_dict()
+    assert data["model"]["grid"] == [1, 3] and isinstance(data["train"]["target_weights"], list)
+    assert set(data) == {"data", "model", "train", "exp", "out_dir"}
+    back = Config.from_dict(data)
+    assert back == cfg and back.model.grid == (1, 3) and isinstance(back.train.target_weights, tuple)
+    with pytest.raises(BiomassError, match="unknown key train.learning_rate"):
+        Config.from_dict({"train": {"learning_rate": 1.0}})
+
+
+def test_save_config_writes_yaml_that_round_trips(tmp_path: Path):
+    cfg = _resolve("--preset", "tiny", "--grid", "3", "2", "--exp", "e1", "--backbone-weights", "none")
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert path.is_file() and not list(path.parent.glob(".*.tmp"))
+    assert yaml.safe_load(path.read_text())["model"]["grid"] == [3, 2]  # plain YAML, no python tags
+    loaded = load_yaml(path)
+    assert loaded == cfg.to_dict()
+    assert Config.from_dict(loaded, str(path)) == cfg
+    # the saved file is itself a valid --config
+    assert _resolve("--config", str(path)) == cfg
