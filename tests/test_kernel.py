@@ -323,7 +323,7 @@ def test_download_reports_cli_failure_and_unzips(tmp_path: Path, monkeypatch, ca
     fake = tmp_path / "fake_kaggle.py"
     fake.write_text(
         "import sys, zipfile, pathlib\n"
-        "if 'fail' in sys.argv[-1]:\n"
+        "if sys.argv[-1].endswith('fail'):\n"
         "    print('Downloading...', flush=True)\n"
         "    sys.exit(print('403 Client Error: Forbidden for url: https://www.kaggle.com/api/v1/x', file=sys.stderr) or 1)\n"
         "out = pathlib.Path(sys.argv[sys.argv.index('-p') + 1])\n"

@@ -292,7 +292,13 @@ def test_ddp_two_ranks_match_single_process(synthetic_dir: Path, folds_csv: Path
     )
     single = tmp_path / "single" / "ddp" / "grid2x2" / f"fold{EVEN_FOLD}"
     ddp = tmp_path / "ddp" / "ddp" / "grid2x2" / f"fold{EVEN_FOLD}"
-    assert_same_weights(weights_of(ddp / "last.pt"), weights_of(single / "last.pt"), 1e-4)
+    # Gradients agree to float rounding (the shard sums run in another order). Adam divides by sqrt(v), so for
+    # a parameter whose gradient is ~0 that rounding can move a step by up to lr (2e-3 in the tiny preset):
+    # bound the worst element by half a step, and demand that nearly every element agrees to 1e-5.
+    a, b = weights_of(ddp / "last.pt"), weights_of(single / "last.pt")
+    assert_same_weights(a, b, 1e-3)
+    diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    assert float(torch.quantile(diffs, 0.99)) <= 1e-5, f"99th percentile weight difference {float(torch.quantile(diffs, 0.99)):.2e}"
     ours, ref = pd.read_csv(ddp / "metrics.csv"), pd.read_csv(single / "metrics.csv")
     assert list(ours["epoch"]) == list(ref["epoch"]) == [0, 1]
     np.testing.assert_allclose(ours["weighted_r2"], ref["weighted_r2"], atol=1e-3)
