@@ -5,10 +5,12 @@ PY := $(VENV)/bin/python
 DATA := data/synthetic
 FOLDS := data/folds.csv
 EXP := demo
+# the tiny preset at a larger tile and more epochs: measured best per CPU-minute on the demo data (README)
+DEMO_FLAGS := --preset tiny --tile-size 84 --epochs 24
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data-synthetic demo test kernel clean
+.PHONY: install data-synthetic data demo test kernel push clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +28,24 @@ data-synthetic: $(DATA)/train.csv
 demo: install data-synthetic
 	$(PY) folds.py --data-dir $(DATA) --out $(FOLDS)
 	$(PY) -m src.baseline --data-dir $(DATA) --folds $(FOLDS)
-	$(PY) train.py --fold all --preset tiny --data-dir $(DATA) --folds $(FOLDS) --exp $(EXP) --overwrite
+	$(PY) train.py --fold all $(DEMO_FLAGS) --data-dir $(DATA) --folds $(FOLDS) --exp $(EXP) --overwrite
 	$(PY) infer.py --oof --data-dir $(DATA) --checkpoints checkpoints/$(EXP)
 	$(PY) infer.py --data-dir $(DATA) --checkpoints checkpoints/$(EXP) --out submission.csv
 
 test: install
 	$(PY) -m pytest
+
+# real competition files (needs Kaggle credentials and the accepted rules)
+data: install
+	$(PY) -m src.download --out data/csiro-biomass
+
+# offline Kaggle kernel from an experiment: make kernel EXP=myexp OWNER=me; then make push
+OWNER ?=
+kernel: install
+	$(PY) kernels/build.py --checkpoints checkpoints/$(EXP) $(if $(OWNER),--owner $(OWNER)) --out build/kaggle
+
+push: install
+	$(PY) kernels/push.py build/kaggle
 
 clean:
 	rm -rf $(DATA) $(FOLDS) checkpoints/$(EXP) submission.csv

@@ -40,6 +40,16 @@ DOC = REPO / "docs" / "BENCHMARKS.md"
 DOC_HEADER = "# Benchmarks\n\nAppended by `bench/*.py` (one dated section per run; newest last). Do not edit by hand.\n"
 KAGGLE_LIMIT_S = 9 * 3600  # a Kaggle code-competition notebook's run-time limit
 
+# Kaggle's GPUs, for FLOP-count projections (no GPU is lent to the CPU dev box): datasheet dense peak in
+# FLOP/s and the share of it assumed achieved by ViT-B in eager PyTorch. The shares are assumptions, not
+# measurements; every projection also prints the share that would be needed to meet its bar.
+# T4: 8.1 TFLOP/s fp32, 65 TFLOP/s fp16 tensor cores (70 W card: clocks drop under sustained load, so a
+# low share is assumed); no bf16 tensor cores before Ampere. P100: 9.3 fp32, 18.7 fp16 (no tensor cores).
+GPUS: dict[str, dict[str, tuple[float, float]]] = {
+    "Kaggle T4": {"fp32": (8.1e12, 0.60), "fp16 autocast": (65e12, 0.30)},
+    "Kaggle P100": {"fp32": (9.3e12, 0.60), "fp16 autocast": (18.7e12, 0.50)},
+}
+
 # Model settings of the benchmarks, as config overrides (random init everywhere: speed does not
 # depend on the weights, and no weight file is needed).
 MODELS: dict[str, dict] = {
@@ -206,6 +216,16 @@ def synthetic_dataset(n_images: int, size: tuple[int, int], seed: int = 0) -> Pa
     out = cache_dir() / f"syn_n{n_images}_{size[0]}x{size[1]}_s{seed}"
     if not (out / "train.csv").is_file():
         generate(out, n_images, 0, seed=seed, size=size, workers=1 if n_images <= 8 else 2, overwrite=True)
+    return out
+
+
+def synthetic_test_set(n_test: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """A competition-layout data dir whose test.csv holds n_test images (for running infer.py itself)."""
+    from src.synthetic import generate
+
+    out = cache_dir() / f"syn_test{n_test}_{size[0]}x{size[1]}_s{seed}"
+    if not (out / "test.csv").is_file():
+        generate(out, 1, n_test, seed=seed, size=size, workers=1 if n_test <= 8 else 2, overwrite=True)
     return out
 
 

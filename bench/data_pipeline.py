@@ -1,12 +1,14 @@
-"""Benchmark 4: decoded-and-tiled images/s of one loader worker on full-resolution 2000x1000 JPEGs, full
-vs reduced JPEG decode, against the model's images/s; is the loader the bottleneck at the default
-num_workers (tiny preset: 0, base: 2)?
+"""Benchmark 4: decoded-and-tiled images/s of one loader worker on full-resolution 2000x1000 JPEGs (full vs
+reduced JPEG decode, eval and training transforms, the inference item that serves both grids from one
+decode) against the model's images/s; is the loader the bottleneck at the default num_workers?
 
-Per image a worker does what `ViewPairDataset.__getitem__` does with the eval transform (header read,
-decode, view split, INTER_AREA resize, CHW tensors) plus the model's `tile_views` of both views, in
-this process (= one worker). The model side is measured in the same run: the tiny preset's training
-step and forward at its view size, and the ViT-B/14 tile encoder at 518 (benchmark 3's code, fewer
-repeats) turned into images/s (2 views x 4 tiles per image).
+Per image a worker does what the datasets' `__getitem__` does (header read, decode, view split, transform,
+CHW uint8 tensors) plus the model's `tile_views` of both views, in this process (= one worker). The
+model side is measured in the same run: the tiny preset's training step and forward at its view size,
+and the ViT-B/14 tile encoder at 518 (fp32 and bf16 autocast) turned into images/s (2 views x 4 tiles
+per image). GPU rates are FLOP-count estimates (common.GPUS), never measurements.
+
+Default num_workers: tiny preset 0 (loading is serial with the step), base config 2, infer.py 0.
 
     python bench/data_pipeline.py [--quick] [--images 12] [--repeats 3]
 """
@@ -25,21 +27,42 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 
 FULL_RES = (2000, 1000)
-T4_EFFECTIVE = 65e12 * 0.4  # fp16 tensor-core peak x assumed efficiency (benchmark 5 uses the same)
+BASE_WORKERS, INFER_WORKERS = 2, 0  # DataConfig.num_workers (base preset) and infer.py --num-workers
+TTA_PASSES = 3  # full TTA: 3 flip passes through the backbone (the stereo swap reuses them)
 
 
-def loader_fn(frame, view_size, grid, tile, jpeg_reduce: bool):
-    """One pass over the images as one worker: dataset item (eval transform) + tiling of both views."""
+def loader_fn(frame, view_size, grid, tile, jpeg_reduce: bool, train: bool = False):
+    """One pass over the images as one worker: dataset item (eval or default-augment transform) + tiling."""
     from src.dataset import ViewPairDataset
     from src.model import tile_views
     from src.transforms import build_transform
 
-    dataset = ViewPairDataset(frame, view_size, build_transform(view_size, train=False), jpeg_reduce=jpeg_reduce)
+    transform = build_transform(view_size, train=train)
+    if train:
+        transform.set_random_seed(0)
+    dataset = ViewPairDataset(frame, view_size, transform, jpeg_reduce=jpeg_reduce)
 
     def run():
         for i in range(len(dataset)):
             item = dataset[i]
             tile_views(torch.stack([item["left"], item["right"]]).float(), grid, tile)
+
+    return run
+
+
+def multi_size_fn(frame, views: list[tuple[tuple[int, int], int]]):
+    """The inference item: one decode per image, resized for every grid's view (MultiSizeViewDataset) + tiling."""
+    from src.dataset import MultiSizeViewDataset
+    from src.model import tile_views
+
+    sizes = {(g[0] * t, g[1] * t): (g, t) for g, t in views}
+    dataset = MultiSizeViewDataset(frame, list(sizes))
+
+    def run():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            for (h, w), (grid, tile) in sizes.items():
+                tile_views(item[f"{h}x{w}"].float(), grid, tile)
 
     return run
 
@@ -77,12 +100,18 @@ def tiny_model_fns(kind: str, batch: int):
     return model, {"tiny train step": train_step, "tiny forward": forward}
 
 
+def _gflop(value: float) -> str:
+    """GFLOP with enough digits for tiny models too (never '0')."""
+    return f"{value / 1e9:.3g}"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     from bench.backbone_flops import analytic_vit_flops, build_encoder, encoder_throughput
     from src.data import jpeg_reduce_factor
 
     p = common.parser(__doc__.splitlines()[0], repeats=3)
     p.add_argument("--images", type=int, default=12, help="synthetic full-resolution JPEGs (default 12)")
+    p.add_argument("--folds", type=int, default=5, help="folds of the inference ensemble (model side of the infer.py case)")
     args = p.parse_args(argv)
     common.setup(args)
     info = common.machine()
@@ -90,27 +119,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n = 3 if args.quick else args.images
     repeats = args.repeats or (1 if args.quick else 3)
     frame = common.train_frame(n, size)
-    tiny_kind, vitb_kind, vitb_tile = ("tiny_quick", "tiny_quick", 28) if args.quick else ("tiny", "vit_b", 518)
+    tiny_kind, enc_kind = ("tiny_quick", "tiny_quick") if args.quick else ("tiny", "vit_b")
     tiny_tile = common.make_config(tiny_kind).model.tile_size
-    views = [  # (label, grid, tile); the base view last
-        (f"tiny preset 2x2 x {tiny_tile}", (2, 2), tiny_tile),
-        ("ViT-S 2x2 x 224", (2, 2), 224),
-        ("ViT-B 3x3 x 336", (3, 3), 336),
-        ("ViT-B 2x2 x 518", (2, 2), 518),
-    ]
-    if args.quick:
-        views = [views[0], (f"quick base 2x2 x {2 * tiny_tile}", (2, 2), 2 * tiny_tile)]
+    base_grid, base_tile, grid3_tile = ((2, 2), 56, 28) if args.quick else ((2, 2), 518, 336)
+    tiny_label, base_label = f"tiny 2x2 x {tiny_tile}", f"{'quick base' if args.quick else 'ViT-B'} 2x2 x {base_tile}"
+    views = [(tiny_label, (2, 2), tiny_tile)]  # (label, grid, tile); the base view last
+    if not args.quick:
+        views += [("ViT-S 2x2 x 224", (2, 2), 224), ("ViT-B 3x3 x 336", (3, 3), 336)]
+    views.append((base_label, base_grid, base_tile))
+    infer_views = [(base_grid, base_tile), ((3, 3), grid3_tile)]
+    infer_label = f"inference item: 2x2 x {base_tile} + 3x3 x {grid3_tile} from one decode"
+
     fns, meta = {}, {}
     for label, grid, tile in views:
         view = (grid[0] * tile, grid[1] * tile)
         factor = jpeg_reduce_factor((size[1], size[0]), view)
-        fns[f"{label} | full decode"] = loader_fn(frame, view, grid, tile, jpeg_reduce=False)
-        meta[f"{label} | full decode"] = (label, view, 1)
+        fns[f"{label} | eval, full decode"] = loader_fn(frame, view, grid, tile, jpeg_reduce=False)
+        meta[f"{label} | eval, full decode"] = (label, "eval", view, 1)
         if factor > 1:
-            fns[f"{label} | reduced decode"] = loader_fn(frame, view, grid, tile, jpeg_reduce=True)
-            meta[f"{label} | reduced decode"] = (label, view, factor)
+            fns[f"{label} | eval, reduced decode"] = loader_fn(frame, view, grid, tile, jpeg_reduce=True)
+            meta[f"{label} | eval, reduced decode"] = (label, "eval", view, factor)
+        if label in (tiny_label, base_label):
+            fns[f"{label} | train"] = loader_fn(frame, view, grid, tile, jpeg_reduce=True, train=True)
+            meta[f"{label} | train"] = (label, "train (augment default)", view, factor)
+    big = max((g[0] * t, g[1] * t) for g, t in infer_views)
+    fns[infer_label] = multi_size_fn(frame, infer_views)
+    meta[infer_label] = ("inference (MultiSizeViewDataset)", "eval, both grids", big, jpeg_reduce_factor((size[1], size[0]), big))
     fns.update(decode_fns(frame))
     loader_times = common.interleaved(fns, repeats)
+
     tiny_batch = common.make_config(tiny_kind).train.batch_size
     tiny_model, model_fns = tiny_model_fns(tiny_kind, tiny_batch)
     model_times = common.interleaved(model_fns, repeats if args.quick else max(repeats, 3))
@@ -122,54 +159,104 @@ def main(argv: list[str] | None = None) -> list[dict]:
         one = common.interleaved(model_fns, max(repeats, 3))
         torch.set_num_threads(threads)
         model_times.update({f"{k} (1 thread)": v for k, v in one.items()})
-    vitb_batch = 2
-    vitb_times = encoder_throughput(vitb_kind, vitb_tile, vitb_batch, max(1, repeats - 1))
+    enc_batch = 2
+    enc_times = encoder_throughput(enc_kind, base_tile, enc_batch, max(1, repeats - 1))
 
     # ---- loader table
     rows, per_image = [], {}
     for name, values in loader_times.items():
         sec = common.median(values) / n
         if name in meta:
-            label, view, factor = meta[name]
+            label, task, view, factor = meta[name]
             per_image[name] = sec
-            rows.append({"worker task": label, "view (px)": f"{view[0]}x{view[1]}", "JPEG reduce": factor,
-                         "ms / image": f"{1e3 * sec:.1f}", "images/s per worker": f"{1 / sec:.1f}",
-                         "pass time": common.spread(values)})
-        else:
-            rows.append({"worker task": name + " (decode only)", "view (px)": f"image {size[0]}x{size[1]}", "JPEG reduce": name[-1],
+            rows.append({"worker task": label, "transform": task, "view (px)": f"{view[0]}x{view[1]}", "JPEG reduce": factor,
                          "ms / image": f"{1e3 * sec:.1f}", "images/s per worker": f"{1 / sec:.1f}", "pass time": common.spread(values)})
+        else:
+            rows.append({"worker task": name, "transform": "decode only", "view (px)": f"image {size[0]}x{size[1]}",
+                         "JPEG reduce": name[-1], "ms / image": f"{1e3 * sec:.1f}", "images/s per worker": f"{1 / sec:.1f}",
+                         "pass time": common.spread(values)})
 
     # ---- model side
     step_s = min(common.median(v) for k, v in model_times.items() if k.startswith("tiny train step")) / tiny_batch
-    fwd_s = min(common.median(v) for k, v in model_times.items() if k.startswith("tiny forward")) / tiny_batch
-    encoder = build_encoder(vitb_kind, vitb_tile)
-    tile_flops = analytic_vit_flops(encoder.backbone, vitb_tile)
-    tiles_per_image = 2 * 4
-    vitb = {mode: vitb_batch / common.median(v) / tiles_per_image for mode, v in vitb_times.items()}
-    t4_fwd = T4_EFFECTIVE / (tile_flops * tiles_per_image)
+    tiles_per_image = 2 * base_grid[0] * base_grid[1]
+    enc_img_s = {mode: enc_batch / common.median(v) / tiles_per_image for mode, v in enc_times.items()}
+    encoder = build_encoder(enc_kind, base_tile)
+    base_tile_flops = analytic_vit_flops(encoder.backbone, base_tile)
     model_rows = [
         {"model": f"{name} (batch {tiny_batch}, view {tiny_model.view_size[0]}, {'1 thread' if '1 thread' in name else f'{threads} threads'})",
          "images/s": f"{tiny_batch / common.median(v):.1f}", "source": "measured: " + common.spread(v)}
         for name, v in model_times.items()
-    ] + [
-        {"model": f"{vitb_kind} 2x2 x {vitb_tile} forward fp32", "images/s": f"{vitb['fp32']:.3f}", "source": f"measured, {vitb_batch} tiles/call"},
-        {"model": f"{vitb_kind} 2x2 x {vitb_tile} forward bf16 autocast", "images/s": f"{vitb['bf16 autocast']:.3f}", "source": f"measured, {vitb_batch} tiles/call"},
-        {"model": f"{vitb_kind} 2x2 x {vitb_tile} train step bf16 (est.)", "images/s": f"{vitb['bf16 autocast'] / 3:.3f}", "source": "forward / 3 (backward ~2x forward)"},
-        {"model": f"{vitb_kind} 2x2 x {vitb_tile} forward on a T4 (est.)", "images/s": f"{t4_fwd:.1f}", "source": f"{tile_flops / 1e9:.0f} GFLOP/tile x 8 tiles at 26 TFLOP/s"},
-        {"model": f"{vitb_kind} 2x2 x {vitb_tile} train step on a T4 (est.)", "images/s": f"{t4_fwd / 3:.1f}", "source": "T4 forward / 3"},
     ]
+    for mode, rate in enc_img_s.items():
+        model_rows.append({"model": f"{enc_kind} 2x2 x {base_tile} forward {mode} (this CPU)", "images/s": f"{rate:.3g}",
+                           "source": f"measured, {enc_batch} tiles/call: {common.spread(enc_times[mode])}"})
+    model_rows.append({"model": f"{enc_kind} 2x2 x {base_tile} train step bf16 (this CPU, est.)", "images/s": f"{enc_img_s['bf16 autocast'] / 3:.3g}",
+                       "source": "forward / 3 (backward ~2x forward)"})
 
-    # ---- verdicts
-    tiny_label = views[0][0]
-    tiny_loader = per_image.get(f"{tiny_label} | reduced decode", per_image[f"{tiny_label} | full decode"])
-    share = tiny_loader / (tiny_loader + step_s)
-    base_label = views[-1][0]
-    base_loader = 2 / per_image.get(f"{base_label} | reduced decode", per_image[f"{base_label} | full decode"])  # 2 workers
-    base_bound = base_loader < t4_fwd
+    gpu = None
+    if not args.quick:
+        tile3_flops = analytic_vit_flops(build_encoder(enc_kind, grid3_tile).backbone, grid3_tile)
+        peak, share = common.GPUS["Kaggle T4"]["fp16 autocast"]
+        eff = peak * share
+        fwd_flops = tiles_per_image * base_tile_flops
+        ens_flops = args.folds * TTA_PASSES * 2 * (base_grid[0] * base_grid[1] * base_tile_flops + 9 * tile3_flops)
+        gpu = {"fwd": eff / fwd_flops, "train": eff / fwd_flops / 3, "cache": eff / fwd_flops / 4, "ens_s": ens_flops / eff,
+               "eff": eff, "ens_flops": ens_flops}
+        note = f"{_gflop(base_tile_flops)} GFLOP/tile x {tiles_per_image} tiles at {eff / 1e12:.1f} TFLOP/s (T4 fp16 {share:.0%} of peak)"
+        model_rows += [
+            {"model": f"ViT-B 2x2 x {base_tile} forward, Kaggle T4 fp16 (est.)", "images/s": f"{gpu['fwd']:.1f}", "source": note},
+            {"model": f"ViT-B 2x2 x {base_tile} train step, T4 fp16 (est.)", "images/s": f"{gpu['train']:.1f}", "source": "T4 forward / 3"},
+            {"model": f"ViT-B 2x2 x {base_tile} feature-cache build, T4 fp16 (est.)", "images/s": f"{gpu['cache']:.1f}",
+             "source": "T4 forward / 4 flip variants per decoded image"},
+            {"model": f"infer.py ensemble ({args.folds} folds x 2x2+3x3 x full TTA), T4 fp16 (est.)", "images/s": f"{1 / gpu['ens_s']:.3f}",
+             "source": f"{ens_flops / 1e12:.1f} TFLOP / image at {eff / 1e12:.1f} TFLOP/s"},
+        ]
+
+    # ---- verdicts: one per default-workers situation
+    def rate(name: str) -> float:
+        return 1.0 / per_image[name]
+
+    tiny_load = per_image[f"{tiny_label} | train"]
+    tiny_share = tiny_load / (tiny_load + step_s)
+    base_train = BASE_WORKERS * rate(f"{base_label} | train")
+    base_eval = BASE_WORKERS * rate(f"{base_label} | eval, full decode")
+    infer_load = per_image[infer_label]
+    cpu_train = enc_img_s["bf16 autocast"] / 3
+    lines_v = [
+        common.bar_line(
+            f"tiny preset training (num_workers 0: loading is serial with the step): {1e3 * tiny_load:.1f} ms to load a "
+            f"{size[0]}x{size[1]} image (train transform) vs {1e3 * step_s:.1f} ms of training step per image -> the loader is "
+            f"{tiny_share:.0%} of the time ({'the loader IS the bottleneck' if tiny_share > 0.5 else 'the model is the bottleneck'})",
+            tiny_share <= 0.5,
+        ),
+    ]
+    if gpu is None:
+        lines_v.append(common.bar_line(
+            f"quick base view, num_workers {BASE_WORKERS}: {base_train:.1f} training images/s from the loader vs "
+            f"{cpu_train:.3g} on this CPU (quick settings: GPU cases skipped)", base_train >= cpu_train))
+    else:
+        lines_v += [
+            common.bar_line(
+                f"base training, stage 2 (num_workers {BASE_WORKERS}, train transform): {BASE_WORKERS} workers x "
+                f"{rate(f'{base_label} | train'):.1f} = {base_train:.1f} images/s vs ~{gpu['train']:.1f} images/s a T4 trains "
+                f"(est.) and {cpu_train:.3g} on this CPU -> loader {base_train / gpu['train']:.1f}x faster than the T4 needs",
+                base_train >= gpu["train"]),
+            common.bar_line(
+                f"base feature-cache build, stage 1 (num_workers {BASE_WORKERS}, eval transform, 4 flip variants per decode): "
+                f"{base_eval:.1f} images/s vs ~{gpu['cache']:.1f} images/s a T4 encodes (est.) -> "
+                f"{base_eval / gpu['cache']:.1f}x", base_eval >= gpu["cache"]),
+            common.bar_line(
+                f"infer.py (num_workers {INFER_WORKERS}: decode serial with the GPU, one decode per image for both grids): "
+                f"{1e3 * infer_load:.0f} ms per image vs ~{gpu['ens_s']:.1f} s of T4 compute per image for the "
+                f"{args.folds}-fold x 2-grid x full-TTA ensemble -> loading adds {infer_load / gpu['ens_s']:.1%}",
+                infer_load <= 0.1 * gpu["ens_s"]),
+        ]
     lines = [
         f"Synthetic {size[0]}x{size[1]} JPEGs (quality 90), {n} images per pass, round-robin repeats in one process "
         "(pass time: median (min-max, n)); 'full decode' = `jpeg_reduce=False`, 'reduced decode' = the factor "
-        "`jpeg_reduce_factor` picks (largest that keeps each view >= the model's view size).",
+        "`jpeg_reduce_factor` picks (largest that keeps each view >= the model's view size). Views of 1008 / 1036 px need "
+        "the full 1000 px of a view, so base-size items cannot use a reduced decode; 'train' = `build_transform(train=True)` "
+        "(augment default: flips, affine, crop, colour, noise, blur, dropout), reduced decode where it applies.",
         "",
         common.table(rows),
         "",
@@ -177,18 +264,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "",
         common.table(model_rows),
         "",
-        f"- **Tiny preset, num_workers 0** (loading runs in the training process, serially with the step): "
-        f"{1e3 * tiny_loader:.1f} ms to load an image vs {1e3 * step_s:.1f} ms of training step per image (the faster "
-        f"thread setting) -> the loader "
-        f"is {share:.0%} of the step time: {'the loader IS the bottleneck' if share > 0.5 else 'the model is the bottleneck'}"
-        f" (on {size[0]}x{size[1]} images).",
-        f"- **Base ({base_label}), num_workers 2**: 2 workers deliver ~{base_loader:.1f} images/s (a 1036 px view needs "
-        f"the full 1000 px of a view: no decode reduction) vs {vitb['bf16 autocast']:.3f} images/s forward bf16 on this "
-        f"CPU and ~{t4_fwd:.1f} forward-only / ~{t4_fwd / 3:.1f} training images/s estimated on a T4: "
-        + ("**the loader IS the bottleneck** on a T4 for forward-only passes (feature-cache building, inference)"
-           if base_bound else f"the loader is not the bottleneck ({base_loader / t4_fwd:.1f}x the T4's forward-only rate)")
-        + "; on this 2-core box the workers share the cores with the model, so the CPU run is model-bound.",
-        "- GPU: not measured (no GPU lent to this session); T4 rows are FLOP-count estimates.",
+        *[f"- {v}" for v in lines_v],
+        "- A worker here is one process on this 2-core EPYC; on Kaggle (2-4 slower vCPUs beside the GPU) a worker is "
+        "slower, which the margins above have to absorb. On this CPU the workers share the 2 cores with the model, so "
+        "CPU training is model-bound whatever num_workers is.",
+        "- GPU: not measured (no GPU lent to this session); T4 rows are FLOP-count estimates with the share of peak "
+        "stated in bench/common.py (GPUS).",
     ]
     common.report(args, argv, "Data pipeline: loader images/s per worker vs model", "\n".join(lines), info)
     return rows + model_rows

@@ -48,8 +48,11 @@ def fit_rows(label: str, xs, ys, x_name: str, unit_name: str, extra=None) -> tup
                      "residual": f"{r:+.1%}", **((extra or [{}] * len(xs))[i])})
     worst = max(abs(r) for r in resid)
     share = intercept / ys[0] if ys[0] else 0.0
-    text = (f"{label}: b = {1e3 * slope:.3f} ms per {unit_name}, a = {intercept:.3f} s (= {share:.0%} of the smallest run); "
-            f"worst residual {worst:.1%} -> {'linear' if worst <= NONLINEAR else 'NOT linear'} (threshold {NONLINEAR:.0%})")
+    text = common.bar_line(
+        f"{label}: time = a + b x; b = {1e3 * slope:.3f} ms per {unit_name}, a = {intercept:.3f} s (= {share:.0%} of the "
+        f"smallest run); worst residual {worst:.1%} (linear if every point is within {NONLINEAR:.0%} of the line)",
+        worst <= NONLINEAR,
+    )
     return rows, text
 
 

@@ -7,6 +7,7 @@ YAML file can never drift apart; an unknown YAML key is an error, never silently
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -44,6 +45,18 @@ class ModelConfig:
     use_aux_heads: bool = field(default=True, metadata={"help": "State/Month/Species heads (training only)"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in the backbone"})
     max_tiles_per_call: int = field(default=64, metadata={"help": "backbone chunk size (memory limit)"})
+    # options beyond the seed design (docs/OPTIONS.md); the defaults are the seed design
+    target_space: str = field(
+        default="log1p", metadata={"help": "log1p: log1p grams | raw: grams / training-fold std, SmoothL1", "choices": ("log1p", "raw")}
+    )
+    heads: str = field(
+        default="five",
+        metadata={"help": "five heads, or three softplus parts with the other two derived", "choices": ("five", "green-dead-clover", "clover-gdm-total")},
+    )
+    fusion: str = field(default="film", metadata={"help": "cross-view fusion", "choices": ("film", "concat", "cross-attn")})
+    # loss weights that live here because a weight > 0 adds a head the checkpoint must rebuild
+    aux_ndvi_weight: float = field(default=0.0, metadata={"help": "Pre_GSHH_NDVI regression head + loss weight (training only; 0 = no head)"})
+    aux_height_weight: float = field(default=0.0, metadata={"help": "Height_Ave_cm regression head + loss weight (training only; 0 = no head)"})
 
 
 @dataclass
@@ -66,7 +79,7 @@ class TrainConfig:
     target_weights: tuple[float, float, float, float, float] = field(
         default=TARGET_WEIGHTS, metadata={"help": "loss weight per target (Green Dead Clover GDM Total)"}
     )
-    loss: str = field(default="mse", metadata={"help": "mse | huber (on log1p targets)"})
+    loss: str = field(default="mse", metadata={"help": "mse | huber (on log1p targets; raw space always uses SmoothL1)"})
     huber_delta: float = field(default=1.0, metadata={"help": "Huber delta (log1p units)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
     cache_features: bool = field(default=True, metadata={"help": "stage 1 trains heads from cached tile features"})
@@ -75,6 +88,11 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed of python, numpy, torch, albumentations"})
     patience: int = field(default=6, metadata={"help": "early-stopping patience in epochs (0 = off)"})
     max_bad_steps: int = field(default=5, metadata={"help": "consecutive non-finite losses that stop the run"})
+    huber_beta: float = field(default=5.0, metadata={"help": "SmoothL1 beta in grams (--target-space raw)"})
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the weights (timm ModelEmaV3): validated, selected and saved (0 = off)"})
+    freeze_blocks: int = field(default=0, metadata={"help": "first N backbone blocks (and the patch embedding) stay frozen in stage 2"})
+    layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay of the backbone in stage 2 (1 = off)"})
+    swa_top_k: int = field(default=0, metadata={"help": "average the K best epochs' weights at fold end (0 = off)"})
 
 
 @dataclass
@@ -126,6 +144,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _merged(base: dict, extra: dict) -> dict:
+    """base with extra merged in, section by section (a preset built on another one)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+# The tiny preset with a DINOv3-shaped backbone (timm Eva: patch 16, RoPE, 4 registers), same depth/width:
+# checks the patch-16 path end to end on a CPU. 64 px tiles = 4x4 patches, like tiny's 56 = 4x4 of 14.
+PRESETS["tiny-dinov3"] = _merged(PRESETS["tiny"], {"model": {"backbone": "vit_small_patch16_dinov3", "tile_size": 64}})
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -137,6 +168,11 @@ def _plain(value: Any) -> Any:
 def _field_types(section) -> dict[str, Any]:
     hints = typing.get_type_hints(type(section))
     return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _choices(section, name: str) -> tuple | None:
+    """The allowed values of a field (metadata 'choices'), None when any value of its type goes."""
+    return next(f.metadata.get("choices") for f in dataclasses.fields(section) if f.name == name)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -181,7 +217,11 @@ def apply_overrides(cfg: Config, data: dict, source: str) -> Config:
                     raise BiomassError(
                         f"{source}: unknown key {key}.{name}; valid keys: {', '.join(sorted(types_))}"
                     )
-                setattr(section, name, _coerce(sub, types_[name], f"{source}: {key}.{name}"))
+                value_ = _coerce(sub, types_[name], f"{source}: {key}.{name}")
+                choices = _choices(section, name)
+                if choices and value_ not in choices:
+                    raise BiomassError(f"{source}: {key}.{name}: {value_!r} is not one of {', '.join(choices)}")
+                setattr(section, name, value_)
         elif key in ("exp", "out_dir"):
             setattr(cfg, key, str(value))
         else:
@@ -220,7 +260,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             elif typing.get_origin(hint) is tuple:
                 group.add_argument(flag, dest=dest, nargs=len(typing.get_args(hint)), default=None, help=helptext)
             else:
-                group.add_argument(flag, dest=dest, default=None, help=helptext)
+                group.add_argument(flag, dest=dest, default=None, choices=f.metadata.get("choices"), help=helptext)
     parser.add_argument("--exp", default=None, help="experiment name (checkpoints/<exp>)")
     parser.add_argument("--out-dir", dest="out_dir", default=None, help="root of the experiment directories")
     parser.add_argument("--config", default=None, help="YAML file with config values (flags override it)")

@@ -16,6 +16,8 @@ from src.errors import BiomassError
 from src.schema import TARGETS
 
 AUX_COLUMNS = {"state": "state_idx", "month": "month_idx", "species": "species_idx"}
+# regression aux labels: batch key -> metadata column; training adds `<key>_z` (standardized by the training fold)
+AUX_REGRESSION_COLUMNS = {"ndvi": "Pre_GSHH_NDVI", "height": "Height_Ave_cm"}
 
 
 def _labels(frame: pd.DataFrame, i: int) -> dict[str, torch.Tensor]:
@@ -26,6 +28,9 @@ def _labels(frame: pd.DataFrame, i: int) -> dict[str, torch.Tensor]:
     out = {"targets": torch.from_numpy(targets), "index": torch.tensor(i)}
     for name, col in AUX_COLUMNS.items():
         out[name] = torch.tensor(int(row[col]) if col in frame.columns else -1)
+    for name in AUX_REGRESSION_COLUMNS:
+        if f"{name}_z" in frame.columns:  # NaN = unknown, ignored by the loss
+            out[name] = torch.tensor(float(row[f"{name}_z"]), dtype=torch.float32)
     return out
 
 

@@ -80,14 +80,26 @@ def load_folds(path: str | os.PathLike, wide: pd.DataFrame) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise BiomassError(f"{path}: folds file not found; create it with `python folds.py --data-dir DIR --out {path}`")
-    folds = pd.read_csv(path, dtype={"image_id": str})
+    try:
+        folds = pd.read_csv(path, dtype={"image_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise BiomassError(f"{path}: not a readable CSV ({str(err).splitlines()[0]}); regenerate it with folds.py") from err
     if list(folds.columns) != ["image_id", "fold"]:
         raise BiomassError(f"{path}: expected columns image_id,fold, got {','.join(map(str, folds.columns))}")
     fold_values = pd.to_numeric(folds["fold"], errors="coerce")
-    if fold_values.isna().any() or (fold_values < 0).any():
-        i = int(np.flatnonzero((fold_values.isna() | (fold_values < 0)).to_numpy())[0])
+    bad = fold_values.isna() | (fold_values < 0) | (fold_values % 1 != 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
         raise BiomassError(f"{path} line {i + 2}, column fold: '{folds['fold'].iloc[i]}' is not a fold index >= 0")
     folds["fold"] = fold_values.astype(int)
+    n_folds = folds["fold"].nunique()
+    out_of_range = folds["fold"] >= n_folds  # folds must be 0..K-1: a gap means a typo (11 for 1) or a lost fold
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range.to_numpy())[0])
+        raise BiomassError(
+            f"{path} line {i + 2}, column fold: {folds['fold'].iloc[i]} is out of range: {n_folds} distinct folds must be "
+            f"numbered 0..{n_folds - 1}; fix the value or regenerate with folds.py"
+        )
     dup = folds["image_id"].duplicated()
     if dup.any():
         raise BiomassError(f"{path}: image {folds['image_id'][dup].iloc[0]} appears twice; regenerate with folds.py")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from src.config import Config
 from src.dataset import MultiSizeViewDataset, flip_views
 from src.errors import BiomassError
-from src.model import build_model, log1p_to_grams
+from src.model import build_model
 from src.runtime import autocast, worker_init
 from src.schema import TARGETS
 from src.training import load_checkpoint
@@ -39,6 +39,8 @@ class Predictor:
             raise BiomassError(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
         self.path = Path(checkpoint)
         ckpt = load_checkpoint(self.path)
+        if "target_stats" not in ckpt:  # last.pt carries optimizer state for --resume, not what inference needs
+            raise BiomassError(f"{self.path}: a resume state (last.pt), not a best.pt; pass best.pt or the experiment directory")
         if list(ckpt.get("targets", [])) != list(TARGETS):
             raise BiomassError(f"{self.path}: target order {ckpt.get('targets')} differs from {list(TARGETS)}; re-train it")
         self.cfg = Config.from_dict(ckpt["config"], source=str(self.path))
@@ -47,7 +49,9 @@ class Predictor:
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
-            raise BiomassError(f"{self.path}: weights do not fit its own config ({str(err).splitlines()[0]}); re-train it") from err
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            detail = (lines[1] if len(lines) > 1 else lines[0])[:200]  # line 0 is "Error(s) in loading state_dict for ..."
+            raise BiomassError(f"{self.path}: weights do not fit its own config ({detail}); re-train it") from err
         self.model.to(self.device).eval()
         self.tta = tta
         self.amp = amp
@@ -81,7 +85,7 @@ class Predictor:
             outs = [self.model.head_from_features(feats[k, 0], feats[k, 1])["targets"] for k in range(n_flips)]
             if self.tta == "full":
                 outs.append(self.model.head_from_features(feats[0, 1], feats[0, 0])["targets"])
-        return log1p_to_grams(torch.stack(outs, dim=1).float()).cpu().numpy()
+        return self.model.to_grams(torch.stack(outs, dim=1)).cpu().numpy()  # any target space / head layout
 
 
 def find_checkpoints(paths: list[str | Path]) -> list[Path]:
@@ -107,7 +111,8 @@ def find_checkpoints(paths: list[str | Path]) -> list[Path]:
 
 def load_predictors(paths: list[Path], device, tta: str, amp: bool) -> list[Predictor]:
     """Load every checkpoint (each one checks its target order, so any set of them can be averaged)."""
-    return [Predictor(p, device, tta, amp) for p in tqdm(paths, desc="loading models", leave=False)]
+    with tqdm(paths, desc="loading models", leave=False) as bar:  # closed (line cleared) before an error is printed
+        return [Predictor(p, device, tta, amp) for p in bar]
 
 
 def grid_weight_map(predictors: list[Predictor], grid_weights: list[str] | None) -> dict[tuple[int, int], float]:
@@ -121,6 +126,9 @@ def grid_weight_map(predictors: list[Predictor], grid_weights: list[str] | None)
             weights[(rows, cols)] = float(value)
         except ValueError as err:
             raise BiomassError(f"--grid-weights item {item!r}: expected RxC=W, e.g. 2x2=1.0") from err
+        # a negative weight extrapolates away from a grid and nan/inf poison every prediction: typos, not intent
+        if not np.isfinite(weights[(rows, cols)]) or weights[(rows, cols)] < 0:
+            raise BiomassError(f"--grid-weights item {item!r}: the weight must be a finite number >= 0, e.g. 2x2=0.5")
     unknown = [g for g in weights if g not in grids]
     if unknown:
         raise BiomassError(f"--grid-weights names grid {unknown[0][0]}x{unknown[0][1]}, but no checkpoint has it (have {grids})")

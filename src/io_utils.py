@@ -11,6 +11,28 @@ from pathlib import Path
 from src.errors import BiomassError
 
 
+def _why(err: OSError, directory: Path) -> str:
+    """The reason a directory cannot be created or written, in words (a file in the way is named)."""
+    for parent in (directory, *directory.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            break
+    return err.strerror or str(err)
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """mkdir -p that fails with a BiomassError naming the directory (read-only disk, a file in the way)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BiomassError(
+            f"{path}: cannot create directory ({_why(err, path)}); choose a writable output directory"
+        ) from err
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -19,7 +41,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise BiomassError(f"{path}: cannot write ({err.strerror or err}); choose a writable output directory") from err
+        raise BiomassError(
+            f"{path}: cannot write ({_why(err, path.parent)}); choose a writable output directory"
+        ) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -52,5 +76,8 @@ def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk as RuntimeError, not OSError
+            raise OSError(f"{str(err).strip().splitlines()[0][:200]}; disk full?") from err
     return Path(path)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.models import group_parameters
 from torch import nn
 
 from src.backbone import create_backbone, norm_constants, patch_size
@@ -22,6 +24,12 @@ from src.errors import BiomassError
 from src.schema import MONTHS, SPECIES_GROUPS, STATES, TARGETS
 
 AUX_CLASSES = {"state": len(STATES), "month": len(MONTHS), "species": len(SPECIES_GROUPS)}
+# regression aux heads (training only): output key -> the ModelConfig weight that adds the head
+AUX_REGRESSION = {"ndvi": "aux_ndvi_weight", "height": "aux_height_weight"}
+# --heads: which targets (indices into TARGETS) the heads predict; with three, the other two are derived
+HEAD_TARGETS = {"five": (0, 1, 2, 3, 4), "green-dead-clover": (0, 1, 2), "clover-gdm-total": (2, 3, 4)}
+FUSIONS = ("film", "concat", "cross-attn")
+TARGET_SPACES = ("log1p", "raw")
 NATIVE_VIEW_PX = 1000
 # position/view embeddings and special tokens are not decayed (timm's convention); weights otherwise are
 NO_DECAY = {"pos_embed", "tile_pos", "view_embed", "cls_token", "reg_token"}  # a 2000x1000 image holds two 1000x1000 views
@@ -64,6 +72,26 @@ class FiLM(nn.Module):
     def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.net(context).chunk(2, dim=-1)
         return tokens * (1.0 + gamma.unsqueeze(1)) + beta.unsqueeze(1)
+
+
+class CrossAttention(nn.Module):
+    """One view's tokens attend to the other view's tokens (pre-norm, residual).
+
+    The output projection starts at zero, so at init it is the identity, like FiLM.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads=4 if dim % 4 == 0 else 1, batch_first=True)
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        kv = self.norm_kv(context)
+        out, _ = self.attn(self.norm_q(tokens), kv, kv, need_weights=False)
+        return tokens + out
 
 
 class AttentionPool(nn.Module):
@@ -118,14 +146,27 @@ class BiomassModel(nn.Module):
         self.proj = nn.Sequential(nn.LayerNorm(self.feature_dim), nn.Linear(self.feature_dim, dim), nn.GELU())
         self.tile_pos = nn.Parameter(torch.randn(n_tiles, dim) * 0.02)
         self.view_embed = nn.Parameter(torch.randn(2, dim) * 0.02)
-        self.film_from_right = FiLM(dim)  # right summary modulates left tokens
-        self.film_from_left = FiLM(dim)
+        for name, value, allowed in (("fusion", cfg.fusion, FUSIONS), ("heads", cfg.heads, tuple(HEAD_TARGETS)), ("target-space", cfg.target_space, TARGET_SPACES)):
+            if value not in allowed:
+                raise BiomassError(f"unknown --{name} {value!r}; choose one of {', '.join(allowed)}")
+        if cfg.fusion == "film":
+            self.film_from_right = FiLM(dim)  # right summary modulates left tokens
+            self.film_from_left = FiLM(dim)
+        elif cfg.fusion == "cross-attn":
+            self.cross_from_right = CrossAttention(dim)  # left tokens attend to right tokens
+            self.cross_from_left = CrossAttention(dim)
+        else:  # concat: each view pooled alone, the two pooled tokens concatenated and projected
+            self.fuse = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU())
         self.pool = AttentionPool(dim)
         self.norm = nn.LayerNorm(dim)
-        self.heads = nn.ModuleList(Head(dim, cfg.hidden_ratio, cfg.dropout) for _ in TARGETS)
+        self.head_targets = HEAD_TARGETS[cfg.heads]
+        self.heads = nn.ModuleList(Head(dim, cfg.hidden_ratio, cfg.dropout) for _ in self.head_targets)
         self.aux_heads = nn.ModuleDict(
             {name: nn.Linear(dim, n) for name, n in AUX_CLASSES.items()} if cfg.use_aux_heads else {}
         )
+        self.aux_regression = nn.ModuleDict({name: nn.Linear(dim, 1) for name, w in AUX_REGRESSION.items() if getattr(cfg, w) > 0})
+        # per-target scale of raw-space targets (the training fold's std); saved in the state_dict only in raw space
+        self.register_buffer("target_scale", torch.ones(len(TARGETS)), persistent=cfg.target_space == "raw")
         self.backbone_frozen = False
 
     # ---- input side -------------------------------------------------------------------------
@@ -162,18 +203,61 @@ class BiomassModel(nn.Module):
 
     # ---- fusion and heads ---------------------------------------------------------------------
     def head_from_features(self, left_feats: torch.Tensor, right_feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Tile features of both views -> {'targets': (B, 5) log1p grams, aux logits...}."""
+        """Tile features of both views -> {'targets': (B, 5) in the target space, aux outputs...}.
+
+        `to_grams(out['targets'])` gives grams whatever the target space and head layout.
+        """
         left = self.proj(left_feats) + self.tile_pos + self.view_embed[0]
         right = self.proj(right_feats) + self.tile_pos + self.view_embed[1]
-        left_summary, right_summary = left.mean(dim=1), right.mean(dim=1)
-        left = self.film_from_right(left, right_summary)
-        right = self.film_from_left(right, left_summary)
-        pooled, attn = self.pool(torch.cat([left, right], dim=1))
+        if self.cfg.fusion == "film":
+            left_summary, right_summary = left.mean(dim=1), right.mean(dim=1)
+            left = self.film_from_right(left, right_summary)
+            right = self.film_from_left(right, left_summary)
+        elif self.cfg.fusion == "cross-attn":
+            left, right = self.cross_from_right(left, right), self.cross_from_left(right, left)
+        if self.cfg.fusion == "concat":
+            (pooled_left, attn_left), (pooled_right, attn_right) = self.pool(left), self.pool(right)
+            pooled = self.fuse(torch.cat([pooled_left, pooled_right], dim=-1))
+            attn = torch.cat([attn_left, attn_right], dim=1) / 2  # each view's weights sum to 1/2, all to 1
+        else:
+            pooled, attn = self.pool(torch.cat([left, right], dim=1))
         pooled = self.norm(pooled)
-        out = {"targets": torch.cat([head(pooled) for head in self.heads], dim=-1), "attention": attn}
+        raw = torch.cat([head(pooled) for head in self.heads], dim=-1)
+        out = {"targets": raw if self.cfg.heads == "five" else self._derived_targets(raw), "attention": attn}
         for name, head in self.aux_heads.items():
             out[name] = head(pooled)
+        for name, head in self.aux_regression.items():
+            out[name] = head(pooled).squeeze(-1)
         return out
+
+    # ---- target space and head layout ----------------------------------------------------------------
+    def _derived_targets(self, raw: torch.Tensor) -> torch.Tensor:
+        """Three heads -> softplus parts (non-negative, in the target space) -> grams -> all five -> target space."""
+        parts = F.softplus(raw.float())
+        idx = list(self.head_targets)
+        grams = torch.expm1(parts) if self.cfg.target_space == "log1p" else parts * self.target_scale[idx]
+        first, second, third = grams.unbind(-1)
+        if self.cfg.heads == "green-dead-clover":
+            five = assemble_targets(first, second, third)
+        else:  # clover, gdm, total
+            five = assemble_targets((second - first).clamp_min(0.0), (third - second).clamp_min(0.0), first)
+        return self.grams_to_targets(five)
+
+    def grams_to_targets(self, grams: torch.Tensor) -> torch.Tensor:
+        """Grams (..., 5) -> the target space the loss works in: log1p grams, or grams / target_scale."""
+        grams = grams.float().clamp_min(0.0)
+        return torch.log1p(grams) if self.cfg.target_space == "log1p" else grams / self.target_scale
+
+    def to_grams(self, targets: torch.Tensor) -> torch.Tensor:
+        """Model outputs (..., 5) in the target space -> grams, clamped at 0.
+
+        With three heads GDM and Total are re-added from the parts, so the identities hold bit for bit.
+        """
+        targets = targets.float()
+        grams = log1p_to_grams(targets) if self.cfg.target_space == "log1p" else (targets * self.target_scale).clamp_min(0.0)
+        if self.cfg.heads != "five":
+            grams = assemble_targets(grams[..., 0], grams[..., 1], grams[..., 2])
+        return grams
 
     def forward(self, left: torch.Tensor, right: torch.Tensor, features: bool = False) -> dict[str, torch.Tensor]:
         """Views (or, with features=True, cached tile features) -> outputs. One entry point for DDP."""
@@ -190,17 +274,50 @@ class BiomassModel(nn.Module):
         for head, value in zip(self.heads, mean_log1p):
             head.net[-1].bias.fill_(float(value))
 
+    @torch.no_grad()
+    def init_from_stats(self, stats: dict) -> None:
+        """Raw space: take the target scale from `stats['scale']`; every head starts at its target's mean."""
+        if self.cfg.target_space == "raw":
+            self.target_scale.copy_(torch.as_tensor(stats["scale"], dtype=torch.float32))
+            mean = np.asarray(stats["mean"], dtype=np.float64) / np.asarray(stats["scale"], dtype=np.float64)
+        else:
+            mean = np.asarray(stats["mean_log1p"], dtype=np.float64)
+        values = mean[list(self.head_targets)]
+        if self.cfg.heads != "five":  # softplus heads: the bias whose softplus is the mean
+            values = np.maximum(values, 1e-3)
+            values = values + np.log(-np.expm1(-values))
+        self.init_target_bias(values)
+
     def freeze_backbone(self) -> None:
         """Stage 1: no backbone gradients, backbone in eval mode (dropout/drop-path off)."""
         self.backbone_frozen = True
         self.backbone.requires_grad_(False)
         self.backbone.eval()
 
-    def unfreeze_backbone(self) -> None:
-        """Stage 2: the backbone trains again (with its own, low learning rate)."""
+    def unfreeze_backbone(self, keep_frozen_blocks: int = 0) -> None:
+        """Stage 2: the backbone trains again (with its own, low learning rate).
+
+        `keep_frozen_blocks` = N keeps the patch embedding, tokens and the first N blocks frozen.
+        """
         self.backbone_frozen = False
         self.backbone.requires_grad_(True)
         self.backbone.train(self.training)
+        if keep_frozen_blocks > 0:
+            depth = len(self.backbone.blocks)
+            if keep_frozen_blocks > depth:
+                raise BiomassError(f"--freeze-blocks {keep_frozen_blocks} exceeds the backbone's {depth} blocks")
+            layers = self.backbone_layers
+            for name, param in self.backbone.named_parameters():
+                layer = layers[name]
+                if layer == 0 or (name.startswith("blocks.") and layer <= keep_frozen_blocks):
+                    param.requires_grad_(False)
+
+    @property
+    def backbone_layers(self) -> dict[str, int]:
+        """timm's layer index of every backbone parameter: 0 = patch/pos embedding and tokens, i + 1 = block i."""
+        if not hasattr(self.backbone, "group_matcher"):
+            raise BiomassError(f"{self.cfg.backbone} has no timm group_matcher: --freeze-blocks/--layer-decay need one")
+        return group_parameters(self.backbone, self.backbone.group_matcher(coarse=False), reverse=True)
 
     def train(self, mode: bool = True) -> BiomassModel:
         super().train(mode)
@@ -208,22 +325,34 @@ class BiomassModel(nn.Module):
             self.backbone.eval()
         return self
 
-    def param_groups(self, lr: float, backbone_lr: float, weight_decay: float, include_backbone: bool = True) -> list[dict]:
-        """AdamW groups: backbone vs the rest, each split into decayed weights and undecayed bias/norm/embeddings."""
+    def param_groups(
+        self, lr: float, backbone_lr: float, weight_decay: float, include_backbone: bool = True, layer_decay: float = 1.0
+    ) -> list[dict]:
+        """AdamW groups: backbone vs the rest, each split into decayed weights and undecayed bias/norm/embeddings.
+
+        Frozen backbone parameters are left out. `layer_decay` < 1 splits the backbone by timm layer
+        (`backbone_layer{i}`), lr = backbone_lr * layer_decay ** (top layer - i): the last block keeps backbone_lr.
+        """
+        layers = self.backbone_layers if include_backbone and layer_decay != 1.0 else None
+        top = max(layers.values()) if layers else 0
         groups: dict[tuple[str, bool], list] = {}
         for name, param in self.named_parameters():
             is_backbone = name.startswith("backbone.")
-            if is_backbone and not include_backbone:
+            if is_backbone and (not include_backbone or not param.requires_grad):
                 continue
             decay = param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY
-            groups.setdefault(("backbone" if is_backbone else "head", decay), []).append(param)
+            part = "head"
+            if is_backbone:
+                part = f"backbone_layer{layers[name[len('backbone.'):]]}" if layers else "backbone"
+            groups.setdefault((part, decay), []).append(param)
         out = []
         for (part, decay), params in groups.items():
+            scale = layer_decay ** (top - int(part[len("backbone_layer") :])) if part.startswith("backbone_layer") else 1.0
             out.append(
                 {
                     "name": f"{part}{'' if decay else '_no_decay'}",
                     "params": params,
-                    "lr": backbone_lr if part == "backbone" else lr,
+                    "lr": lr if part == "head" else backbone_lr * scale,
                     "weight_decay": weight_decay if decay else 0.0,
                 }
             )
@@ -233,6 +362,12 @@ class BiomassModel(nn.Module):
 def log1p_to_grams(pred_log1p: torch.Tensor) -> torch.Tensor:
     """Head outputs (log1p grams) -> grams, clamped at 0."""
     return torch.expm1(pred_log1p).clamp_min(0.0)
+
+
+def assemble_targets(green: torch.Tensor, dead: torch.Tensor, clover: torch.Tensor) -> torch.Tensor:
+    """The five targets from three parts: GDM = Green + Clover, Total = GDM + Dead (exactly, as computed)."""
+    gdm = green + clover
+    return torch.stack([green, dead, clover, gdm, gdm + dead], dim=-1)
 
 
 def build_model(cfg: ModelConfig, load_backbone_weights: bool = True) -> BiomassModel:

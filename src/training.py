@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,16 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from src.config import Config, save_config
 from src.data import load_train
-from src.dataset import FLIP_VARIANTS, FeatureCacheDataset, ViewPairDataset, flip_views
+from src.dataset import AUX_REGRESSION_COLUMNS, FLIP_VARIANTS, FeatureCacheDataset, ViewPairDataset, flip_views
 from src.errors import BiomassError
 from src.folds import check_fold_index, load_folds
-from src.io_utils import torch_save_atomic, write_csv_atomic, write_text_atomic
+from src.io_utils import make_dir, torch_save_atomic, write_csv_atomic, write_text_atomic
 from src.metric import score
-from src.model import BiomassModel, build_model, log1p_to_grams
+from src.model import AUX_REGRESSION, BiomassModel, build_model
 from src.runtime import DistInfo, all_gather_objects, autocast, barrier, init_distributed, seed_everything, worker_init
 from src.schema import SHORT_NAMES, TARGETS
 from src.transforms import build_transform
@@ -36,8 +39,28 @@ AUX_WEIGHT_FIELDS = {"state": "aux_state_weight", "month": "aux_month_weight", "
 
 
 # ---- losses and mixup ------------------------------------------------------------------------------
-def target_loss(pred_log1p: torch.Tensor, target_grams: torch.Tensor, weights, kind: str = "mse", delta: float = 1.0) -> torch.Tensor:
-    """Per-target weighted loss on log1p targets, normalized by the weight sum."""
+def target_loss(
+    pred: torch.Tensor, target_grams: torch.Tensor, weights, kind: str = "mse", delta: float = 1.0,
+    space: str = "log1p", scale=None, beta: float = 5.0,
+) -> torch.Tensor:
+    """Per-target weighted loss in the model's target space, normalized by the weight sum.
+
+    log1p: MSE or Huber(delta) on log1p grams. raw: SmoothL1 on grams / scale with beta / scale per target,
+    which is SmoothL1(beta) in grams divided by the scale (beta stays in grams whatever the target's size).
+    """
+    if space == "raw":
+        scale = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32, device=pred.device)
+        err = (pred.float() - target_grams.float() / scale).abs()
+        if beta > 0:
+            b = (beta / scale).expand_as(err)
+            per = torch.where(err < b, 0.5 * err**2 / b, err - 0.5 * b)
+        else:
+            per = err
+        w = torch.as_tensor(weights, dtype=per.dtype, device=per.device)
+        return (per * w).sum(dim=1).mean() / w.sum()
+    if space != "log1p":
+        raise BiomassError(f"unknown --target-space {space!r}; choose log1p or raw")
+    pred_log1p = pred
     target = torch.log1p(target_grams.clamp_min(0))
     if kind == "mse":
         per = F.mse_loss(pred_log1p.float(), target, reduction="none")
@@ -63,6 +86,34 @@ def aux_loss(logits: torch.Tensor, labels: torch.Tensor, mix: tuple[float, torch
     return lam * ce(labels) + (1 - lam) * ce(labels[perm])
 
 
+def regression_aux_loss(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """MSE on standardized labels, NaN labels (unknown) ignored; an all-unknown batch gives a differentiable 0."""
+    keep = torch.isfinite(label)
+    if not bool(keep.any()):
+        return pred.sum() * 0.0
+    return F.mse_loss(pred.float()[keep], label.float()[keep])
+
+
+def aux_regression_labels(train_frame: pd.DataFrame, val_frame: pd.DataFrame | None, model_cfg) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Copies of the frames with `<name>_z` columns (metadata standardized by the training fold) for the regression heads in use."""
+    names = [name for name, weight in AUX_REGRESSION.items() if getattr(model_cfg, weight) > 0]
+    if not names:
+        return train_frame, val_frame
+    train_frame = train_frame.copy()
+    val_frame = None if val_frame is None else val_frame.copy()
+    for name in names:
+        column = AUX_REGRESSION_COLUMNS[name]
+        if column not in train_frame.columns:
+            raise BiomassError(f"--{AUX_REGRESSION[name].replace('_', '-')} needs column {column} in the training data (train.csv)")
+        values = pd.to_numeric(train_frame[column], errors="coerce")
+        mean, std = float(values.mean()), float(values.std(ddof=0))
+        std = std if std > 0 else 1.0
+        for frame in (train_frame, val_frame):
+            if frame is not None:
+                frame[f"{name}_z"] = (pd.to_numeric(frame[column], errors="coerce") - mean) / std if column in frame.columns else np.nan
+    return train_frame, val_frame
+
+
 def mixup(batch: dict[str, torch.Tensor], lam: float, perm: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mix both views with the same lambda and permutation, and the targets in grams.
 
@@ -74,6 +125,9 @@ def mixup(batch: dict[str, torch.Tensor], lam: float, perm: torch.Tensor) -> dic
         views = batch[key].float() / 255.0 if batch[key].dtype == torch.uint8 else batch[key]
         out[key] = lam * views + (1 - lam) * views[perm]
     out["targets"] = lam * batch["targets"] + (1 - lam) * batch["targets"][perm]
+    for key in AUX_REGRESSION_COLUMNS:  # continuous labels mix like the targets
+        if key in batch:
+            out[key] = lam * batch[key] + (1 - lam) * batch[key][perm]
     return out
 
 
@@ -96,6 +150,7 @@ class FitResult:
     history: list[dict]
     oof: pd.DataFrame | None
     run_dir: Path | None
+    swa_metric: float | None = None  # val score of the --swa-top-k average (None when off)
 
 
 def target_stats(frame: pd.DataFrame) -> dict[str, list[float]]:
@@ -105,6 +160,9 @@ def target_stats(frame: pd.DataFrame) -> dict[str, list[float]]:
         "max": values.max(axis=0).tolist(),
         "median": np.median(values, axis=0).tolist(),
         "mean_log1p": np.log1p(values).mean(axis=0).tolist(),
+        "mean": values.mean(axis=0).tolist(),
+        # raw target space: grams / scale (the std, at least 1 g so an all-zero target cannot divide by 0)
+        "scale": np.maximum(values.std(axis=0), 1.0).tolist(),
     }
 
 
@@ -165,17 +223,26 @@ def feature_cache(model: BiomassModel, train_frame, val_frame, cfg: Config, devi
 def _loss(model, batch, cfg: Config, device, cached: bool, mix) -> torch.Tensor:
     with autocast(device, cfg.train.amp):
         out = model(batch["left"].to(device), batch["right"].to(device), features=cached)
-    loss = target_loss(out["targets"], batch["targets"].to(device), cfg.train.target_weights, cfg.train.loss, cfg.train.huber_delta)
+    net = _unwrap(model)
+    tc = cfg.train
+    loss = target_loss(
+        out["targets"], batch["targets"].to(device), tc.target_weights, tc.loss, tc.huber_delta,
+        net.cfg.target_space, net.target_scale, tc.huber_beta,
+    )
     for name, weight_field in AUX_WEIGHT_FIELDS.items():
         weight = getattr(cfg.train, weight_field)
         if weight > 0 and name in out:
             aux_mix = None if mix is None else (mix[0], mix[1].to(device))
             loss = loss + weight * aux_loss(out[name], batch[name].to(device), aux_mix)
+    for name, weight_field in AUX_REGRESSION.items():
+        weight = getattr(net.cfg, weight_field)
+        if weight > 0 and name in out and name in batch:
+            loss = loss + weight * regression_aux_loss(out[name], batch[name].to(device))
     return loss
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, cached: bool, dist_info: DistInfo, epoch: int) -> dict:
-    """One pass over the loader with mixup, accumulation, clipping and non-finite-loss skipping."""
+def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, cached: bool, dist_info: DistInfo, epoch: int, ema=None) -> dict:
+    """One pass over the loader with mixup, accumulation, clipping and non-finite-loss skipping (+ EMA update per step)."""
     model.train()
     rng = np.random.default_rng((cfg.train.seed, epoch, dist_info.rank, 7))
     total, count, bad_in_row, bad_total = 0.0, 0, 0, 0
@@ -207,6 +274,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: Config, device, ca
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(_unwrap(model))
         total += float(loss.detach()) * len(batch["targets"])
         count += len(batch["targets"])
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
@@ -221,7 +290,7 @@ def predict_grams(model: BiomassModel, loader, device, amp: bool, cached: bool, 
     for batch in loader:
         with autocast(device, amp):
             out = model(batch["left"].to(device), batch["right"].to(device), features=cached)
-        preds.append(log1p_to_grams(out["targets"].float()).cpu().numpy())
+        preds.append(_unwrap(model).to_grams(out["targets"]).cpu().numpy())
         idx.append(batch["index"].numpy())
     local = (np.concatenate(idx) if idx else np.zeros(0, int), np.concatenate(preds) if preds else np.zeros((0, 5)))
     parts = all_gather_objects(local, dist_info)
@@ -249,7 +318,7 @@ class Stage:
         if frozen:
             model.freeze_backbone()
         else:
-            model.unfreeze_backbone()
+            model.unfreeze_backbone(tc.freeze_blocks)
         self.cached = frozen and tc.cache_features
         view_size = model.view_size
         if self.cached:
@@ -271,7 +340,7 @@ class Stage:
             # re-wrapped per stage: DDP registers the parameters that require grad at construction
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
-        groups = model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay, include_backbone=not frozen)
+        groups = model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay, include_backbone=not frozen, layer_decay=tc.layer_decay)
         self.optimizer = torch.optim.AdamW(groups)
         steps = math.ceil(len(self.train_loader(0)) / max(1, tc.accum)) * self.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(steps, tc.warmup_frac))
@@ -328,22 +397,25 @@ def fit(
     stats = target_stats(train_frame)
     if model is None:
         model = build_model(cfg.model)
-        model.init_target_bias(stats["mean_log1p"])
+        model.init_from_stats(stats)
+    train_frame, val_frame = aux_regression_labels(train_frame, val_frame, model.cfg)
     model.to(device)
     state = FitState()
     last_path = run_dir / "last.pt" if run_dir is not None else None
     saved = None
-    if resume and last_path is not None and last_path.is_file():
-        saved = load_checkpoint(last_path)
-        if saved.get("config", {}).get("model") != cfg.to_dict()["model"]:
-            raise BiomassError(
-                f"{last_path}: was trained with another model config (backbone/grid/tile); resume with the same "
-                "flags or pass --overwrite to start again"
-            )
+    if resume and last_path is not None:
+        saved = check_resume(last_path, cfg)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         state = FitState(**saved["state"])
         if dist_info.is_main:
             print(f"resuming from {last_path} after epoch {state.epoch}")
+    if model.cfg.target_space == "raw":  # the checkpoint records the scale the model actually divides by
+        stats["scale"] = model.target_scale.tolist()
+    # --ema-decay: a shadow copy of the weights is what gets validated, selected and saved
+    ema = _make_ema(model, tc.ema_decay, saved, last_path)
+    evaluated = ema.module if ema is not None else model
+    top_k: list[dict] = list(saved.get("swa_top", [])) if saved is not None else []
     stage: Stage | None = None
     oof = _read_oof(run_dir) if saved is not None else None
     for epoch in range(state.epoch + 1, tc.epochs):
@@ -361,13 +433,13 @@ def fit(
         seed_everything(tc.seed * 1000 + epoch + dist_info.rank)
         start = time.time()
         row = {"epoch": epoch, "stage": number}
-        row.update(train_one_epoch(stage.model, stage.train_loader(epoch), stage.optimizer, stage.scheduler, cfg, device, stage.cached, dist_info, epoch))
-        lrs = {g["name"]: g["lr"] for g in stage.optimizer.param_groups}
-        row["lr_head"] = lrs.get("head", float("nan"))
-        row["lr_backbone"] = lrs.get("backbone", 0.0)
+        row.update(train_one_epoch(stage.model, stage.train_loader(epoch), stage.optimizer, stage.scheduler, cfg, device, stage.cached, dist_info, epoch, ema=ema))
+        groups = stage.optimizer.param_groups
+        row["lr_head"] = next((g["lr"] for g in groups if g["name"] == "head"), float("nan"))
+        row["lr_backbone"] = max((g["lr"] for g in groups if g["name"].startswith("backbone")), default=0.0)
         improved = False
         if stage.val_set is not None:
-            idx, preds = predict_grams(model, stage.val_loader(), device, tc.amp, stage.cached, dist_info)
+            idx, preds = predict_grams(evaluated, stage.val_loader(), device, tc.amp, stage.cached, dist_info)
             truth = val_frame[list(TARGETS)].to_numpy(dtype=np.float64)[idx]
             scores = score(truth, preds)
             row.update(scores)
@@ -377,6 +449,8 @@ def fit(
                 oof = _oof_frame(val_frame.iloc[idx], preds, fold)
             elif number == 2:
                 state.bad_epochs += 1
+            if tc.swa_top_k > 0:
+                keep_top_k(top_k, scores["weighted_r2"], epoch, evaluated, tc.swa_top_k)
         row["seconds"] = round(time.time() - start, 2)
         state.epoch = epoch
         state.history.append(row)
@@ -384,28 +458,106 @@ def fit(
             _log_epoch(row)
             if run_dir is not None:
                 if improved or stage.val_set is None:
-                    save_best(run_dir / "best.pt", model, cfg, stats, epoch, row.get("weighted_r2"), fold)
+                    save_best(run_dir / "best.pt", evaluated, cfg, stats, epoch, row.get("weighted_r2"), fold)
                     if oof is not None:
                         write_csv_atomic(oof, run_dir / "oof.csv")
                 write_csv_atomic(pd.DataFrame(state.history), run_dir / "metrics.csv")
-                torch_save_atomic(
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "model": model.state_dict(),
-                        "stage": number,
-                        "optimizer": stage.optimizer.state_dict(),
-                        "scheduler": stage.scheduler.state_dict(),
-                        "state": state.__dict__,
-                        "config": cfg.to_dict(),
-                    },
-                    last_path,
-                )
+                last = {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": model.state_dict(),
+                    "stage": number,
+                    "optimizer": stage.optimizer.state_dict(),
+                    "scheduler": stage.scheduler.state_dict(),
+                    "state": state.__dict__,
+                    "config": cfg.to_dict(),
+                }
+                if ema is not None:
+                    last["ema"] = ema.module.state_dict()
+                if tc.swa_top_k > 0:
+                    last["swa_top"] = top_k  # K weight copies: last.pt grows to (K + 1 or 2) x the model
+                torch_save_atomic(last, last_path)
         barrier(dist_info)
         if number == 2 and tc.patience > 0 and state.bad_epochs >= tc.patience:
             if dist_info.is_main:
                 print(f"early stop after epoch {epoch}: no improvement for {tc.patience} epochs")
             break
-    return FitResult(state.best_metric, state.best_epoch, state.history, oof, run_dir)
+    swa_metric = None
+    if tc.swa_top_k > 0 and val_frame is not None and len(top_k) >= 2:
+        swa_metric, swa_oof = _finish_swa(top_k, evaluated, val_frame, cfg, stats, state, run_dir, device, dist_info, fold)
+        if swa_oof is not None:
+            oof = swa_oof
+    return FitResult(state.best_metric, state.best_epoch, state.history, oof, run_dir, swa_metric)
+
+
+# ---- EMA and SWA of the K best epochs -----------------------------------------------------------------------
+def _make_ema(model: BiomassModel, decay: float, saved: dict | None, last_path: Path | None) -> ModelEmaV3 | None:
+    """timm's ModelEmaV3 of the model (decay 0 = off); on resume its weights come back from last.pt."""
+    if decay <= 0:
+        return None
+    if decay >= 1:
+        raise BiomassError(f"--ema-decay {decay}: must be in (0, 1), e.g. 0.999; 0 turns EMA off")
+    ema = ModelEmaV3(model, decay=decay)
+    ema.module.requires_grad_(False)
+    if saved is not None:
+        if "ema" not in saved:
+            raise BiomassError(f"{last_path}: was trained without --ema-decay; resume with the same flags or pass --overwrite")
+        ema.module.load_state_dict(saved["ema"])
+    return ema
+
+
+def keep_top_k(top: list[dict], metric: float, epoch: int, model: BiomassModel, k: int) -> None:
+    """Keep the k best epochs' weights (CPU copies), best first: [{'metric', 'epoch', 'model'}]."""
+    if not np.isfinite(metric) or (len(top) >= k and metric <= top[-1]["metric"]):
+        return
+    weights = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+    top.append({"metric": float(metric), "epoch": int(epoch), "model": weights})
+    top.sort(key=lambda item: -item["metric"])
+    del top[k:]
+
+
+def average_state_dicts(states: list[dict]) -> dict:
+    """Element-wise mean of the float tensors of several state_dicts (other tensors from the first)."""
+    out = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            out[key] = torch.stack([s[key].float() for s in states]).mean(dim=0).to(first.dtype)
+        else:
+            out[key] = first.clone()
+    return out
+
+
+def _image_val_loader(model: BiomassModel, val_frame: pd.DataFrame, cfg: Config, dist_info: DistInfo) -> DataLoader:
+    """Validation images (no cache: any backbone weights), a strided shard per rank."""
+    dataset = ViewPairDataset(val_frame, model.view_size, build_transform(model.view_size, train=False), 0.0, cfg.data.jpeg_reduce)
+    subset = torch.utils.data.Subset(dataset, list(range(dist_info.rank, len(dataset), dist_info.world)))
+    return DataLoader(subset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, worker_init_fn=worker_init)
+
+
+def _finish_swa(top_k, evaluated, val_frame, cfg: Config, stats, state: FitState, run_dir, device, dist_info, fold):
+    """Average the K best epochs' weights and validate them; swa.pt is always written, and the average
+    replaces best.pt (and oof.csv) when it scores at least as well as the best single epoch.
+
+    Returns (its val weighted R2, its OOF frame if it replaced the best, else None).
+    """
+    swa = copy.deepcopy(evaluated)
+    swa.load_state_dict(average_state_dicts([item["model"] for item in top_k]))
+    swa.to(device)
+    idx, preds = predict_grams(swa, _image_val_loader(swa, val_frame, cfg, dist_info), device, cfg.train.amp, False, dist_info)
+    metric = score(val_frame[list(TARGETS)].to_numpy(dtype=np.float64)[idx], preds)["weighted_r2"]
+    epochs = sorted(item["epoch"] for item in top_k)
+    wins = metric >= state.best_metric
+    oof = _oof_frame(val_frame.iloc[idx], preds, fold) if wins else None
+    if dist_info.is_main:
+        verdict = "replaces best.pt" if wins else "best.pt kept"
+        print(f"swa of epochs {epochs}: val weighted R2 {metric:.4f} vs best epoch {state.best_metric:.4f}: {verdict}", flush=True)
+        if run_dir is not None:
+            save_best(run_dir / "swa.pt", swa, cfg, stats, state.best_epoch, metric, fold, swa_epochs=epochs)
+            if wins:
+                save_best(run_dir / "best.pt", swa, cfg, stats, state.best_epoch, metric, fold, swa_epochs=epochs)
+                write_csv_atomic(oof, run_dir / "oof.csv")
+    if wins:
+        state.best_metric = metric
+    return metric, oof
 
 
 def _oof_frame(frame: pd.DataFrame, preds: np.ndarray, fold: int | None) -> pd.DataFrame:
@@ -434,10 +586,12 @@ def _log_epoch(row: dict) -> None:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
-def save_best(path: Path, model: BiomassModel, cfg: Config, stats: dict, epoch: int, metric, fold) -> Path:
+def save_best(path: Path, model: BiomassModel, cfg: Config, stats: dict, epoch: int, metric, fold, swa_epochs: list[int] | None = None) -> Path:
     """best.pt describes itself: weights + resolved config + target statistics, plain types only."""
+    extra = {} if swa_epochs is None else {"swa_epochs": [int(e) for e in swa_epochs]}
     return torch_save_atomic(
         {
+            **extra,
             "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
             "config": cfg.to_dict(),
@@ -460,12 +614,34 @@ def load_checkpoint(path: str | Path) -> dict:
         raise BiomassError(f"{path}: checkpoint not found; train it with train.py or check --checkpoints")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickled objects, foreign formats: all mean "not ours"
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise BiomassError(f"{path}: not a loadable checkpoint ({reason}); re-train or re-download it") from err
+    except pickle.UnpicklingError as err:  # weights_only=True met a pickled class or function: never run it
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        detail = f" ({lines[0][:160]})" if lines else ""
+        raise BiomassError(
+            f"{path}: refused: it holds pickled Python objects, not only tensors{detail}; checkpoints are loaded with "
+            "weights_only=True and this one would run code; re-train it or re-download it from a source you trust"
+        ) from err
+    except Exception as err:  # truncated zip, foreign formats: all mean "not ours"
+        reason = str(err).strip().split(". ")[0].splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise BiomassError(f"{path}: not a loadable checkpoint ({reason}); truncated or corrupt? re-train or re-download it") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise BiomassError(f"{path}: not an image2biomass checkpoint (format {CHECKPOINT_FORMAT}); re-train it")
     return ckpt
+
+
+def check_resume(last_path: Path, cfg: Config) -> dict | None:
+    """last.pt of an interrupted run (None if there is none), refused if its model config differs from cfg."""
+    if not last_path.is_file():
+        return None
+    saved = load_checkpoint(last_path)
+    ours, theirs = cfg.to_dict()["model"], (saved.get("config") or {}).get("model") or {}
+    if theirs != ours:
+        diff = [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k)]
+        raise BiomassError(
+            f"{last_path}: was trained with another model config ({'; '.join(diff[:3])}); resume with the same "
+            "flags or pass --overwrite to start again"
+        )
+    return saved
 
 
 # ---- a fold from the command line -------------------------------------------------------------------------------
@@ -493,7 +669,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                     f.unlink()
         elif not resume:
             raise BiomassError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
 
 
 def train_fold(cfg: Config, fold: int, resume: bool = False, overwrite: bool = False, command: str = "") -> FitResult:
@@ -506,6 +682,13 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, overwrite: bool = F
     train_frame = wide[wide["fold"] != fold].reset_index(drop=True)
     val_frame = wide[wide["fold"] == fold].reset_index(drop=True)
     run_dir = run_dir_for(cfg, fold)
+    # Build the model (loading --backbone-weights) and check --resume before the run directory is touched:
+    # a bad weights file or a mismatched last.pt leaves nothing behind. Same seed as fit's own build.
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model)
+    model.init_from_stats(target_stats(train_frame))
+    if resume:
+        check_resume(run_dir / "last.pt", cfg)
     if dist_info.is_main:
         prepare_run_dir(run_dir, resume, overwrite)
         save_config(cfg, run_dir / "config.yaml")
@@ -514,7 +697,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, overwrite: bool = F
             write_text_atomic(run_dir / "command.txt", command + "\n")
         print(f"fold {fold}: {len(train_frame)} train / {len(val_frame)} val images -> {run_dir}", flush=True)
     barrier(dist_info)
-    result = fit(cfg, train_frame, val_frame, run_dir, device, dist_info, resume=resume, fold=fold)
+    result = fit(cfg, train_frame, val_frame, run_dir, device, dist_info, resume=resume, model=model, fold=fold)
     if dist_info.is_main:
         print(f"fold {fold}: best val weighted R2 {result.best_metric:.4f} at epoch {result.best_epoch}", flush=True)
     return result
