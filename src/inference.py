@@ -216,6 +216,7 @@ def run_submission(
 ) -> pd.DataFrame:
     """test.csv -> ensemble -> physics -> guard -> submission.csv (atomic). Returns the submission."""
     from src.data import load_sample_submission, load_test, read_csv_checked
+    from src.io_utils import check_writable
     from src.postprocess import apply_physics
     from src.runtime import resolve_device
     from src.schema import TEST_COLUMNS
@@ -223,6 +224,7 @@ def run_submission(
 
     if on_bad_image not in ("error", "fallback"):
         raise BiomassError(f"unknown --on-bad-image {on_bad_image!r}; choose error or fallback")
+    check_writable(out)  # a read-only --out fails now, not after the whole ensemble ran
     test_images = load_test(data_dir, check_images=on_bad_image == "error")
     test_long = read_csv_checked(Path(data_dir) / "test.csv", TEST_COLUMNS, "pass --data-dir")
     sample = load_sample_submission(data_dir)

@@ -21,6 +21,10 @@ def _why(err: OSError, directory: Path) -> str:
     return err.strerror or str(err)
 
 
+def _cannot_write(path: Path, err: OSError) -> BiomassError:
+    return BiomassError(f"{path}: cannot write ({_why(err, path.parent)}); choose a writable output directory")
+
+
 def make_dir(path: str | os.PathLike) -> Path:
     """mkdir -p that fails with a BiomassError naming the directory (read-only disk, a file in the way)."""
     path = Path(path)
@@ -41,9 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise BiomassError(
-            f"{path}: cannot write ({_why(err, path.parent)}); choose a writable output directory"
-        ) from err
+        raise _cannot_write(path, err) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -54,6 +56,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail before the work, not after it: the output's nearest existing folder must take a new file."""
+    path = Path(path).absolute()
+    existing = next(p for p in path.parents if p.exists())  # creates no folder: a failed run leaves none behind
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", suffix=".tmp", dir=existing):
+            pass
+    except OSError as err:
+        raise _cannot_write(path, err) from err
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

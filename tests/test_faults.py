@@ -659,6 +659,10 @@ def restore_mode(tmp_path: Path):
 
 def test_read_only_output_dir_for_infer(synthetic_dir, best_pt, out_dir, monkeypatch, restore_mode, capsys):
     read_only(out_dir, monkeypatch)
+    import src.inference
+
+    # checked before the work: no prediction runs when the submission could not be written anyway
+    monkeypatch.setattr(src.inference, "predict_ensemble", lambda *a, **k: pytest.fail("predicted before checking --out"))
     line = fails(infer_script.main, infer_argv(synthetic_dir, best_pt, out_dir), capsys)
     monkeypatch.undo()
     assert (

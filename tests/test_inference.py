@@ -439,3 +439,9 @@ def test_oof_report_matches_hand_recomputation(trained_exp, synthetic_dir, folds
     )
     np.testing.assert_allclose(ens[[f"true_{t}" for t in TARGETS]].to_numpy(), truth)
     assert (ens["fold"].to_numpy() == held_out["fold"].to_numpy()).all()
+
+
+def test_multi_size_dataset_decodes_for_the_largest_side_of_every_view_size():
+    """One decode serves every model: the decode size is the per-side maximum, never a smaller sorted 'max'."""
+    ds = MultiSizeViewDataset(pd.DataFrame({"path": []}), [(56, 56), (28, 112)])
+    assert ds.largest == (56, 112)
