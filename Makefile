@@ -10,7 +10,7 @@ DEMO_FLAGS := --preset tiny --tile-size 84 --epochs 24
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data-synthetic data demo test kernel push clean
+.PHONY: install data-synthetic data demo test ablate kernel push clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ demo: install data-synthetic
 
 test: install
 	$(PY) -m pytest
+
+# default vs each option of docs/OPTIONS.md on the demo data, 5 folds x 17 rows (~25 min on 2 cores)
+# -> docs/ABLATION.md (results block) + docs/ablation.csv; ABLATE_FLAGS=--quick: smoke run into checkpoints/ablation-quick/
+ABLATE_FLAGS ?=
+$(FOLDS): $(DATA)/train.csv
+	$(PY) folds.py --data-dir $(DATA) --out $(FOLDS)
+
+ablate: install data-synthetic $(FOLDS)
+	$(PY) bench/ablate.py --data-dir $(DATA) --folds $(FOLDS) $(ABLATE_FLAGS)
 
 # real competition files (needs Kaggle credentials and the accepted rules)
 data: install

@@ -25,19 +25,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--oof", action="store_true", help="score the checkpoints out of fold instead of writing a submission")
     parser.add_argument("--folds", default=None, help="folds CSV for --oof (default: the one the checkpoints were trained with)")
     parser.add_argument("--on-bad-image", default="error", choices=["error", "fallback"], help="fallback: training-median prediction + warning")
+    adapt = parser.add_argument_group("test-time adaptation (src/adapt.py)")
+    adapt.add_argument("--pseudo-label-epochs", type=int, default=0, help="fine-tune one model per grid on train + pseudo-labelled test images (0 = off)")
+    adapt.add_argument("--pseudo-label-weight", type=float, default=1.0, help="loss weight of a pseudo-labelled test image (a training image weighs 1)")
+    adapt.add_argument("--pseudo-label-blend", type=float, default=0.8, help="submission = B * adapted + (1 - B) * ensemble")
+    adapt.add_argument("--pseudo-label-fold", default="best", help="which fold's checkpoint of each grid is fine-tuned: best (by val score) or K")
+    adapt.add_argument("--time-budget", type=float, default=None, help="minutes the fine-tune may take; over the estimate it is skipped with a warning")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from src.adapt import PseudoLabelSettings
+    from src.errors import BiomassError
     from src.inference import run_oof, run_submission
 
+    pseudo = PseudoLabelSettings(args.pseudo_label_epochs, args.pseudo_label_weight, args.pseudo_label_blend, args.pseudo_label_fold, args.time_budget)
+    if args.oof and pseudo.enabled:
+        raise BiomassError("--pseudo-label-epochs adapts to the test images; it does not go with --oof")
     if args.oof:
         run_oof(args.data_dir, args.checkpoints, args.batch_size, args.device, args.amp, args.folds, args.num_workers)
     else:
         run_submission(
             args.data_dir, args.checkpoints, args.out, args.tta, args.physics, args.grid_weights,
-            args.batch_size, args.device, args.amp, args.on_bad_image, args.num_workers,
+            args.batch_size, args.device, args.amp, args.on_bad_image, args.num_workers, pseudo,
         )
     return 0
 

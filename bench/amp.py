@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"bf16 autocast changes the OOF weighted R2 by {delta_amp:.4f}; a change of seed changes it by {delta_seed:.4f} "
             f"(tolerance max(seed difference, {MIN_TOLERANCE}) = {tolerance:.4f})", delta_amp <= tolerance),
         f"- Speed: fp32 / bf16 wall time = {speed:.2f}x on this tiny model (139k parameters: overhead-bound, so bf16 "
-        "buys little here; the ViT-B encoder gains ~3-4x, see the FLOP/s benchmark).",
+        f"{'buys little' if speed >= 1 else 'is slower (autocast casts cost more than its matmuls save)'} here; the ViT-B "
+        "encoder gains ~3-4x, see the FLOP/s benchmark).",
         "- Whole-model autocast (training's `_loss`, `Predictor.predict_views`) also runs the heads in bf16, whose "
         "log1p output then carries bf16 rounding (up to 1.6% in grams; tests/test_bench.py measures it); autocast on "
         "the backbone alone keeps predictions within ~0.1-0.2% of fp32.",

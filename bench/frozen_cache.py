@@ -79,7 +79,8 @@ def compare(kind: str, n_images: int, epochs: int, repeats: int, image_size) -> 
     arms = ["cache (fit default, 4 flip variants)", "cache, identity only", "recompute"]
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     if common.WARMUP["rounds"]:
-        run_fit(kind, 1, frame.iloc[:4], "recompute")  # warm-up: first-call allocations, page cache
+        for arm in arms:  # warm-up of every arm's code path: first-call allocations, lazy imports, page cache
+            run_fit(kind, 1, frame.iloc[:5], arm)
     for _ in range(repeats):
         for arm in arms:
             runs[arm].append(run_fit(kind, epochs, frame, arm))
@@ -118,7 +119,7 @@ def compare(kind: str, n_images: int, epochs: int, repeats: int, image_size) -> 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = common.parser(__doc__.splitlines()[0], repeats=3)
+    p = common.parser(__doc__.splitlines()[0], repeats=5)
     p.add_argument("--epochs", type=int, default=10, help="frozen-stage epochs (>= 5; default 10)")
     p.add_argument("--images-tiny", type=int, default=60, help="synthetic images for the tiny preset (1/5 validation)")
     p.add_argument("--images-vit-s", type=int, default=20, help="synthetic images for ViT-S/14 at 224 (1/5 validation)")
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plan = [("tiny_quick", 4, 1, 1, (256, 128))]
     else:
         plan = [
-            ("tiny", args.images_tiny, args.epochs, args.repeats or 3, IMAGE_SIZE),
+            ("tiny", args.images_tiny, args.epochs, args.repeats or 5, IMAGE_SIZE),
             ("vit_s", args.images_vit_s, args.epochs, args.vit_s_repeats, IMAGE_SIZE),
         ]
     rows = []

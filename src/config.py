@@ -29,6 +29,11 @@ class DataConfig:
     folds: str = field(default="data/folds.csv", metadata={"help": "folds CSV written by folds.py"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers"})
     jpeg_reduce: bool = field(default=True, metadata={"help": "decode JPEGs at reduced resolution when tiles are small"})
+    # data hygiene (docs/HYGIENE.md): the cleaning is saved with the run, so inference reads images the same way
+    clean_stamps: bool = field(default=False, metadata={"help": "detect the orange date stamp (bottom-right) and inpaint it, in training and inference"})
+    crop_bottom: float = field(default=0.0, metadata={"help": "drop this bottom fraction of the image before the view split (cardboard strip)"})
+    aug_artifacts: float = field(default=0.0, metadata={"help": "probability of painting synthetic date stamps / red flash dots on a training image"})
+    drop_ids: str | None = field(default=None, metadata={"help": "file of image ids left out of training (validation still scores them)"})
 
 
 @dataclass
@@ -57,6 +62,9 @@ class ModelConfig:
     # loss weights that live here because a weight > 0 adds a head the checkpoint must rebuild
     aux_ndvi_weight: float = field(default=0.0, metadata={"help": "Pre_GSHH_NDVI regression head + loss weight (training only; 0 = no head)"})
     aux_height_weight: float = field(default=0.0, metadata={"help": "Height_Ave_cm regression head + loss weight (training only; 0 = no head)"})
+    aux_bins: int = field(
+        default=0, metadata={"help": "N quantile bins per target (training fold): interval-classification heads, training only (0 = no head)"}
+    )
 
 
 @dataclass
@@ -93,6 +101,7 @@ class TrainConfig:
     freeze_blocks: int = field(default=0, metadata={"help": "first N backbone blocks (and the patch embedding) stay frozen in stage 2"})
     layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay of the backbone in stage 2 (1 = off)"})
     swa_top_k: int = field(default=0, metadata={"help": "average the K best epochs' weights at fold end (0 = off)"})
+    aux_bins_weight: float = field(default=0.1, metadata={"help": "CE weight of the --aux-bins heads (mean over targets)"})
 
 
 @dataclass

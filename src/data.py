@@ -244,3 +244,26 @@ def split_views(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     width = image.shape[1]
     half = width // 2
     return image[:, :half], image[:, width - half :]
+
+
+def load_id_list(path: str | os.PathLike, known_ids) -> list[str]:
+    """Image ids of a `--drop-ids` file: a CSV with an `image_id` column, or one id per line (`#` comments).
+
+    An id that is not in train.csv is an error naming the line: a typo must not silently drop nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BiomassError(f"{path}: --drop-ids file not found; write one with python -m src.audit --write-drop-ids PATH")
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",") if lines else []
+    if "image_id" in [h.strip() for h in header]:
+        column = [h.strip() for h in header].index("image_id")
+        entries = [(n, line.split(",")[column].strip()) for n, line in enumerate(lines[1:], start=2) if line.strip()]
+    else:
+        entries = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(lines, start=1)]
+        entries = [(n, value) for n, value in entries if value]
+    known = set(known_ids)
+    for line_no, image_id in entries:
+        if image_id not in known:
+            raise BiomassError(f"{path} line {line_no}: image id {image_id!r} is not in train.csv; remove it or fix the id")
+    return list(dict.fromkeys(image_id for _, image_id in entries))

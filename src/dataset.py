@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from src.artifacts import Cleaning
 from src.data import jpeg_reduce_factor, read_image, split_views
 from src.errors import BiomassError
 from src.schema import TARGETS
@@ -18,6 +19,8 @@ from src.schema import TARGETS
 AUX_COLUMNS = {"state": "state_idx", "month": "month_idx", "species": "species_idx"}
 # regression aux labels: batch key -> metadata column; training adds `<key>_z` (standardized by the training fold)
 AUX_REGRESSION_COLUMNS = {"ndvi": "Pre_GSHH_NDVI", "height": "Height_Ave_cm"}
+# --aux-bins labels: training adds one interval index per target (-1 = unknown), batch key "bins" of shape (5,)
+AUX_BIN_COLUMNS = tuple(f"bin_{t}" for t in TARGETS)
 
 
 def _labels(frame: pd.DataFrame, i: int) -> dict[str, torch.Tensor]:
@@ -31,19 +34,38 @@ def _labels(frame: pd.DataFrame, i: int) -> dict[str, torch.Tensor]:
     for name in AUX_REGRESSION_COLUMNS:
         if f"{name}_z" in frame.columns:  # NaN = unknown, ignored by the loss
             out[name] = torch.tensor(float(row[f"{name}_z"]), dtype=torch.float32)
+    if "sample_weight" in frame.columns:  # test-time pseudo-labels weigh W, real labels 1
+        out["weight"] = torch.tensor(float(row["sample_weight"]), dtype=torch.float32)
+    if AUX_BIN_COLUMNS[0] in frame.columns:
+        out["bins"] = torch.from_numpy(row[list(AUX_BIN_COLUMNS)].to_numpy(dtype=np.int64))
     return out
 
 
-def load_views(path: str, view_size: tuple[int, int], jpeg_reduce: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Decode (at reduced JPEG resolution when views of `view_size` need less than native) and split."""
-    reduce = 1
-    if jpeg_reduce and str(path).lower().endswith((".jpg", ".jpeg")):
-        try:
-            width, height = Image.open(path).size  # header only
-            reduce = jpeg_reduce_factor((height, width), view_size)
-        except (OSError, ValueError):
-            reduce = 1  # let read_image produce the precise error
-    return split_views(read_image(path, reduce=reduce))
+def decode_reduction(path: str, view_size: tuple[int, int], cleaning: Cleaning, jpeg_reduce: bool = True) -> int:
+    """JPEG decode reduction (1, 2, 4, 8) for views of `view_size`: as far as the view and the cleaning allow."""
+    if not jpeg_reduce or not str(path).lower().endswith((".jpg", ".jpeg")):
+        return 1
+    try:
+        width, height = Image.open(path).size  # header only
+    except (OSError, ValueError):
+        return 1  # let read_image produce the precise error
+    return min(jpeg_reduce_factor((cleaning.kept_height(height), width), view_size), cleaning.max_reduce(height))
+
+
+def load_views(
+    path: str, view_size: tuple[int, int], jpeg_reduce: bool = True, cleaning: Cleaning | None = None, image_transform=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one image-reading path of training and inference: decode, clean, (augment), split into the two views.
+
+    The JPEG is decoded at reduced resolution when views of `view_size` need less than native; `cleaning`
+    (stamp inpainting, bottom crop) and the full-image `image_transform` (training-only artifacts) run on the
+    whole image before the split, where the camera put the stamp.
+    """
+    cleaning = cleaning or Cleaning()
+    image = cleaning(read_image(path, reduce=decode_reduction(path, view_size, cleaning, jpeg_reduce)))
+    if image_transform is not None:
+        image = image_transform(image=image)["image"]
+    return split_views(image)
 
 
 def _to_chw(view: np.ndarray) -> torch.Tensor:
@@ -55,6 +77,7 @@ class ViewPairDataset(Dataset):
 
     Returns uint8 CHW views (4x less IPC than float); the model normalizes. With
     on_bad_image='fallback' an unreadable file yields zero views and ok=False instead of raising.
+    `cleaning` and the full-image `image_transform` are passed to `load_views`.
     """
 
     def __init__(
@@ -65,6 +88,8 @@ class ViewPairDataset(Dataset):
         stereo_swap_prob: float = 0.0,
         jpeg_reduce: bool = True,
         on_bad_image: str = "error",
+        cleaning: Cleaning | None = None,
+        image_transform=None,
     ) -> None:
         self.frame = frame.reset_index(drop=True)
         self.labels = [_labels(self.frame, i) for i in range(len(self.frame))]  # pandas once, not per item
@@ -73,6 +98,14 @@ class ViewPairDataset(Dataset):
         self.stereo_swap_prob = stereo_swap_prob
         self.jpeg_reduce = jpeg_reduce
         self.on_bad_image = on_bad_image
+        self.cleaning = cleaning
+        self.image_transform = image_transform
+
+    def set_random_seed(self, seed: int) -> None:
+        """Seed albumentations' own RNGs (the paired view transform and the full-image one)."""
+        for transform in (self.transform, self.image_transform):
+            if transform is not None and hasattr(transform, "set_random_seed"):
+                transform.set_random_seed(seed)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -81,7 +114,7 @@ class ViewPairDataset(Dataset):
         path = self.frame.at[i, "path"]
         ok = True
         try:
-            left, right = load_views(path, self.view_size, self.jpeg_reduce)
+            left, right = load_views(path, self.view_size, self.jpeg_reduce, self.cleaning, self.image_transform)
             out = self.transform(image=left, image2=right)
             left, right = out["image"], out["image2"]
         except BiomassError as err:
@@ -95,21 +128,30 @@ class ViewPairDataset(Dataset):
         return {"left": _to_chw(left), "right": _to_chw(right), "ok": torch.tensor(ok), **self.labels[i]}
 
 
-class MultiSizeViewDataset(Dataset):
-    """Inference: decode each image once and resize its views for every model's view size.
+def input_key(view_size: tuple[int, int], cleaning: Cleaning | None = None) -> str:
+    """Batch key of one model input: view size plus the cleaning it was trained with ('56x112', '56x112|stamps')."""
+    key = f"{view_size[0]}x{view_size[1]}"
+    return f"{key}|{cleaning.key}" if cleaning is not None and cleaning.active else key
 
-    Uses the eval transform of training (same resize), so train/infer preprocessing cannot drift.
+
+class MultiSizeViewDataset(Dataset):
+    """Inference: read each image once for all models and give every model its input: view size x cleaning.
+
+    Each input is made exactly as training's `load_views` makes it (same decode reduction, cleaning and eval
+    resize), so train/infer preprocessing cannot drift; inputs that share a decode reduction share one decode,
+    and each cleaning runs once per decode. `cleanings[i]` belongs to `view_sizes[i]` (default none).
     """
 
-    def __init__(self, frame: pd.DataFrame, view_sizes, jpeg_reduce: bool = True, on_bad_image: str = "error") -> None:
+    def __init__(self, frame: pd.DataFrame, view_sizes, jpeg_reduce: bool = True, on_bad_image: str = "error", cleanings=None) -> None:
         from src.transforms import build_transform
 
         self.frame = frame.reset_index(drop=True)
-        self.view_sizes = sorted({tuple(v) for v in view_sizes})
-        self.transforms = {v: build_transform(v, train=False) for v in self.view_sizes}
-        # per side: the decode reduction must keep every model's height AND width (a (28, 112) view
-        # must not be upscaled because a (56, 56) one sorts higher)
-        self.largest = (max(h for h, _ in self.view_sizes), max(w for _, w in self.view_sizes))
+        view_sizes = [tuple(v) for v in view_sizes]
+        cleanings = list(cleanings) if cleanings is not None else [Cleaning()] * len(view_sizes)
+        if len(cleanings) != len(view_sizes):
+            raise ValueError("one cleaning per view size")
+        self.inputs = sorted({(v, c) for v, c in zip(view_sizes, cleanings)}, key=lambda vc: (vc[0], vc[1].key))
+        self.transforms = {v: build_transform(v, train=False) for v, _ in self.inputs}
         self.jpeg_reduce = jpeg_reduce
         self.on_bad_image = on_bad_image
 
@@ -119,21 +161,27 @@ class MultiSizeViewDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         path = self.frame.at[i, "path"]
         out: dict = {"index": torch.tensor(i), "ok": torch.tensor(True)}
-        try:
-            left, right = load_views(path, self.largest, self.jpeg_reduce)
-        except BiomassError as err:
-            if self.on_bad_image != "fallback":
-                raise
-            warnings.warn(f"{err}; using the fallback prediction for this image", stacklevel=2)
-            out["ok"] = torch.tensor(False)
-            left = right = None
-        for size, transform in self.transforms.items():
-            if left is None:
+        decoded: dict[int, np.ndarray] = {}
+        views: dict[tuple[int, Cleaning], tuple[np.ndarray, np.ndarray]] = {}
+        for size, cleaning in self.inputs:
+            if out["ok"]:
+                try:
+                    reduce = decode_reduction(path, size, cleaning, self.jpeg_reduce)
+                    if reduce not in decoded:
+                        decoded[reduce] = read_image(path, reduce=reduce)
+                except BiomassError as err:
+                    if self.on_bad_image != "fallback":
+                        raise
+                    warnings.warn(f"{err}; using the fallback prediction for this image", stacklevel=2)
+                    out["ok"] = torch.tensor(False)
+            if not out["ok"]:
                 pair = (torch.zeros(3, *size, dtype=torch.uint8),) * 2
             else:
-                res = transform(image=left, image2=right)
+                if (reduce, cleaning) not in views:
+                    views[reduce, cleaning] = split_views(cleaning(decoded[reduce]))
+                res = self.transforms[size](image=views[reduce, cleaning][0], image2=views[reduce, cleaning][1])
                 pair = (_to_chw(res["image"]), _to_chw(res["image2"]))
-            out[f"{size[0]}x{size[1]}"] = torch.stack(pair)
+            out[input_key(size, cleaning)] = torch.stack(pair)
         return out
 
 

@@ -7,6 +7,7 @@ geometric mean and biased low.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from src.config import Config
-from src.dataset import MultiSizeViewDataset, flip_views
+from src.artifacts import Cleaning
+from src.dataset import MultiSizeViewDataset, flip_views, input_key
 from src.errors import BiomassError
 from src.model import build_model
 from src.runtime import autocast, worker_init
@@ -59,6 +61,12 @@ class Predictor:
         self.fold = ckpt.get("fold")
         self.val_metric = ckpt.get("val_metric")
 
+    def with_model(self, model: torch.nn.Module) -> Predictor:
+        """This predictor (config, statistics, TTA) with other weights of the same architecture: test-time fine-tuning."""
+        other = copy.copy(self)
+        other.model = model.to(self.device).eval()
+        return other
+
     @property
     def view_size(self) -> tuple[int, int]:
         return self.model.view_size
@@ -66,6 +74,16 @@ class Predictor:
     @property
     def grid(self) -> tuple[int, int]:
         return self.model.grid
+
+    @property
+    def cleaning(self) -> Cleaning:
+        """The image cleaning the checkpoint was trained with (`--clean-stamps`, `--crop-bottom`)."""
+        return Cleaning.from_config(self.cfg.data)
+
+    @property
+    def input_key(self) -> str:
+        """Which entry of a MultiSizeViewDataset batch this model reads."""
+        return input_key(self.view_size, self.cleaning)
 
     @torch.no_grad()
     def predict_views(self, left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
@@ -170,7 +188,7 @@ def predict_ensemble(
     for p in predictors:
         by_grid[p.grid].append(p)
     weights = grid_weights or {g: 1.0 / len(by_grid) for g in by_grid}
-    dataset = MultiSizeViewDataset(frame, [p.view_size for p in predictors], jpeg_reduce, on_bad_image)
+    dataset = MultiSizeViewDataset(frame, [p.view_size for p in predictors], jpeg_reduce, on_bad_image, [p.cleaning for p in predictors])
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init)
     out = np.zeros((len(frame), n_views, len(TARGETS)))
     ok = np.ones(len(frame), dtype=bool)
@@ -181,7 +199,7 @@ def predict_ensemble(
         acc = np.zeros((len(idx), n_views, len(TARGETS)))
         for grid, members in by_grid.items():
             for p in members:
-                pair = batch[f"{p.view_size[0]}x{p.view_size[1]}"]
+                pair = batch[p.input_key]
                 acc += weights[grid] / len(members) * p.predict_views(pair[:, 0], pair[:, 1])
         out[idx] = acc
     seconds = time.time() - start
@@ -213,8 +231,12 @@ def run_submission(
     amp: bool = False,
     on_bad_image: str = "error",
     num_workers: int = 0,
+    pseudo_label=None,
 ) -> pd.DataFrame:
-    """test.csv -> ensemble -> physics -> guard -> submission.csv (atomic). Returns the submission."""
+    """test.csv -> ensemble -> physics -> (pseudo-label adaptation) -> guard -> submission.csv (atomic).
+
+    `pseudo_label` is an `adapt.PseudoLabelSettings` (None or epochs 0: off). Returns the submission.
+    """
     from src.data import load_sample_submission, load_test, read_csv_checked
     from src.io_utils import check_writable
     from src.postprocess import apply_physics
@@ -238,6 +260,10 @@ def run_submission(
         bad = test_images["image_id"][~pred.ok].tolist()
         print(f"warning: {len(bad)} unreadable image(s) got the training-median prediction: {', '.join(bad)}", flush=True)
         values[~pred.ok] = apply_physics(fallback_values(predictors)[None], physics, upper_bounds(predictors))
+    if pseudo_label is not None and pseudo_label.enabled:
+        from src.adapt import run_pseudo_label
+
+        values = run_pseudo_label(pseudo_label, predictors, test_images, values, pred, data_dir, physics, weights, batch_size, num_workers, tta)
     sub = build_submission(test_images["image_id"], values, test_long, sample)
     guard(sub, test_long, sample, physics=physics == "project")
     write_submission(sub, out)

@@ -165,6 +165,10 @@ class BiomassModel(nn.Module):
             {name: nn.Linear(dim, n) for name, n in AUX_CLASSES.items()} if cfg.use_aux_heads else {}
         )
         self.aux_regression = nn.ModuleDict({name: nn.Linear(dim, 1) for name, w in AUX_REGRESSION.items() if getattr(cfg, w) > 0})
+        # --aux-bins N: one Linear for all five targets' N-way interval classification (training only)
+        if cfg.aux_bins < 0 or cfg.aux_bins == 1:
+            raise BiomassError(f"--aux-bins {cfg.aux_bins}: needs at least 2 bins per target (0 = no bin heads)")
+        self.aux_bin_head = nn.Linear(dim, len(TARGETS) * cfg.aux_bins) if cfg.aux_bins > 0 else None
         # per-target scale of raw-space targets (the training fold's std); saved in the state_dict only in raw space
         self.register_buffer("target_scale", torch.ones(len(TARGETS)), persistent=cfg.target_space == "raw")
         self.backbone_frozen = False
@@ -228,6 +232,8 @@ class BiomassModel(nn.Module):
             out[name] = head(pooled)
         for name, head in self.aux_regression.items():
             out[name] = head(pooled).squeeze(-1)
+        if self.aux_bin_head is not None:
+            out["bins"] = self.aux_bin_head(pooled).view(len(pooled), len(TARGETS), self.cfg.aux_bins)
         return out
 
     # ---- target space and head layout ----------------------------------------------------------------

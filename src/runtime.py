@@ -47,8 +47,11 @@ def worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
+    dataset = torch.utils.data.get_worker_info().dataset
+    if hasattr(dataset, "set_random_seed"):  # ViewPairDataset: its paired and full-image transforms
+        dataset.set_random_seed(seed)
+        return
+    transform = getattr(dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
 

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from src.artifacts import Cleaning, artifact_transform
 from src.config import Config, save_config
 from src.data import load_train
-from src.dataset import AUX_REGRESSION_COLUMNS, FLIP_VARIANTS, FeatureCacheDataset, ViewPairDataset, flip_views
+from src.dataset import AUX_BIN_COLUMNS, AUX_REGRESSION_COLUMNS, FLIP_VARIANTS, FeatureCacheDataset, ViewPairDataset, flip_views
 from src.errors import BiomassError
 from src.folds import check_fold_index, load_folds
 from src.io_utils import make_dir, torch_save_atomic, write_csv_atomic, write_text_atomic
@@ -39,14 +40,22 @@ AUX_WEIGHT_FIELDS = {"state": "aux_state_weight", "month": "aux_month_weight", "
 
 
 # ---- losses and mixup ------------------------------------------------------------------------------
+def _batch_mean(per_image: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the batch, each image's loss times its sample weight (pseudo-labels count W, real labels 1)."""
+    if sample_weight is None:
+        return per_image.mean()
+    return (per_image * sample_weight.to(per_image.device, per_image.dtype)).mean()
+
+
 def target_loss(
     pred: torch.Tensor, target_grams: torch.Tensor, weights, kind: str = "mse", delta: float = 1.0,
-    space: str = "log1p", scale=None, beta: float = 5.0,
+    space: str = "log1p", scale=None, beta: float = 5.0, sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-target weighted loss in the model's target space, normalized by the weight sum.
 
     log1p: MSE or Huber(delta) on log1p grams. raw: SmoothL1 on grams / scale with beta / scale per target,
     which is SmoothL1(beta) in grams divided by the scale (beta stays in grams whatever the target's size).
+    `sample_weight` (B,) scales each image's term (test-time pseudo-labels); None = all 1.
     """
     if space == "raw":
         scale = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32, device=pred.device)
@@ -57,7 +66,7 @@ def target_loss(
         else:
             per = err
         w = torch.as_tensor(weights, dtype=per.dtype, device=per.device)
-        return (per * w).sum(dim=1).mean() / w.sum()
+        return _batch_mean((per * w).sum(dim=1), sample_weight) / w.sum()
     if space != "log1p":
         raise BiomassError(f"unknown --target-space {space!r}; choose log1p or raw")
     pred_log1p = pred
@@ -69,7 +78,7 @@ def target_loss(
     else:
         raise BiomassError(f"unknown --loss {kind!r}; choose mse or huber")
     w = torch.as_tensor(weights, dtype=per.dtype, device=per.device)
-    return (per * w).sum(dim=1).mean() / w.sum()
+    return _batch_mean((per * w).sum(dim=1), sample_weight) / w.sum()
 
 
 def aux_loss(logits: torch.Tensor, labels: torch.Tensor, mix: tuple[float, torch.Tensor] | None) -> torch.Tensor:
@@ -114,6 +123,35 @@ def aux_regression_labels(train_frame: pd.DataFrame, val_frame: pd.DataFrame | N
     return train_frame, val_frame
 
 
+def quantile_bin_edges(grams: np.ndarray, n_bins: int) -> np.ndarray:
+    """(N, 5) training-fold grams -> (5, n_bins - 1) inner edges at the 1/n ... (n-1)/n quantiles of each target."""
+    return np.quantile(np.asarray(grams, dtype=np.float64), np.arange(1, n_bins) / n_bins, axis=0).T
+
+
+def bin_labels(grams: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(N, 5) grams -> (N, 5) interval index in [0, n_bins): bin k holds edges[k-1] < g <= edges[k]; NaN -> -1.
+
+    Closed on the right so the many zero Clover (or Dead) values fall in bin 0; the tied edges they cause
+    leave some bins empty, whose logits are only pushed down.
+    """
+    grams = np.asarray(grams, dtype=np.float64)
+    out = np.stack([np.searchsorted(edges[j], grams[:, j], side="left") for j in range(grams.shape[1])], axis=1)
+    return np.where(np.isfinite(grams), out, -1).astype(np.int64)
+
+
+def aux_bin_labels(train_frame: pd.DataFrame, val_frame: pd.DataFrame | None, n_bins: int) -> tuple[pd.DataFrame, pd.DataFrame | None, np.ndarray]:
+    """Copies of the frames with the `--aux-bins` interval labels (edges from the training fold only), and the edges."""
+    edges = quantile_bin_edges(train_frame[list(TARGETS)].to_numpy(dtype=np.float64), n_bins)
+    frames = []
+    for frame in (train_frame, val_frame):
+        if frame is not None:
+            frame = frame.copy()
+            labels = bin_labels(frame[list(TARGETS)].to_numpy(dtype=np.float64), edges) if all(t in frame for t in TARGETS) else -1
+            frame[list(AUX_BIN_COLUMNS)] = labels
+        frames.append(frame)
+    return frames[0], frames[1], edges
+
+
 def mixup(batch: dict[str, torch.Tensor], lam: float, perm: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mix both views with the same lambda and permutation, and the targets in grams.
 
@@ -125,6 +163,8 @@ def mixup(batch: dict[str, torch.Tensor], lam: float, perm: torch.Tensor) -> dic
         views = batch[key].float() / 255.0 if batch[key].dtype == torch.uint8 else batch[key]
         out[key] = lam * views + (1 - lam) * views[perm]
     out["targets"] = lam * batch["targets"] + (1 - lam) * batch["targets"][perm]
+    if "weight" in batch:  # a mixed image counts as much as its two sources, in proportion
+        out["weight"] = lam * batch["weight"] + (1 - lam) * batch["weight"][perm]
     for key in AUX_REGRESSION_COLUMNS:  # continuous labels mix like the targets
         if key in batch:
             out[key] = lam * batch[key] + (1 - lam) * batch[key][perm]
@@ -151,6 +191,7 @@ class FitResult:
     oof: pd.DataFrame | None
     run_dir: Path | None
     swa_metric: float | None = None  # val score of the --swa-top-k average (None when off)
+    model: BiomassModel | None = None  # the weights validated and saved (the EMA copy under --ema-decay)
 
 
 def target_stats(frame: pd.DataFrame) -> dict[str, list[float]]:
@@ -182,6 +223,18 @@ def _warmup_cosine(total_steps: int, warmup_frac: float):
     return factor
 
 
+def image_dataset(
+    frame: pd.DataFrame, view_size: tuple[int, int], cfg: Config, transform=None, stereo_swap_prob: float = 0.0, train: bool = False
+) -> ViewPairDataset:
+    """Images of a run, read with its cleaning (`--clean-stamps`, `--crop-bottom`); `--aug-artifacts` in training only.
+
+    `transform` defaults to the eval transform (resize only).
+    """
+    transform = transform if transform is not None else build_transform(view_size, train=False)
+    artifacts = artifact_transform(cfg.data.aug_artifacts) if train else None
+    return ViewPairDataset(frame, view_size, transform, stereo_swap_prob, cfg.data.jpeg_reduce, cleaning=Cleaning.from_config(cfg.data), image_transform=artifacts)
+
+
 # ---- feature cache -------------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_feature_cache(
@@ -192,7 +245,7 @@ def compute_feature_cache(
     Flips are applied to the already-decoded views, so each image is read once; all variants of a
     batch go through the backbone in one call.
     """
-    dataset = ViewPairDataset(frame, model.view_size, build_transform(model.view_size, train=False), jpeg_reduce=cfg.data.jpeg_reduce)
+    dataset = image_dataset(frame, model.view_size, cfg)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, worker_init_fn=worker_init)
     model.eval()
     chunks = []
@@ -227,7 +280,7 @@ def _loss(model, batch, cfg: Config, device, cached: bool, mix) -> torch.Tensor:
     tc = cfg.train
     loss = target_loss(
         out["targets"], batch["targets"].to(device), tc.target_weights, tc.loss, tc.huber_delta,
-        net.cfg.target_space, net.target_scale, tc.huber_beta,
+        net.cfg.target_space, net.target_scale, tc.huber_beta, batch.get("weight"),
     )
     for name, weight_field in AUX_WEIGHT_FIELDS.items():
         weight = getattr(cfg.train, weight_field)
@@ -238,6 +291,9 @@ def _loss(model, batch, cfg: Config, device, cached: bool, mix) -> torch.Tensor:
         weight = getattr(net.cfg, weight_field)
         if weight > 0 and name in out and name in batch:
             loss = loss + weight * regression_aux_loss(out[name], batch[name].to(device))
+    if "bins" in out and "bins" in batch:  # (B, 5, N) logits -> CE over N, mean over images x targets
+        bins_mix = None if mix is None else (mix[0], mix[1].to(device))
+        loss = loss + tc.aux_bins_weight * aux_loss(out["bins"].transpose(1, 2), batch["bins"].to(device), bins_mix)
     return loss
 
 
@@ -330,9 +386,9 @@ class Stage:
         else:
             # photometric augmentation only when the backbone sees the pixels (or the cache is off)
             transform = build_transform(view_size, train=True, strength=tc.augment)
-            self.train_set = ViewPairDataset(train_frame, view_size, transform, tc.stereo_swap_prob, cfg.data.jpeg_reduce)
+            self.train_set = image_dataset(train_frame, view_size, cfg, transform, tc.stereo_swap_prob, train=True)
             if val_frame is not None:
-                self.val_set = ViewPairDataset(val_frame, view_size, build_transform(view_size, train=False), 0.0, cfg.data.jpeg_reduce)
+                self.val_set = image_dataset(val_frame, view_size, cfg)
         if val_frame is None:
             self.val_set = None
         self.model = model
@@ -360,8 +416,8 @@ class Stage:
             self.train_set.set_epoch(epoch)
         generator = torch.Generator().manual_seed(tc.seed * 1000 + epoch)
         workers = 0 if self.cached else self.cfg.data.num_workers
-        if workers == 0 and hasattr(self.train_set, "transform"):
-            self.train_set.transform.set_random_seed(tc.seed * 1000 + epoch + info.rank)
+        if workers == 0 and hasattr(self.train_set, "set_random_seed"):
+            self.train_set.set_random_seed(tc.seed * 1000 + epoch + info.rank)
         return DataLoader(
             self.train_set, batch_size=tc.batch_size, sampler=sampler, num_workers=workers, worker_init_fn=worker_init,
             generator=generator, pin_memory=torch.cuda.is_available(), drop_last=False,
@@ -398,7 +454,11 @@ def fit(
     if model is None:
         model = build_model(cfg.model)
         model.init_from_stats(stats)
+    check_options(cfg, model)
     train_frame, val_frame = aux_regression_labels(train_frame, val_frame, model.cfg)
+    if model.cfg.aux_bins > 0:  # edges of the training fold, kept in the checkpoint for the record
+        train_frame, val_frame, edges = aux_bin_labels(train_frame, val_frame, model.cfg.aux_bins)
+        stats["bin_edges"] = edges.tolist()
     model.to(device)
     state = FitState()
     last_path = run_dir / "last.pt" if run_dir is not None else None
@@ -486,7 +546,23 @@ def fit(
         swa_metric, swa_oof = _finish_swa(top_k, evaluated, val_frame, cfg, stats, state, run_dir, device, dist_info, fold)
         if swa_oof is not None:
             oof = swa_oof
-    return FitResult(state.best_metric, state.best_epoch, state.history, oof, run_dir, swa_metric)
+    return FitResult(state.best_metric, state.best_epoch, state.history, oof, run_dir, swa_metric, evaluated)
+
+
+def check_options(cfg: Config, model: BiomassModel) -> None:
+    """Refuse option values that would fail late (at stage 2 or fold end) or silently do nothing, before any work."""
+    tc = cfg.train
+    depth = len(getattr(model.backbone, "blocks", ()))
+    if not 0 <= tc.freeze_blocks <= depth:
+        raise BiomassError(f"--freeze-blocks {tc.freeze_blocks}: {model.cfg.backbone} has {depth} blocks; use 0 to {depth}")
+    if not 0 < tc.layer_decay <= 1:
+        raise BiomassError(f"--layer-decay {tc.layer_decay}: must be in (0, 1], e.g. 0.75; 1 turns it off")
+    if not 0 <= tc.ema_decay < 1:
+        raise BiomassError(f"--ema-decay {tc.ema_decay}: must be in (0, 1), e.g. 0.999; 0 turns EMA off")
+    if tc.swa_top_k < 0 or tc.swa_top_k == 1:
+        raise BiomassError(f"--swa-top-k {tc.swa_top_k}: an average needs K >= 2 epochs; 0 turns it off")
+    if tc.huber_beta < 0:
+        raise BiomassError(f"--huber-beta {tc.huber_beta}: must be >= 0 grams (0 = L1)")
 
 
 # ---- EMA and SWA of the K best epochs -----------------------------------------------------------------------
@@ -528,7 +604,7 @@ def average_state_dicts(states: list[dict]) -> dict:
 
 def _image_val_loader(model: BiomassModel, val_frame: pd.DataFrame, cfg: Config, dist_info: DistInfo) -> DataLoader:
     """Validation images (no cache: any backbone weights), a strided shard per rank."""
-    dataset = ViewPairDataset(val_frame, model.view_size, build_transform(model.view_size, train=False), 0.0, cfg.data.jpeg_reduce)
+    dataset = image_dataset(val_frame, model.view_size, cfg)
     subset = torch.utils.data.Subset(dataset, list(range(dist_info.rank, len(dataset), dist_info.world)))
     return DataLoader(subset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, worker_init_fn=worker_init)
 
@@ -634,7 +710,9 @@ def check_resume(last_path: Path, cfg: Config) -> dict | None:
     if not last_path.is_file():
         return None
     saved = load_checkpoint(last_path)
-    ours, theirs = cfg.to_dict()["model"], (saved.get("config") or {}).get("model") or {}
+    # keys added to ModelConfig after that run was saved count as their defaults (which keep the old model)
+    defaults = Config().to_dict()["model"]
+    ours, theirs = cfg.to_dict()["model"], {**defaults, **((saved.get("config") or {}).get("model") or {})}
     if theirs != ours:
         diff = [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k)]
         raise BiomassError(
@@ -672,6 +750,23 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     make_dir(run_dir)
 
 
+def drop_training_ids(train_frame: pd.DataFrame, val_frame: pd.DataFrame, path: str | None, known_ids) -> tuple[pd.DataFrame, str]:
+    """`--drop-ids FILE`: the listed images leave the training set; validation keeps and scores them (said in the note)."""
+    if not path:
+        return train_frame, ""
+    from src.data import load_id_list
+
+    drop = set(load_id_list(path, known_ids))
+    kept = train_frame[~train_frame["image_id"].isin(drop)].reset_index(drop=True)
+    in_val = int(val_frame["image_id"].isin(drop).sum())
+    note = f"--drop-ids {path}: {len(train_frame) - len(kept)} of {len(train_frame)} training images left out"
+    if in_val:
+        note += f"; {in_val} listed image(s) are in this fold's validation set and are still scored"
+    if kept.empty:
+        raise BiomassError(f"--drop-ids {path}: drops every training image of this fold; list fewer ids")
+    return kept, note
+
+
 def train_fold(cfg: Config, fold: int, resume: bool = False, overwrite: bool = False, command: str = "") -> FitResult:
     """Train one fold end to end: validate inputs, train, write the fold directory."""
     dist_info, device = init_distributed(cfg.train.device)
@@ -681,12 +776,14 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, overwrite: bool = F
     wide = wide.merge(folds, on="image_id")
     train_frame = wide[wide["fold"] != fold].reset_index(drop=True)
     val_frame = wide[wide["fold"] == fold].reset_index(drop=True)
+    train_frame, drop_note = drop_training_ids(train_frame, val_frame, cfg.data.drop_ids, wide["image_id"])
     run_dir = run_dir_for(cfg, fold)
     # Build the model (loading --backbone-weights) and check --resume before the run directory is touched:
     # a bad weights file or a mismatched last.pt leaves nothing behind. Same seed as fit's own build.
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
     model.init_from_stats(target_stats(train_frame))
+    check_options(cfg, model)
     if resume:
         check_resume(run_dir / "last.pt", cfg)
     if dist_info.is_main:
@@ -696,6 +793,8 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, overwrite: bool = F
         if command:
             write_text_atomic(run_dir / "command.txt", command + "\n")
         print(f"fold {fold}: {len(train_frame)} train / {len(val_frame)} val images -> {run_dir}", flush=True)
+        if drop_note:
+            print(drop_note, flush=True)
     barrier(dist_info)
     result = fit(cfg, train_frame, val_frame, run_dir, device, dist_info, resume=resume, model=model, fold=fold)
     if dist_info.is_main:

@@ -15,7 +15,7 @@ import torch
 
 from bench import common
 
-BENCHES = ("frozen_cache", "tta", "backbone_flops", "data_pipeline", "infer_e2e", "scaling")
+BENCHES = ("frozen_cache", "tta", "backbone_flops", "data_pipeline", "infer_e2e", "scaling", "amp", "sweep")
 
 
 @pytest.fixture(scope="module", autouse=True)

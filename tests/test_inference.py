@@ -20,6 +20,7 @@ from conftest import REPO, run_script
 
 import src.dataset
 import src.inference
+from src.artifacts import Cleaning
 from src.data import load_sample_submission, load_test, load_train
 from src.dataset import MultiSizeViewDataset, flip_views
 from src.errors import BiomassError, run_cli
@@ -441,7 +442,23 @@ def test_oof_report_matches_hand_recomputation(trained_exp, synthetic_dir, folds
     assert (ens["fold"].to_numpy() == held_out["fold"].to_numpy()).all()
 
 
-def test_multi_size_dataset_decodes_for_the_largest_side_of_every_view_size():
-    """One decode serves every model: the decode size is the per-side maximum, never a smaller sorted 'max'."""
-    ds = MultiSizeViewDataset(pd.DataFrame({"path": []}), [(56, 56), (28, 112)])
-    assert ds.largest == (56, 112)
+def test_multi_size_dataset_gives_every_model_exactly_its_training_views(synthetic_dir):
+    """One read serves every model, yet each input equals training's ViewPairDataset views bit for bit.
+
+    (28, 112) needs a finer decode than (56, 56) on a 400x200 image: sharing one reduced decode would
+    upscale one of them; each input gets the reduction training used, and inputs with the same one share it.
+    """
+    from src.data import load_train
+    from src.dataset import ViewPairDataset, decode_reduction, input_key
+    from src.transforms import build_transform
+
+    frame = load_train(synthetic_dir).head(2)
+    sizes = [(56, 56), (28, 112), (28, 28)]
+    factors = [decode_reduction(frame.at[0, "path"], v, Cleaning()) for v in sizes]
+    assert factors[0] != factors[1]  # the test really mixes decode reductions
+    ds = MultiSizeViewDataset(frame, sizes)
+    item = ds[1]
+    for size in sizes:
+        train_views = ViewPairDataset(frame, size, build_transform(size, train=False))[1]
+        assert torch.equal(item[input_key(size)][0], train_views["left"])
+        assert torch.equal(item[input_key(size)][1], train_views["right"])

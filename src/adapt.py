@@ -1,0 +1,204 @@
+"""Test-time adaptation: pseudo-label fine-tuning inside `infer.py` (and so inside the offline kernel).
+
+    python infer.py ... --pseudo-label-epochs N [--pseudo-label-weight W] [--pseudo-label-blend B]
+                        [--pseudo-label-fold best|K] [--time-budget MIN]
+
+After the ensemble has predicted the test images, one checkpoint per grid (the fold with the best
+validation score, or fold K) is fine-tuned for N epochs on the training images plus the test images
+labelled with the ensemble's post-processed predictions (each weighing W in the loss), by the same
+`training.fit` that train.py runs; it then predicts the test images again, and the submission is
+B * adapted + (1 - B) * ensemble (8th place used B = 0.8). The fine-tuned weights stay in memory: nothing
+is written next to the checkpoints or into the data directory (Kaggle's /kaggle/input is read-only).
+
+The fine-tune is skipped, with a warning, when its estimated time exceeds `--time-budget` minutes: the
+plain ensemble is then submitted. The estimate comes from the ensemble pass just measured (seconds per
+image per model forward) times the fine-tune's image passes (forward + backward counted as 3 forwards).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from src.errors import BiomassError
+from src.schema import TARGETS
+
+AUX_INDEX_COLUMNS = ("state_idx", "month_idx", "species_idx")
+BACKWARD_FACTOR = 3.0  # a training step costs about a forward and two for the backward pass
+
+
+@dataclass
+class PseudoLabelSettings:
+    """The --pseudo-label-* flags of infer.py (epochs 0 = off)."""
+
+    epochs: int = 0
+    weight: float = 1.0
+    blend: float = 0.8
+    fold: str = "best"
+    time_budget_min: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise BiomassError(f"--pseudo-label-epochs {self.epochs}: must be >= 0 (0 = off)")
+        if self.weight < 0:
+            raise BiomassError(f"--pseudo-label-weight {self.weight}: must be >= 0 (1 = a test image counts like a training image)")
+        if not 0.0 <= self.blend <= 1.0:
+            raise BiomassError(f"--pseudo-label-blend {self.blend}: must be in [0, 1] (the adapted model's share)")
+        if self.fold != "best" and not str(self.fold).isdigit():
+            raise BiomassError(f"--pseudo-label-fold {self.fold!r}: 'best' or a fold number")
+        if self.time_budget_min is not None and self.time_budget_min <= 0:
+            raise BiomassError(f"--time-budget {self.time_budget_min}: must be > 0 minutes")
+
+    @property
+    def enabled(self) -> bool:
+        return self.epochs > 0
+
+
+def pick_predictors(predictors: list, fold: str = "best") -> list:
+    """One predictor per grid: the fold with the best recorded validation score, or the given fold."""
+    by_grid: dict[tuple[int, int], list] = {}
+    for p in predictors:
+        by_grid.setdefault(p.grid, []).append(p)
+    chosen = []
+    for grid, members in sorted(by_grid.items()):
+        if fold == "best":
+            chosen.append(max(members, key=lambda p: -np.inf if p.val_metric is None else float(p.val_metric)))
+            continue
+        hits = [p for p in members if p.fold is not None and int(p.fold) == int(fold)]
+        if not hits:
+            have = sorted(int(p.fold) for p in members if p.fold is not None)
+            raise BiomassError(f"--pseudo-label-fold {fold}: grid {grid[0]}x{grid[1]} has no checkpoint of that fold (folds {have})")
+        chosen.append(hits[0])
+    return chosen
+
+
+def estimate_seconds(ensemble_seconds: float, n_models: int, n_flips: int, n_test: int, n_train: int, epochs: int, n_chosen: int) -> float:
+    """Fine-tune + re-predict time, from the measured ensemble pass (seconds per image per model per flip view)."""
+    per_forward = ensemble_seconds / max(1, n_test * n_models * n_flips)
+    train = epochs * (n_train + n_test) * BACKWARD_FACTOR * per_forward
+    predict = n_test * n_flips * per_forward
+    return n_chosen * (train + predict)
+
+
+def pseudo_label_frame(test_images: pd.DataFrame, values: np.ndarray, ok: np.ndarray, weight: float) -> pd.DataFrame:
+    """Readable test images with the ensemble's predictions as targets, weight W, and unknown aux labels (-1)."""
+    frame = test_images.loc[ok, ["image_id", "path"]].reset_index(drop=True)
+    for j, name in enumerate(TARGETS):
+        frame[name] = np.asarray(values, dtype=np.float64)[ok, j]
+    for column in AUX_INDEX_COLUMNS:
+        frame[column] = -1
+    frame["sample_weight"] = float(weight)
+    return frame
+
+
+def training_frame(data_dir: str | Path, cfg) -> pd.DataFrame:
+    """Every training image (all folds) with weight 1, less the run's --drop-ids when that file is here."""
+    from src.data import load_id_list, load_train
+
+    wide = load_train(data_dir, check_images=True)
+    drop_path = cfg.data.drop_ids
+    if drop_path and Path(drop_path).is_file():
+        wide = wide[~wide["image_id"].isin(set(load_id_list(drop_path, wide["image_id"])))]
+    elif drop_path:
+        print(f"warning: the run was trained with --drop-ids {drop_path}, which is not here: fine-tuning on every training image", flush=True)
+    return wide.assign(sample_weight=1.0).reset_index(drop=True)
+
+
+def finetune(predictor, train: pd.DataFrame, pseudo: pd.DataFrame, epochs: int, device: torch.device, amp: bool, num_workers: int, show: bool = True):
+    """A copy of `predictor` whose model was trained `epochs` more epochs on train + pseudo-labelled test images.
+
+    All epochs run with the backbone unfrozen (stage 2 of the run's own config: its lrs, augmentation,
+    mixup, EMA); no validation, no SWA, nothing saved.
+    """
+    from src.training import fit
+
+    cfg = copy.deepcopy(predictor.cfg)
+    cfg.train.epochs, cfg.train.freeze_epochs, cfg.train.swa_top_k, cfg.train.patience = epochs, 0, 0, 0
+    cfg.train.amp, cfg.data.num_workers = amp, num_workers
+    model = copy.deepcopy(predictor.model)
+    frame = pd.concat([train, pseudo], ignore_index=True)
+    if show:
+        grid = f"{predictor.grid[0]}x{predictor.grid[1]}"
+        print(f"pseudo-label fine-tune of {predictor.path} (grid {grid}): {len(train)} train + {len(pseudo)} test images, {epochs} epoch(s)", flush=True)
+    result = fit(cfg, frame, None, None, device, model=model)
+    return predictor.with_model(result.model)
+
+
+def blend(plain: np.ndarray, adapted: np.ndarray, share: float) -> np.ndarray:
+    """share * adapted + (1 - share) * plain: a convex mix, so physics-consistent inputs stay consistent."""
+    return share * np.asarray(adapted, dtype=np.float64) + (1.0 - share) * np.asarray(plain, dtype=np.float64)
+
+
+def score_against_truth(data_dir: str | Path, image_ids, named: dict[str, np.ndarray]) -> str | None:
+    """Synthetic data only: weighted R2 of each prediction on `test_labels.csv`, when that file is there."""
+    from src.metric import score
+
+    path = Path(data_dir) / "test_labels.csv"
+    if not path.is_file():
+        return None
+    labels = pd.read_csv(path, dtype={"sample_id": str})
+    truth = labels.assign(image_id=labels["sample_id"].str.split("__").str[0]).pivot(index="image_id", columns="target_name", values="target")
+    truth = truth.loc[list(image_ids), list(TARGETS)].to_numpy(dtype=np.float64)
+    return ", ".join(f"{name} {score(truth, pred)['weighted_r2']:.4f}" for name, pred in named.items())
+
+
+def run_pseudo_label(
+    settings: PseudoLabelSettings,
+    predictors: list,
+    test_images: pd.DataFrame,
+    values: np.ndarray,
+    ensemble,
+    data_dir: str | Path,
+    physics: str,
+    grid_weights: dict,
+    batch_size: int,
+    num_workers: int,
+    tta: str,
+) -> np.ndarray:
+    """The submission values after pseudo-label adaptation (or `values` unchanged when skipped)."""
+    from src.inference import TTA_MODES, predict_ensemble, upper_bounds
+    from src.postprocess import apply_physics
+
+    ok = ensemble.ok
+    chosen = pick_predictors(predictors, settings.fold)
+    train = training_frame(data_dir, chosen[0].cfg)
+    n_flips = min(TTA_MODES[tta], 3)
+    estimate = estimate_seconds(ensemble.seconds, len(predictors), n_flips, len(test_images), len(train), settings.epochs, len(chosen))
+    if settings.time_budget_min is not None and estimate > 60 * settings.time_budget_min:
+        print(
+            f"warning: pseudo-label fine-tune skipped: estimated {estimate / 60:.1f} min > --time-budget {settings.time_budget_min:g} min; "
+            "submitting the plain ensemble",
+            flush=True,
+        )
+        return values
+    if not ok.any():
+        print("warning: pseudo-label fine-tune skipped: no readable test image", flush=True)
+        return values
+    start = time.time()
+    pseudo = pseudo_label_frame(test_images, values, ok, settings.weight)
+    device = chosen[0].device
+    adapted = [finetune(p, train, pseudo, settings.epochs, device, p.amp, num_workers) for p in chosen]
+    used = {p.grid for p in adapted}
+    weights = {g: w for g, w in grid_weights.items() if g in used}
+    total = sum(weights.values())
+    weights = {g: w / total for g, w in weights.items()} if total > 0 else None
+    readable = test_images[ok].reset_index(drop=True)
+    again = predict_ensemble(adapted, readable, batch_size, weights, num_workers=num_workers, show=False)
+    adapted_values = apply_physics(again.mean(tta), physics, upper_bounds(predictors))
+    out = np.array(values, dtype=np.float64, copy=True)
+    out[ok] = blend(values[ok], adapted_values, settings.blend)
+    print(
+        f"pseudo-label adaptation: {len(adapted)} model(s), {settings.epochs} epoch(s), blend {settings.blend:g} adapted + "
+        f"{1 - settings.blend:g} ensemble, {time.time() - start:.1f}s (estimated {estimate:.1f}s)",
+        flush=True,
+    )
+    truth = score_against_truth(data_dir, readable["image_id"], {"plain": values[ok], "adapted": adapted_values, "blend": out[ok]})
+    if truth:
+        print(f"test_labels.csv (synthetic truth) weighted R2: {truth}", flush=True)
+    return out
