@@ -146,12 +146,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fns[infer_label] = multi_size_fn(frame, infer_views)
     meta[infer_label] = ("inference (MultiSizeViewDataset)", "eval, both grids", big, jpeg_reduce_factor((size[1], size[0]), big))
     fns.update(decode_fns(frame))
-    loader_times = common.interleaved(fns, repeats)
+    # one torch thread while the worker's work is timed: PyTorch sets 1 thread in every DataLoader worker
+    # process, and the small per-item torch ops (stack, float, tile reshape) stall badly with 2 OpenMP
+    # threads on a 2-core box that other jobs share (measured 32-55 ms vs 9-13 ms per tiny item at load ~4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader_times = common.interleaved(fns, repeats)
+    finally:
+        torch.set_num_threads(threads)
 
     tiny_batch = common.make_config(tiny_kind).train.batch_size
     tiny_model, model_fns = tiny_model_fns(tiny_kind, tiny_batch)
     model_times = common.interleaved(model_fns, repeats if args.quick else max(repeats, 3))
-    threads = torch.get_num_threads()
     if threads > 1 and not args.quick:
         # one thread is immune to OpenMP spin-waiting when other jobs share the cores: the model's rate
         # on a quiet machine is at least this
@@ -224,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cpu_train = enc_img_s["bf16 autocast"] / 3
     lines_v = [
         common.bar_line(
-            f"tiny preset training (num_workers 0: loading is serial with the step): {1e3 * tiny_load:.1f} ms to load a "
+            f"tiny preset training (num_workers 0: loading is serial with the step; at 1 torch thread, as above): "
+            f"{1e3 * tiny_load:.1f} ms to load a "
             f"{size[0]}x{size[1]} image (train transform) vs {1e3 * step_s:.1f} ms of training step per image -> the loader is "
             f"{tiny_share:.0%} of the time ({'the loader IS the bottleneck' if tiny_share > 0.5 else 'the model is the bottleneck'})",
             tiny_share <= 0.5,
@@ -253,7 +261,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ]
     lines = [
         f"Synthetic {size[0]}x{size[1]} JPEGs (quality 90), {n} images per pass, round-robin repeats in one process "
-        "(pass time: median (min-max, n)); 'full decode' = `jpeg_reduce=False`, 'reduced decode' = the factor "
+        "(pass time: median (min-max, n)), timed with 1 torch thread as in a DataLoader worker (cv2 threads left at "
+        "their default); 'full decode' = `jpeg_reduce=False`, 'reduced decode' = the factor "
         "`jpeg_reduce_factor` picks (largest that keeps each view >= the model's view size). Views of 1008 / 1036 px need "
         "the full 1000 px of a view, so base-size items cannot use a reduced decode; 'train' = `build_transform(train=True)` "
         "(augment default: flips, affine, crop, colour, noise, blur, dropout), reduced decode where it applies.",
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         common.table(model_rows),
         "",
         *[f"- {v}" for v in lines_v],
-        "- A worker here is one process on this 2-core EPYC; on Kaggle (2-4 slower vCPUs beside the GPU) a worker is "
+        "- A worker here is one process on this 2-core machine; on Kaggle (2-4 slower vCPUs beside the GPU) a worker is "
         "slower, which the margins above have to absorb. On this CPU the workers share the 2 cores with the model, so "
         "CPU training is model-bound whatever num_workers is.",
         "- GPU: not measured (no GPU lent to this session); T4 rows are FLOP-count estimates with the share of peak "

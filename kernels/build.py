@@ -2,7 +2,7 @@
 
 Writes the three Kaggle uploads of a submission (kernels/push.py sends them):
   weights/  every best.pt of the ensemble as <exp>/grid*/fold*/best.pt + MANIFEST.json  -> dataset USER/SLUG-weights
-  code/     the src/ package and infer.py + MANIFEST.json                              -> dataset USER/SLUG-code
+  code/     the src/ package and infer.py (+ wheels/timm-*.whl with --bundle-timm)    -> dataset USER/SLUG-code
   kernel/   kernel.py (from kernels/kernel_template.py) + kernel-metadata.json         -> kernel USER/SLUG
 The build happens in a temp folder beside --out and replaces --out only when complete.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,9 @@ if __package__ in (None, ""):  # run as `python kernels/build.py`: `src` and `ke
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.push import OWNER_RE, SLUG_RE, validate_build  # noqa: E402
+from kernels.wheel import pack_installed  # noqa: E402
+from src.adapt import PseudoLabelSettings  # noqa: E402
+from src.artifacts import Cleaning  # noqa: E402
 from src.download import COMPETITION, kaggle_username  # noqa: E402
 from src.errors import BiomassError, run_cli  # noqa: E402
 from src.inference import TTA_MODES, find_checkpoints  # noqa: E402
@@ -37,6 +41,19 @@ TEMPLATE_MARKER = "BUILD: dict = {}"
 DEFAULT_SLUG = "image2biomass"
 CODE_FILES = ("infer.py", "src")
 SKIP_NAMES = ("__pycache__", ".pytest_cache", ".ruff_cache")
+# The oldest timm that has each backbone family (DINOv3 arrived in timm 1.0.20); the kernel checks Kaggle's.
+TIMM_MIN = {"dinov3": "1.0.20", "dinov2": "0.9.0"}
+DEFAULT_TIMM_MIN = "0.9.0"
+
+
+@dataclasses.dataclass
+class KernelOptions:
+    """What the kernel runs: infer.py's --tta/--physics and test-time adaptation, and whether timm travels along."""
+
+    tta: str = "full"
+    physics: str = "project"
+    pseudo_label: PseudoLabelSettings = dataclasses.field(default_factory=PseudoLabelSettings)
+    bundle_timm: bool = False
 
 
 # ---- names -------------------------------------------------------------------------------------------------------
@@ -110,10 +127,21 @@ def collect_checkpoints(dirs: list[str]) -> dict[str, tuple[Path, list[tuple[Pat
 
 
 def describe_checkpoint(path: Path) -> dict:
-    """Grid, fold and validation score of a best.pt (loading it also proves it is one of ours)."""
+    """Grid, fold, validation score, backbone and cleaning of a best.pt (loading it also proves it is one of ours)."""
     ckpt = load_checkpoint(path)
     grid = ckpt.get("grid") or ckpt["config"]["model"]["grid"]
-    return {"grid": f"{grid[0]}x{grid[1]}", "fold": ckpt.get("fold"), "val_metric": ckpt.get("val_metric")}
+    data = ckpt["config"].get("data", {})
+    return {
+        "grid": f"{grid[0]}x{grid[1]}", "fold": ckpt.get("fold"), "val_metric": ckpt.get("val_metric"),
+        "backbone": ckpt["config"]["model"]["backbone"],
+        "clean_stamps": bool(data.get("clean_stamps", False)), "crop_bottom": float(data.get("crop_bottom", 0.0)),
+    }  # fmt: skip
+
+
+def timm_min_version(backbones: list[str]) -> str:
+    """The oldest timm that builds every backbone of the ensemble."""
+    needs = [v for b in backbones for family, v in TIMM_MIN.items() if family in b] or [DEFAULT_TIMM_MIN]
+    return max(needs, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
 def oof_summary(exp_dir: Path, tta: str, physics: str) -> str | None:
@@ -149,7 +177,7 @@ def render_kernel(build: dict) -> str:
 
 
 def build_into(
-    root: Path, experiments: dict[str, tuple[Path, list[tuple[Path, str]]]], owner: str, slug: str, tta: str, physics: str, backbone_weights: Path | None
+    root: Path, experiments: dict[str, tuple[Path, list[tuple[Path, str]]]], owner: str, slug: str, options: KernelOptions, backbone_weights: Path | None
 ) -> dict:
     """Write weights/, code/, kernel/ and build.json under `root`; return build.json's content."""
     weights, code, kernel = root / "weights", root / "code", root / "kernel"
@@ -173,6 +201,7 @@ def build_into(
         dst = code / src.relative_to(REPO)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
+    timm_wheel = pack_installed("timm", code / "wheels").relative_to(code).as_posix() if options.bundle_timm else None
     code_id = write_manifest(code, "code")
     write_json(code / "dataset-metadata.json", {"title": f"{title} code", "id": ids["code"], "licenses": [{"name": "CC0-1.0"}]})
 
@@ -184,8 +213,11 @@ def build_into(
         "weights_dataset": ids["weights"],
         "weights_id": weights_id,
         "experiments": list(experiments),
-        "tta": tta,
-        "physics": physics,
+        "tta": options.tta,
+        "physics": options.physics,
+        "pseudo_label": dataclasses.asdict(options.pseudo_label),
+        "timm": {"min_version": timm_min_version([d["backbone"] for d in described]), "wheel": timm_wheel},
+        "cleaning": sorted({Cleaning(d["clean_stamps"], d["crop_bottom"]).key or "none" for d in described}),
     }
     kernel.mkdir(parents=True)
     (kernel / "kernel.py").write_text(render_kernel(kernel_build))
@@ -223,12 +255,12 @@ def build(
     out: str | os.PathLike,
     owner: str | None = None,
     slug: str = DEFAULT_SLUG,
-    tta: str = "full",
-    physics: str = "project",
+    options: KernelOptions | None = None,
     backbone_weights: str | os.PathLike | None = None,
 ) -> dict:
     """Build the three uploads into `out` (replaced only when the new build is complete and valid)."""
     out = Path(out)
+    options = options or KernelOptions()
     owner, slug = resolve_owner(owner), check_slug(slug)
     experiments = collect_checkpoints(checkpoints)
     if out.exists() and not (out / "build.json").is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -236,7 +268,7 @@ def build(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        info = build_into(tmp, experiments, owner, slug, tta, physics, Path(backbone_weights) if backbone_weights else None)
+        info = build_into(tmp, experiments, owner, slug, options, Path(backbone_weights) if backbone_weights else None)
         validate_build(tmp)  # the build and push agree on what a valid upload is
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -249,7 +281,7 @@ def build(
         if tmp.exists():
             shutil.rmtree(tmp)
     for name, (exp_dir, items) in experiments.items():
-        summary = oof_summary(exp_dir, tta, physics)
+        summary = oof_summary(exp_dir, options.tta, options.physics)
         print(f"{name}: {len(items)} checkpoint(s)" + (f"; {summary}" if summary else ""))
     print(f"wrote {out}/{{weights,code,kernel}}: kernel {info['kernel']}, datasets {info['weights_dataset']} and {info['code_dataset']}")
     print(f"next: python kernels/push.py {out} --dry-run")
@@ -265,8 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", default="full", choices=list(TTA_MODES), help="infer.py --tta inside the kernel")
     parser.add_argument("--physics", default="project", choices=list(PHYSICS_MODES), help="infer.py --physics inside the kernel")
     parser.add_argument("--out", default="build/kaggle", help="output folder (replaced whole)")
+    adapt = parser.add_argument_group("test-time adaptation inside the kernel (infer.py --pseudo-label-*, src/adapt.py)")
+    adapt.add_argument("--pseudo-label-epochs", type=int, default=0, help="fine-tune epochs per grid on train + pseudo-labelled test (0 = off)")
+    adapt.add_argument("--pseudo-label-weight", type=float, default=1.0, help="loss weight of a pseudo-labelled test image")
+    adapt.add_argument("--pseudo-label-blend", type=float, default=0.8, help="submission = B * adapted + (1 - B) * ensemble")
+    adapt.add_argument("--pseudo-label-fold", default="best", help="fold fine-tuned per grid: best or K")
+    adapt.add_argument("--time-budget", type=float, default=240.0, help="minutes the kernel's fine-tune may take (Kaggle stops at 540)")
+    parser.add_argument("--bundle-timm", action="store_true", help="ship this machine's timm as a wheel; the kernel installs it offline if Kaggle's is older")
     args = parser.parse_args(argv)
-    build(args.checkpoints, args.out, args.owner, args.slug, args.tta, args.physics, args.backbone_weights)
+    pseudo = PseudoLabelSettings(args.pseudo_label_epochs, args.pseudo_label_weight, args.pseudo_label_blend, args.pseudo_label_fold, args.time_budget)
+    build(args.checkpoints, args.out, args.owner, args.slug, KernelOptions(args.tta, args.physics, pseudo, args.bundle_timm), args.backbone_weights)
     return 0
 
 

@@ -10,12 +10,19 @@ Paths (each overridable by an environment variable, which is how the tests run i
   I2B_WEIGHTS_DIR  weights dataset   default /kaggle/input/<slug>-weights
   I2B_DATA_DIR     competition data  default /kaggle/input/csiro-biomass
   I2B_OUT_DIR      output folder     default /kaggle/working
+  I2B_FORCE_TIMM_WHEEL=1             install the bundled timm wheel even if the image's timm is new enough
+
+If the build bundled a timm wheel (kernels/build.py --bundle-timm) and Kaggle's timm is older than the
+backbones need, the wheel is installed offline (`pip install --no-index --no-deps --target`) before any import.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -93,8 +100,43 @@ def locate_dataset(mount: Path, kind: str, content_id: str) -> Path:
     return root
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def ensure_timm(code: Path) -> str:
+    """Make a timm new enough for the backbones importable (before anything imports it); says what it did.
+
+    The image's own timm when it is new enough; else the wheel the build bundled, installed offline into a
+    temp folder put first on sys.path; else an error naming the fix.
+    """
+    need, wheel = BUILD["timm"]["min_version"], BUILD["timm"].get("wheel")
+    try:
+        have = importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        have = None
+    force = os.environ.get("I2B_FORCE_TIMM_WHEEL") == "1"
+    if have is not None and _version(have) >= _version(need) and not (force and wheel):
+        return f"timm {have} (>= {need} needed)"
+    if not wheel:
+        raise KernelError(f"timm {have or 'missing'} here, the backbones need >= {need}; rebuild with kernels/build.py --bundle-timm")
+    target = Path(tempfile.mkdtemp(prefix="i2b-timm-"))
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "-q", "--target", str(target), str(code / wheel)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KernelError(f"installing the bundled {wheel} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    sys.path.insert(0, str(target))
+    return f"timm from the bundled {Path(wheel).name} into {target} (the image had {have or 'none'}, >= {need} needed)"
+
+
 def infer_argv(data: Path, weights: Path, out_dir: Path) -> list[str]:
     """infer.py's command line: the built ensemble, the chosen TTA/physics, unreadable images -> counted fallback."""
+    pseudo = BUILD["pseudo_label"]
+    adapt = [
+        "--pseudo-label-epochs", str(pseudo["epochs"]), "--pseudo-label-weight", str(pseudo["weight"]),
+        "--pseudo-label-blend", str(pseudo["blend"]), "--pseudo-label-fold", str(pseudo["fold"]),
+        "--time-budget", str(pseudo["time_budget_min"]),
+    ] if pseudo["epochs"] > 0 else []  # fmt: skip
     return [
         "--data-dir", str(data),
         "--checkpoints", *[str(weights / exp) for exp in BUILD["experiments"]],
@@ -103,6 +145,7 @@ def infer_argv(data: Path, weights: Path, out_dir: Path) -> list[str]:
         "--physics", BUILD["physics"],
         "--on-bad-image", "fallback",
         "--device", "auto",
+        *adapt,
     ]  # fmt: skip
 
 
@@ -117,6 +160,7 @@ def main() -> int:
         code = locate_dataset(locate_input("I2B_CODE_DIR", BUILD["code_dataset"].split("/")[1]), "code", BUILD["code_id"])
         weights = locate_dataset(locate_input("I2B_WEIGHTS_DIR", BUILD["weights_dataset"].split("/")[1]), "weights", BUILD["weights_id"])
         data = locate_input("I2B_DATA_DIR", BUILD["competition"])
+        timm_note = ensure_timm(code)
     except KernelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -136,6 +180,7 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}, GPU {gpu}")
     print(f"code {code} ({BUILD['code_id'][:12]}), weights {weights} ({BUILD['weights_id'][:12]}), data {data}")
+    print(f"{timm_note}; timm imported from {Path(timm.__file__).parent}; image cleaning of the checkpoints: {', '.join(BUILD['cleaning'])}")
     argv = infer_argv(data, weights, out_dir)
     print("infer.py " + " ".join(argv), flush=True)
     return run_cli(infer.main, argv)

@@ -70,3 +70,33 @@ def trained_exp(synthetic_dir: Path, folds_csv: Path, tmp_path_factory) -> Path:
                 "--out-dir", str(out), "--exp", "tiny", *TINY_FLAGS,
             )
     return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def stamp_dir(tmp_path_factory) -> Path:
+    """800x400 synthetic images (the stamp detector needs >= 250 px of height); test images under harsh/dim light."""
+    from src.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("stamps"), 30, 12, seed=1, size=(800, 400), shift="lighting")
+
+
+@pytest.fixture(scope="session")
+def clean_exp(stamp_dir: Path, tmp_path_factory) -> tuple[Path, str]:
+    """One fold of the tiny preset trained by train.py with --clean-stamps --crop-bottom 0.05 --drop-ids.
+
+    The drop file lists two training images and one validation image of fold 0. Returns (experiment dir, stdout).
+    """
+    from src.data import load_train
+    from src.folds import make_folds, save_folds
+
+    root = tmp_path_factory.mktemp("clean")
+    folds = make_folds(load_train(stamp_dir), "group_month", n_folds=3, seed=0)
+    save_folds(folds, root / "folds.csv")
+    train_ids = folds.loc[folds["fold"] != 0, "image_id"].tolist()
+    val_ids = folds.loc[folds["fold"] == 0, "image_id"].tolist()
+    (root / "drop.txt").write_text(f"{train_ids[0]}\n{train_ids[1]}\n{val_ids[0]}\n")
+    proc = run_script(
+        "train.py", "--fold", "0", "--data-dir", str(stamp_dir), "--folds", str(root / "folds.csv"), "--out-dir", str(root / "ck"),
+        "--exp", "clean", *TINY_FLAGS, "--clean-stamps", "--crop-bottom", "0.05", "--drop-ids", str(root / "drop.txt"),
+    )  # fmt: skip
+    return root / "ck" / "clean", proc.stdout

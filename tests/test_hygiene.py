@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_FLAGS, run_script
+from conftest import run_script
 
 from src import audit
 from src.artifacts import (
@@ -28,16 +28,14 @@ from src.config import Config
 from src.data import load_id_list, load_train
 from src.dataset import MultiSizeViewDataset, ViewPairDataset, input_key, load_views
 from src.errors import BiomassError, run_cli
-from src.synthetic import _stamp, generate
+from src.synthetic import _stamp
 from src.training import drop_training_ids, image_dataset
 from src.transforms import build_transform
 
 
 @pytest.fixture(scope="module")
-def stamp_data(tmp_path_factory) -> Path:
-    """800x400 synthetic images (the detector needs >= 250 px of height), test images under harsh/dim light."""
-    out = tmp_path_factory.mktemp("stamps")
-    return generate(out, 30, 12, seed=1, size=(800, 400), shift="lighting")
+def stamp_data(stamp_dir: Path) -> Path:
+    return stamp_dir
 
 
 def _orange_share(image: np.ndarray) -> float:
@@ -192,30 +190,24 @@ def test_drop_training_ids_keeps_validation_whole(tmp_path: Path):
         drop_training_ids(train, val, str(path), ["a", "b", "c"])
 
 
-def test_train_py_with_drop_ids_and_clean_stamps(stamp_data: Path, tmp_path: Path):
+def test_train_py_with_drop_ids_and_clean_stamps(clean_exp: tuple[Path, str], stamp_dir: Path, tmp_path: Path):
     """End to end: dropped images are not trained on but are scored; the cleaning is saved and used by infer.py."""
-    from src.folds import make_folds, save_folds
+    from src.folds import load_folds
     from src.inference import Predictor
 
-    wide = load_train(stamp_data)
-    folds = make_folds(wide, "group_month", n_folds=3, seed=0)
-    save_folds(folds, tmp_path / "folds.csv")
+    exp, stdout = clean_exp
+    folds = load_folds(exp.parent.parent / "folds.csv", load_train(stamp_dir))
     val_ids = folds.loc[folds["fold"] == 0, "image_id"].tolist()
-    train_ids = folds.loc[folds["fold"] != 0, "image_id"].tolist()
-    (tmp_path / "drop.txt").write_text(f"{train_ids[0]}\n{train_ids[1]}\n{val_ids[0]}\n")
-    proc = run_script(
-        "train.py", "--fold", "0", "--data-dir", str(stamp_data), "--folds", str(tmp_path / "folds.csv"), "--out-dir", str(tmp_path / "ck"),
-        "--exp", "clean", *TINY_FLAGS, "--clean-stamps", "--crop-bottom", "0.05", "--drop-ids", str(tmp_path / "drop.txt"),
-    )  # fmt: skip
-    assert f"fold 0: {len(train_ids) - 2} train / {len(val_ids)} val images" in proc.stdout
-    assert f"2 of {len(train_ids)} training images left out; 1 listed image(s) are in this fold's validation set" in proc.stdout
-    run_dir = tmp_path / "ck" / "clean" / "grid2x2" / "fold0"
+    n_train = int((folds["fold"] != 0).sum())
+    assert f"fold 0: {n_train - 2} train / {len(val_ids)} val images" in stdout
+    assert f"2 of {n_train} training images left out; 1 listed image(s) are in this fold's validation set" in stdout
+    run_dir = exp / "grid2x2" / "fold0"
     oof = pd.read_csv(run_dir / "oof.csv")
     assert sorted(oof["image_id"]) == sorted(val_ids)  # the dropped validation image is still scored
     predictor = Predictor(run_dir / "best.pt")
     assert predictor.cleaning == Cleaning(True, 0.05) and predictor.input_key.endswith("|stamps+crop0.05")
     sub = tmp_path / "sub.csv"
-    run_script("infer.py", "--data-dir", str(stamp_data), "--checkpoints", str(tmp_path / "ck" / "clean"), "--out", str(sub))
+    run_script("infer.py", "--data-dir", str(stamp_dir), "--checkpoints", str(exp), "--out", str(sub))
     assert len(pd.read_csv(sub)) == 5 * 12
 
 

@@ -32,7 +32,7 @@ socket.create_connection = blocked
 try:
     runpy.run_path(sys.argv[1], run_name="__main__")
 finally:
-    mods = {name: getattr(sys.modules.get(name), "__file__", None) for name in ("infer", "src")}
+    mods = {name: getattr(sys.modules.get(name), "__file__", None) for name in ("infer", "src", "timm")}
     env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE")}
     with open(sys.argv[2], "w") as f:
         json.dump({"modules": mods, "sys_path": sys.path, "env": env}, f)
@@ -171,13 +171,60 @@ def test_kernel_offline_writes_the_same_submission_as_infer(kernel_build, mock_k
 
     # the code came from the code dataset copy, never from the repo; the kernel set the offline flags itself
     code = mock_kaggle["I2B_CODE_DIR"]
-    assert report["modules"] == {"infer": str(code / "infer.py"), "src": str(code / "src" / "__init__.py")}
+    assert {k: report["modules"][k] for k in ("infer", "src")} == {"infer": str(code / "infer.py"), "src": str(code / "src" / "__init__.py")}
+    assert "timm 1." in proc.stdout and "needed); timm imported from" in proc.stdout  # the image's own timm, no wheel built
     assert not [p for p in report["sys_path"] if p and Path(p).resolve() == REPO]
     assert report["env"] == {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
     local = tmp_path / "local.csv"
     run_script("infer.py", "--data-dir", str(synthetic_dir), "--checkpoints", str(trained_exp), "--out", str(local))
     assert submission.read_bytes() == local.read_bytes()
+
+
+def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, stamp_dir, tmp_path):
+    """The issue's kernel run: checkpoints trained with --clean-stamps, a one-epoch pseudo-label fine-tune, and the
+    bundled timm wheel installed offline (forced: this image's timm is new enough); same submission as infer.py."""
+    exp, _ = clean_exp
+    out = tmp_path / "build" / "kaggle"
+    run_script(
+        "kernels/build.py", "--checkpoints", str(exp), "--owner", OWNER, "--slug", SLUG, "--out", str(out),
+        "--pseudo-label-epochs", "1", "--pseudo-label-blend", "0.5", "--time-budget", "30", "--bundle-timm",
+    )  # fmt: skip
+    wheels = sorted((out / "code" / "wheels").glob("timm-*-py3-none-any.whl"))
+    assert len(wheels) == 1 and f"wheels/{wheels[0].name}" in json.loads((out / "code" / "MANIFEST.json").read_text())["files"]
+    info = json.loads((out / "build.json").read_text())
+    assert info["pseudo_label"] == {"epochs": 1, "weight": 1.0, "blend": 0.5, "fold": "best", "time_budget_min": 30.0}
+    assert info["timm"] == {"min_version": "0.9.0", "wheel": f"wheels/{wheels[0].name}"} and info["cleaning"] == ["stamps+crop0.05"]
+
+    root = tmp_path / "kaggle"
+    dirs = {"I2B_WEIGHTS_DIR": root / "input" / f"{SLUG}-weights", "I2B_CODE_DIR": root / "input" / f"{SLUG}-code",
+            "I2B_DATA_DIR": root / "input" / "csiro-biomass", "I2B_OUT_DIR": root / "working"}  # fmt: skip
+    for key, src in (("I2B_WEIGHTS_DIR", out / "weights"), ("I2B_CODE_DIR", out / "code"), ("I2B_DATA_DIR", stamp_dir)):
+        shutil.copytree(src, dirs[key])
+    dirs["I2B_OUT_DIR"].mkdir()
+    proc, report = _run_kernel(out / "kernel" / "kernel.py", {**dirs, "I2B_FORCE_TIMM_WHEEL": "1"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"timm from the bundled {wheels[0].name}" in proc.stdout and "image cleaning of the checkpoints: stamps+crop0.05" in proc.stdout
+    assert "/i2b-timm-" in report["modules"]["timm"] and str(REPO) not in report["modules"]["timm"]
+    assert "pseudo-label adaptation: 1 model(s), 1 epoch(s), blend 0.5" in proc.stdout
+    assert "--pseudo-label-epochs 1 --pseudo-label-weight 1.0 --pseudo-label-blend 0.5 --pseudo-label-fold best --time-budget 30.0" in proc.stdout
+
+    local = tmp_path / "local.csv"
+    run_script(
+        "infer.py", "--data-dir", str(stamp_dir), "--checkpoints", str(exp), "--out", str(local),
+        "--pseudo-label-epochs", "1", "--pseudo-label-blend", "0.5", "--time-budget", "30",
+    )  # fmt: skip
+    assert (dirs["I2B_OUT_DIR"] / "submission.csv").read_bytes() == local.read_bytes()
+
+
+def test_kernel_without_a_new_enough_timm_names_the_fix(kernel_build, tmp_path, monkeypatch):
+    """An image whose timm is too old and a build without the wheel: a clear error before any work."""
+    build = json.loads((kernel_build / "build.json").read_text())
+    assert build["timm"]["wheel"] is None
+    monkeypatch.setattr(kernel_template, "BUILD", {**build, "timm": {"min_version": "99.0.0", "wheel": None}})
+    with pytest.raises(kernel_template.KernelError, match=r"the backbones need >= 99.0.0; rebuild with kernels/build.py --bundle-timm"):
+        kernel_template.ensure_timm(tmp_path)
+    assert kbuild.timm_min_version(["vit_small_patch16_dinov3.lvd1689m", "vit_base_patch14_reg4_dinov2"]) == "1.0.20"
 
 
 def test_kernel_exits_nonzero_with_one_line(kernel_build, mock_kaggle, tmp_path):

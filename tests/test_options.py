@@ -7,7 +7,6 @@ heads, DINOv3 (patch 16) and grid 1x1 end to end, and the ablation script's smok
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from pathlib import Path
 
@@ -148,7 +147,7 @@ def test_derived_heads_satisfy_the_identities_exactly_and_are_non_negative(synth
     with torch.no_grad():
         for head in fresh.heads:
             head.net[-1].weight.zero_()
-        parts = [idx for idx in fresh.head_targets]
+        parts = list(fresh.head_targets)
         pred = fresh.to_grams(fresh(batch["left"], batch["right"], features=True)["targets"])[0]
     mean = np.asarray(stats["mean"]) if space == "raw" else np.expm1(np.asarray(stats["mean_log1p"]))
     np.testing.assert_allclose(pred[parts].numpy(), mean[parts], rtol=1e-4)
