@@ -155,6 +155,12 @@ Written by `bench/ablate.py` (`make ablate`); the text outside the markers is ha
 """
 
 
+def _shown(path: str | Path) -> str:
+    """A path as the doc shows it: relative to the repo when inside it (the doc is committed)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(common.REPO)) if path.is_relative_to(common.REPO) else str(path)
+
+
 def write_doc(doc: Path, block: str) -> Path:
     """Replace the block between the markers (or append it, keeping everything else)."""
     text = doc.read_text() if doc.is_file() else DEFAULT_NOTE
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         f"- data: `{args.data_dir}` ({n_images} train images), folds `{args.folds}` (run: {', '.join(map(str, folds))})",
         f"- base flags of every run: `{' '.join(base_flags(tile, epochs, args.seed))}`; each row adds its flags",
         f"- machine: {info['cpu']}; {info['cores']}; load average at start {load_start}, at end {common.load_average()}",
-        f"- CSV: `{args.csv}`; experiment directories: `{args.out_dir}/<option>` (`python report.py --compare ...` reads them)",
+        f"- CSV: `{_shown(args.csv)}`; experiment directories: `{args.out_dir}/<option>` (`python report.py --compare ...` reads them)",
         "",
         table_markdown(table),
         "",
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ])
     write_doc(Path(args.doc), block)
     print(table_markdown(table))
-    print(f"wrote {args.doc} and {args.csv} in {minutes:.1f} min")
+    print(f"wrote {_shown(args.doc)} and {_shown(args.csv)} in {minutes:.1f} min")
     return table
 
 

@@ -135,8 +135,8 @@ def blend(plain: np.ndarray, adapted: np.ndarray, share: float) -> np.ndarray:
     return share * np.asarray(adapted, dtype=np.float64) + (1.0 - share) * np.asarray(plain, dtype=np.float64)
 
 
-def score_against_truth(data_dir: str | Path, image_ids, named: dict[str, np.ndarray]) -> str | None:
-    """Synthetic data only: weighted R2 of each prediction on `test_labels.csv`, when that file is there."""
+def score_against_truth(data_dir: str | Path, image_ids, named: dict[str, np.ndarray]) -> dict[str, float] | None:
+    """Synthetic data only: weighted R2 of each named prediction on `test_labels.csv`, when that file is there."""
     from src.metric import score
 
     path = Path(data_dir) / "test_labels.csv"
@@ -145,7 +145,7 @@ def score_against_truth(data_dir: str | Path, image_ids, named: dict[str, np.nda
     labels = pd.read_csv(path, dtype={"sample_id": str})
     truth = labels.assign(image_id=labels["sample_id"].str.split("__").str[0]).pivot(index="image_id", columns="target_name", values="target")
     truth = truth.loc[list(image_ids), list(TARGETS)].to_numpy(dtype=np.float64)
-    return ", ".join(f"{name} {score(truth, pred)['weighted_r2']:.4f}" for name, pred in named.items())
+    return {name: score(truth, pred)["weighted_r2"] for name, pred in named.items()}
 
 
 def run_pseudo_label(
@@ -200,5 +200,5 @@ def run_pseudo_label(
     )
     truth = score_against_truth(data_dir, readable["image_id"], {"plain": values[ok], "adapted": adapted_values, "blend": out[ok]})
     if truth:
-        print(f"test_labels.csv (synthetic truth) weighted R2: {truth}", flush=True)
+        print("test_labels.csv (synthetic truth) weighted R2: " + ", ".join(f"{k} {v:.4f}" for k, v in truth.items()), flush=True)
     return out

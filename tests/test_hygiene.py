@@ -170,7 +170,7 @@ def test_drop_ids_file_formats_and_errors(tmp_path: Path):
     csv.write_text("check,image_id\nx,ID1\n")
     assert load_id_list(csv, known) == ["ID1"]
     txt.write_text("ID2\nID9\n")
-    with pytest.raises(BiomassError, match=r"drop.txt line 2: image id 'ID9' is not in train.csv"):
+    with pytest.raises(BiomassError, match=r"drop.txt line 2: image id 'ID9' is not in train.csv; remove it or fix the id"):
         load_id_list(txt, known)
     with pytest.raises(BiomassError, match="--drop-ids file not found"):
         load_id_list(tmp_path / "nope.txt", known)
