@@ -169,6 +169,9 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
             continue
         train_frame = wide[wide["fold"] != k].reset_index(drop=True)
         val_frame = wide[wide["fold"] == k].reset_index(drop=True)
+        train_frame, drop_note = training.drop_training_ids(train_frame, val_frame, base.data.drop_ids, wide["image_id"])
+        if show and drop_note:
+            print(f"fold {k}: {drop_note}", flush=True)
         start = time.time()
         seed_everything(base.train.seed)  # the seed fit() uses before build_model: same random-init backbone
         model = build_model(todo[0].cfg.model)
