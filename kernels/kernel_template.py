@@ -167,7 +167,6 @@ def main() -> int:
     out_dir = Path(os.environ.get("I2B_OUT_DIR", "/kaggle/working"))
     sys.path.insert(0, str(code))
     import infer  # the repo's own entry point, from the code dataset
-
     from src.errors import run_cli
 
     for module, home in ((infer, code), (sys.modules["src"], code / "src")):

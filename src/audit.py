@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.errors import BiomassError, run_cli
+from src.errors import run_cli
 from src.schema import TARGET_WEIGHTS, TARGETS
 
 CHECKS = ("oof_residual", "green_zero_grass", "zero_green_group", "identity_violation", "duplicate_labels", "duplicate_image")

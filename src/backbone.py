@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 from src.errors import BiomassError

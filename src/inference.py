@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.config import Config
 from src.artifacts import Cleaning
+from src.config import Config
 from src.dataset import MultiSizeViewDataset, flip_views, input_key
 from src.errors import BiomassError
 from src.model import build_model

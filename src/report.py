@@ -606,6 +606,27 @@ def _joined(values: Iterable) -> str:
     return "/".join(dict.fromkeys(str(v) for v in values))
 
 
+# options beyond the seed design (docs/OPTIONS.md, docs/HYGIENE.md): shown in the compare table when not default
+OPTION_KEYS = (
+    ("model", "target_space"), ("model", "heads"), ("model", "fusion"), ("model", "aux_ndvi_weight"), ("model", "aux_height_weight"),
+    ("model", "aux_bins"), ("model", "feature"), ("train", "ema_decay"), ("train", "swa_top_k"), ("train", "freeze_blocks"),
+    ("train", "layer_decay"), ("data", "clean_stamps"), ("data", "crop_bottom"), ("data", "aug_artifacts"), ("data", "drop_ids"),
+)  # fmt: skip
+
+
+def option_summary(config: dict) -> str:
+    """`name=value` of every option that differs from its default, or 'default'."""
+    from src.config import Config
+
+    defaults = Config().to_dict()
+    parts = [
+        f"{name}={config.get(section, {}).get(name)}"
+        for section, name in OPTION_KEYS
+        if name in config.get(section, {}) and config[section][name] != defaults[section][name]
+    ]
+    return " ".join(parts) or "default"
+
+
 def key_config(runs: list[FoldRun]) -> dict:
     """The config values that distinguish experiments; several values (e.g. per grid) are joined with '/'."""
 
@@ -626,6 +647,7 @@ def key_config(runs: list[FoldRun]) -> dict:
         "stereo_swap_prob": get("train", "stereo_swap_prob"),
         "aux s/m/sp": aux,
         "loss": get("train", "loss"),
+        "options": _joined(option_summary(r.config) for r in runs),
         "folds": f"{folds_files} ({n_folds})",
     }
 

@@ -17,15 +17,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from src.artifacts import Cleaning, artifact_transform
 from src.config import Config, save_config
 from src.data import load_train
-from src.dataset import AUX_BIN_COLUMNS, AUX_REGRESSION_COLUMNS, FLIP_VARIANTS, FeatureCacheDataset, ViewPairDataset, flip_views
+from src.dataset import (
+    AUX_BIN_COLUMNS,
+    AUX_REGRESSION_COLUMNS,
+    FLIP_VARIANTS,
+    FeatureCacheDataset,
+    ViewPairDataset,
+    flip_views,
+)
 from src.errors import BiomassError
 from src.folds import check_fold_index, load_folds
 from src.io_utils import make_dir, torch_save_atomic, write_csv_atomic, write_text_atomic
@@ -437,7 +444,7 @@ def fit(
     val_frame: pd.DataFrame | None,
     run_dir: Path | None,
     device: torch.device,
-    dist_info: DistInfo = DistInfo(),
+    dist_info: DistInfo | None = None,
     resume: bool = False,
     model: BiomassModel | None = None,
     fold: int | None = None,
@@ -449,6 +456,7 @@ def fit(
     weights; `run_dir=None` writes nothing; `cache` = a precomputed `feature_cache` of the same backbone).
     """
     tc = cfg.train
+    dist_info = dist_info or DistInfo()
     seed_everything(tc.seed)
     stats = target_stats(train_frame)
     if model is None:
@@ -713,6 +721,10 @@ def check_resume(last_path: Path, cfg: Config) -> dict | None:
     # keys added to ModelConfig after that run was saved count as their defaults (which keep the old model)
     defaults = Config().to_dict()["model"]
     ours, theirs = cfg.to_dict()["model"], {**defaults, **((saved.get("config") or {}).get("model") or {})}
+    # the image cleaning decides what the model has seen, like the model config does
+    data_defaults, saved_data = Config().to_dict()["data"], (saved.get("config") or {}).get("data") or {}
+    for key in ("clean_stamps", "crop_bottom"):
+        ours[key], theirs[key] = getattr(cfg.data, key), saved_data.get(key, data_defaults[key])
     if theirs != ours:
         diff = [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k)]
         raise BiomassError(

@@ -30,6 +30,17 @@ def run_script(*args: str, cwd: Path = REPO, check: bool = True, env: dict | Non
     return proc
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops on 2 shared cores: one torch thread avoids OpenMP spin-waiting (modules opt in with usefixtures)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_train_csv() -> Path:
     """The real competition label file when present (never copied into the repo)."""

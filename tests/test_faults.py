@@ -56,12 +56,7 @@ def _script(name: str):
 infer_script, train_script, folds_script = _script("infer"), _script("train"), _script("folds")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on 2 shared cores
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------

@@ -53,12 +53,7 @@ def _infer_script():
 infer_script = _infer_script()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on 2 shared cores
 
 
 def ckpt_path(exp: Path, grid: tuple[int, int], fold: int) -> Path:

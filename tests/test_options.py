@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO, TINY_FLAGS, run_script
+
 from src import training
 from src.config import resolve_config
 from src.data import load_train
@@ -57,13 +57,7 @@ def _script(name: str):
 train_script = _script("train")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on 2 shared cores: one thread avoids OpenMP spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on 2 shared cores
 
 
 def config(synthetic_dir: Path, folds_csv: Path, *extra: str):
@@ -213,7 +207,7 @@ def test_fusion_variants_build_and_differ(synthetic_dir, folds_csv):
     batch = feature_batch(models["film"])
     with torch.no_grad():
         outs = {f: m(batch["left"], batch["right"], features=True) for f, m in models.items()}
-    for f, out in outs.items():
+    for out in outs.values():
         assert out["targets"].shape == (6, 5) and out["attention"].shape == (6, 8)
         torch.testing.assert_close(out["attention"].sum(dim=1), torch.ones(6))
     # concat pools each view alone: each view's attention weights sum to exactly 1/2

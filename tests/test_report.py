@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_script
+
 from src.report import PLOTS, compare_table, load_runs, make_report, run_compare, stress_commands
 from src.schema import TARGET_WEIGHTS, TARGETS
 
@@ -119,6 +119,7 @@ def test_compare_sorts_and_deltas(exp_copy: Path, tmp_path: Path):
     assert table.loc[table["experiment"] == "worse", "delta"].iloc[0] == 0
     assert (table["source"].str.startswith("pooled")).all()
     assert table["train_s"].gt(0).all() and set(table["grids"]) == {"1x2/2x2"}
+    assert set(table["options"]) == {"default"}  # the session experiment uses no option beyond the seed design
     md = (out / "compare.md").read_text()
     assert "| worse * |" in md and "| tiny |" in md
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
@@ -141,3 +142,14 @@ def test_stress_commands_reuse_each_grids_config(exp_copy: Path):
     assert len(trains) == 4  # 2 schemes x 2 grids
     assert all("config.yaml" in c and "--exp tiny_l" in c for c in trains)
     assert commands[-1].startswith(f"python report.py --compare {exp_copy} ")
+
+
+def test_option_summary_names_only_the_options_that_differ_from_their_defaults():
+    from src.config import Config
+    from src.report import option_summary
+
+    cfg = Config()
+    assert option_summary(cfg.to_dict()) == "default"
+    cfg.model.target_space, cfg.train.ema_decay, cfg.data.clean_stamps = "raw", 0.999, True
+    assert option_summary(cfg.to_dict()) == "target_space=raw ema_decay=0.999 clean_stamps=True"
+    assert option_summary({"model": {"grid": [2, 2]}}) == "default"  # configs from before the options existed

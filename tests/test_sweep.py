@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import TINY_FLAGS
+
 from src import sweep, training
 from src.errors import BiomassError
 

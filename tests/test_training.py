@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from conftest import REPO, TINY_FLAGS, run_script
+
 from src import training
 from src.config import resolve_config
 from src.data import load_train
@@ -30,7 +30,7 @@ from src.metric import weighted_r2
 from src.model import build_model
 from src.runtime import DistInfo
 from src.schema import TARGET_WEIGHTS, TARGETS
-from src.training import aux_loss, compute_feature_cache, fit, load_checkpoint, mixup, target_loss, train_one_epoch
+from src.training import aux_loss, compute_feature_cache, fit, mixup, target_loss, train_one_epoch
 from src.transforms import build_transform
 
 CPU = torch.device("cpu")
@@ -51,12 +51,7 @@ def _train_script():
 train_script = _train_script()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on 2 shared cores
 
 
 def tiny_config(synthetic_dir: Path, folds_csv: Path, *extra: str, fold: int = EVEN_FOLD):
