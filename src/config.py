@@ -29,6 +29,7 @@ class DataConfig:
     folds: str = field(default="data/folds.csv", metadata={"help": "folds CSV written by folds.py"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers"})
     jpeg_reduce: bool = field(default=True, metadata={"help": "decode JPEGs at reduced resolution when tiles are small"})
+    cache_images: bool = field(default=False, metadata={"help": "keep decoded images in RAM after the first epoch (one copy per worker)"})
     # data hygiene (docs/HYGIENE.md): the cleaning is saved with the run, so inference reads images the same way
     clean_stamps: bool = field(default=False, metadata={"help": "detect the orange date stamp (bottom-right) and inpaint it, in training and inference"})
     crop_bottom: float = field(default=0.0, metadata={"help": "drop this bottom fraction of the image before the view split (cardboard strip)"})
@@ -147,8 +148,9 @@ PRESETS: dict[str, dict] = {
             "batch_size": 16,
             "mixup_prob": 0.3,
         },
-        # images are tiny: worker start-up would cost more than decoding in the main process
-        "data": {"num_workers": 0},
+        # images are tiny: worker start-up would cost more than decoding in the main process, and
+        # decoding is most of a step (docs/BENCHMARKS.md): decode each image once, keep it in RAM
+        "data": {"num_workers": 0, "cache_images": True},
     },
 }
 

@@ -52,6 +52,12 @@ def decode_reduction(path: str, view_size: tuple[int, int], cleaning: Cleaning, 
     return min(jpeg_reduce_factor((cleaning.kept_height(height), width), view_size), cleaning.max_reduce(height))
 
 
+def load_image(path: str, view_size: tuple[int, int], jpeg_reduce: bool = True, cleaning: Cleaning | None = None) -> np.ndarray:
+    """Decode (reduced when views of `view_size` need less than native) and clean: the full RGB image."""
+    cleaning = cleaning or Cleaning()
+    return cleaning(read_image(path, reduce=decode_reduction(path, view_size, cleaning, jpeg_reduce)))
+
+
 def load_views(
     path: str, view_size: tuple[int, int], jpeg_reduce: bool = True, cleaning: Cleaning | None = None, image_transform=None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -61,8 +67,10 @@ def load_views(
     (stamp inpainting, bottom crop) and the full-image `image_transform` (training-only artifacts) run on the
     whole image before the split, where the camera put the stamp.
     """
-    cleaning = cleaning or Cleaning()
-    image = cleaning(read_image(path, reduce=decode_reduction(path, view_size, cleaning, jpeg_reduce)))
+    return _views(load_image(path, view_size, jpeg_reduce, cleaning), image_transform)
+
+
+def _views(image: np.ndarray, image_transform=None) -> tuple[np.ndarray, np.ndarray]:
     if image_transform is not None:
         image = image_transform(image=image)["image"]
     return split_views(image)
@@ -77,7 +85,9 @@ class ViewPairDataset(Dataset):
 
     Returns uint8 CHW views (4x less IPC than float); the model normalizes. With
     on_bad_image='fallback' an unreadable file yields zero views and ok=False instead of raising.
-    `cleaning` and the full-image `image_transform` are passed to `load_views`.
+    `cleaning` and the full-image `image_transform` are those of `load_views`. `cache_images` keeps each
+    decoded, cleaned image in RAM after its first read (one copy per DataLoader worker): later epochs skip
+    the decode, which is most of a tiny model's step on a CPU (docs/BENCHMARKS.md, data pipeline).
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class ViewPairDataset(Dataset):
         on_bad_image: str = "error",
         cleaning: Cleaning | None = None,
         image_transform=None,
+        cache_images: bool = False,
     ) -> None:
         self.frame = frame.reset_index(drop=True)
         self.labels = [_labels(self.frame, i) for i in range(len(self.frame))]  # pandas once, not per item
@@ -100,6 +111,8 @@ class ViewPairDataset(Dataset):
         self.on_bad_image = on_bad_image
         self.cleaning = cleaning
         self.image_transform = image_transform
+        self.cache_images = cache_images
+        self._images: dict[int, np.ndarray] = {}
 
     def set_random_seed(self, seed: int) -> None:
         """Seed albumentations' own RNGs (the paired view transform and the full-image one)."""
@@ -114,7 +127,13 @@ class ViewPairDataset(Dataset):
         path = self.frame.at[i, "path"]
         ok = True
         try:
-            left, right = load_views(path, self.view_size, self.jpeg_reduce, self.cleaning, self.image_transform)
+            image = self._images.get(i)
+            if image is None:
+                image = load_image(path, self.view_size, self.jpeg_reduce, self.cleaning)
+                if self.cache_images:
+                    image.flags.writeable = False  # transforms must copy, never edit the cached pixels
+                    self._images[i] = image
+            left, right = _views(image, self.image_transform)
             out = self.transform(image=left, image2=right)
             left, right = out["image"], out["image2"]
         except BiomassError as err:

@@ -239,7 +239,10 @@ def image_dataset(
     """
     transform = transform if transform is not None else build_transform(view_size, train=False)
     artifacts = artifact_transform(cfg.data.aug_artifacts) if train else None
-    return ViewPairDataset(frame, view_size, transform, stereo_swap_prob, cfg.data.jpeg_reduce, cleaning=Cleaning.from_config(cfg.data), image_transform=artifacts)
+    return ViewPairDataset(
+        frame, view_size, transform, stereo_swap_prob, cfg.data.jpeg_reduce, cleaning=Cleaning.from_config(cfg.data),
+        image_transform=artifacts, cache_images=cfg.data.cache_images,
+    )
 
 
 # ---- feature cache -------------------------------------------------------------------------------------

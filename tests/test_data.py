@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from src.data import (
     jpeg_reduce_factor,
@@ -294,3 +295,29 @@ def test_reduced_decode_divides_the_size(synthetic_dir: Path, reduce: int):
     # same picture: the reduced decode is close to an area downscale of the full one
     area = cv2.resize(full, small.shape[1::-1], interpolation=cv2.INTER_AREA)
     assert np.abs(area.astype(int) - small.astype(int)).mean() < 12
+
+
+def test_cached_images_are_read_once_and_give_the_same_views(synthetic_dir, monkeypatch):
+    """--cache-images: the second epoch decodes nothing, views are unchanged, and augmentation cannot edit the cache."""
+    import src.dataset as dataset
+    from src.transforms import build_transform
+
+    frame = load_train(synthetic_dir).head(3)
+    view = (28, 56)
+    plain = dataset.ViewPairDataset(frame, view, build_transform(view, train=False))
+    cached = dataset.ViewPairDataset(frame, view, build_transform(view, train=False), cache_images=True)
+    reads = []
+    real_read = dataset.read_image
+    monkeypatch.setattr(dataset, "read_image", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    first = [cached[i]["left"] for i in range(3)]
+    second = [cached[i]["left"] for i in range(3)]
+    assert len(reads) == 3  # one decode per image, none in the second pass
+    for a, b, c in zip(first, second, (plain[i]["left"] for i in range(3))):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    snapshot = {i: img.copy() for i, img in cached._images.items()}
+    cached.transform = build_transform(view, train=True)  # flips, affine, photometric, dropout on the cached pixels
+    cached.set_random_seed(0)
+    for _ in range(4):
+        for i in range(3):
+            cached[i]
+    assert all(np.array_equal(cached._images[i], snapshot[i]) for i in snapshot)

@@ -281,3 +281,15 @@ def test_audit_on_the_real_label_file(real_train_csv: Path):
     assert (groups["detail"].str.contains("2015-08-21 WA: 8 of 8")).sum() == 8
     assert found.loc[found["check"] == "identity_violation", "score"].round(2).tolist() == [0.31]
     assert not (found["check"] == "green_zero_grass").any()
+
+
+def test_resume_refuses_another_image_cleaning(tmp_path: Path):
+    """A run trained on raw images must not continue on cleaned ones (the model would see two inputs)."""
+    from src.training import CHECKPOINT_FORMAT, check_resume
+
+    cfg = Config()
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "config": cfg.to_dict()}, tmp_path / "last.pt")
+    assert check_resume(tmp_path / "last.pt", cfg) is not None
+    cfg.data.clean_stamps = True
+    with pytest.raises(BiomassError, match=r"another model config \(clean_stamps False -> True\)"):
+        check_resume(tmp_path / "last.pt", cfg)
