@@ -119,7 +119,20 @@ def machine() -> dict[str, str]:
         "gpu": gpu,
         "load": load_average(),
         "env": ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")),
+        "code": git_revision(),
     }
+
+
+def git_revision() -> str:
+    """Short commit of the checkout, '+ uncommitted changes' when the tree is dirty ('unknown' outside git)."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev}{' + uncommitted changes' if dirty else ''}"
 
 
 def load_average() -> str:
@@ -302,7 +315,7 @@ def append_section(doc: str | Path, title: str, command: str, body: str, info: d
         f"\n## {title} — {now:%Y-%m-%d %H:%M %Z}{' (quick smoke settings, not a result)' if quick else ''}\n",
         f"- command: `{command}`",
         f"- machine: {info['cpu']}; {info['cores']}; GPU: {info['gpu']}",
-        f"- software: torch {info['torch']}; {info.get('env', '')}",
+        f"- software: torch {info['torch']}; {info.get('env', '')}; code: git {info.get('code', 'unknown')}",
         f"- load average at start (1/5/15 min): {info['load']}; at end: {load_average()}",
         f"- date: {now.isoformat(timespec='seconds')}",
         "",

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             plans.append(("vit_s", predictors_for("vit_s", grids, 224, Path(tmp)), 1))
         for name, group, b in plans:
             views = {g: common.random_views(b, group[g].view_size) for g in grids}
-            times = common.interleaved({g: (lambda g=g: group[g].predict_views(*views[g])) for g in grids}, max(repeats, 3) if name.startswith("tiny") and not args.quick else repeats)
+            times = common.interleaved({g: (lambda g=g, group=group, views=views: group[g].predict_views(*views[g])) for g in grids}, max(repeats, 3) if name.startswith("tiny") and not args.quick else repeats)
             tiles = [b * TTA_PASSES * 2 * g[0] * g[1] for g in grids]
             extra = [{"grid": f"{g[0]}x{g[1]}"} for g in grids]
             label = f"{name} model only vs grid ({b} images/call, tile {group[grids[0]].model.tile_size})"

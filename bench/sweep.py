@@ -53,6 +53,7 @@ def run_sweep(argv: list[str]) -> dict:
     proc = subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     wall = time.perf_counter() - start
     output = proc.stdout + proc.stderr
+    print(f"$ python sweep.py {' '.join(argv)}\n{output.rstrip()}\n[{wall:.1f} s]", flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"sweep.py exited {proc.returncode}:\n{output[-3000:]}")
     match = HEADER.search(output)
