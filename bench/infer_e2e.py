@@ -195,10 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
         *[f"- {v}" for v in verdicts],
         f"- Peak RSS of infer.py with {models} models: {run['peak_rss_mb']:.0f} MiB (every checkpoint stays loaded for the "
         "whole run; on a GPU the weights move to the device).",
-        "- The Kaggle kernel (kernels/kernel_template.py) runs infer.py WITHOUT --amp, i.e. fp32, the 'fp32' rows. And "
-        "`src.runtime.autocast` picks bf16 whenever `torch.cuda.is_bf16_supported()` is true, which on a T4 / P100 "
-        "(no bf16 tensor cores) it is through emulation: `--amp` there would not reach the fp16 rows either until "
-        "autocast picks fp16 on pre-Ampere GPUs (`is_bf16_supported(including_emulation=False)`).",
+        "- The Kaggle kernel runs infer.py with --amp unless built with `kernels/build.py --no-amp`; "
+        "`src.runtime.autocast` picks fp16 on GPUs without bf16 tensor cores (T4, P100: "
+        "`is_bf16_supported(including_emulation=False)`), so the kernel's rows are the 'fp16 autocast' ones.",
         "- GPU rows are FLOP-count projections, not measurements (no GPU lent to this session).",
     ]
     common.report(args, argv, f"Inference end to end: python infer.py, {kind} ensemble, time and peak RSS", "\n".join(lines), info)

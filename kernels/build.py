@@ -54,6 +54,7 @@ class KernelOptions:
     physics: str = "project"
     pseudo_label: PseudoLabelSettings = dataclasses.field(default_factory=PseudoLabelSettings)
     bundle_timm: bool = False
+    amp: bool = True  # fp16 autocast on a T4/P100 (bf16 on Ampere+): ~4x the fp32 throughput (docs/BENCHMARKS.md)
 
 
 # ---- names -------------------------------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ def build_into(
         "experiments": list(experiments),
         "tta": options.tta,
         "physics": options.physics,
+        "amp": options.amp,
         "pseudo_label": dataclasses.asdict(options.pseudo_label),
         "timm": {"min_version": timm_min_version([d["backbone"] for d in described]), "wheel": timm_wheel},
         "cleaning": sorted({Cleaning(d["clean_stamps"], d["crop_bottom"]).key or "none" for d in described}),
@@ -303,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     adapt.add_argument("--pseudo-label-blend", type=float, default=0.8, help="submission = B * adapted + (1 - B) * ensemble")
     adapt.add_argument("--pseudo-label-fold", default="best", help="fold fine-tuned per grid: best or K")
     adapt.add_argument("--time-budget", type=float, default=240.0, help="minutes the kernel's fine-tune may take (Kaggle stops at 540)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="infer.py --amp in the kernel (fp16 on T4/P100, bf16 on Ampere+)")
     parser.add_argument("--bundle-timm", action="store_true", help="ship this machine's timm as a wheel; the kernel installs it offline if Kaggle's is older")
     args = parser.parse_args(argv)
     pseudo = PseudoLabelSettings(args.pseudo_label_epochs, args.pseudo_label_weight, args.pseudo_label_blend, args.pseudo_label_fold, args.time_budget)
-    build(args.checkpoints, args.out, args.owner, args.slug, KernelOptions(args.tta, args.physics, pseudo, args.bundle_timm), args.backbone_weights)
+    build(args.checkpoints, args.out, args.owner, args.slug, KernelOptions(args.tta, args.physics, pseudo, args.bundle_timm, args.amp), args.backbone_weights)
     return 0
 
 

@@ -145,6 +145,7 @@ def infer_argv(data: Path, weights: Path, out_dir: Path) -> list[str]:
         "--physics", BUILD["physics"],
         "--on-bad-image", "fallback",
         "--device", "auto",
+        *(["--amp"] if BUILD.get("amp") else []),
         *adapt,
     ]  # fmt: skip
 

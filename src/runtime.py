@@ -30,7 +30,8 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     if not enabled:
         return contextlib.nullcontext()
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 only where the tensor cores have it (Ampere+): a T4 / P100 "supports" bf16 by slow emulation
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", dtype=torch.bfloat16)
 

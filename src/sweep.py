@@ -85,6 +85,12 @@ def run_id_of(cfg: Config) -> str:
         for key in path[:-1]:
             target = target[key]
         target.pop(path[-1], None)
+    # only values that differ from the defaults: a config field added later (at its default) keeps the ids
+    defaults = Config().to_dict()
+    data = {
+        section: {k: v for k, v in values.items() if defaults.get(section, {}).get(k, object()) != v} if isinstance(values, dict) else values
+        for section, values in data.items()
+    }
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 

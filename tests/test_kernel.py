@@ -130,6 +130,7 @@ def test_build_writes_three_uploads_with_consistent_metadata(kernel_build: Path,
     assert [u.ref for u in push.validate_build(kernel_build)] == [IDS["weights"], IDS["code"], IDS["kernel"]]
     info = json.loads((kernel_build / "build.json").read_text())
     assert info["experiments"] == [trained_exp.name] and (info["tta"], info["physics"]) == ("full", "project")
+    assert info["amp"] is True  # fp16 autocast on a Kaggle T4 (bf16 on this CPU)
     assert not list(kernel_build.parent.glob(".kaggle.*")), "temp build folders left behind"
 
 
@@ -167,7 +168,7 @@ def test_kernel_offline_writes_the_same_submission_as_infer(kernel_build, mock_k
     proc, report = _run_kernel(kernel_build / "kernel" / "kernel.py", mock_kaggle, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     submission = mock_kaggle["I2B_OUT_DIR"] / "submission.csv"
-    assert "--tta full --physics project --on-bad-image fallback --device auto" in proc.stdout
+    assert "--tta full --physics project --on-bad-image fallback --device auto --amp" in proc.stdout
 
     # the code came from the code dataset copy, never from the repo; the kernel set the offline flags itself
     code = mock_kaggle["I2B_CODE_DIR"]
@@ -177,7 +178,7 @@ def test_kernel_offline_writes_the_same_submission_as_infer(kernel_build, mock_k
     assert report["env"] == {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
     local = tmp_path / "local.csv"
-    run_script("infer.py", "--data-dir", str(synthetic_dir), "--checkpoints", str(trained_exp), "--out", str(local))
+    run_script("infer.py", "--data-dir", str(synthetic_dir), "--checkpoints", str(trained_exp), "--out", str(local), "--amp")
     assert submission.read_bytes() == local.read_bytes()
 
 
@@ -211,7 +212,7 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
 
     local = tmp_path / "local.csv"
     run_script(
-        "infer.py", "--data-dir", str(stamp_dir), "--checkpoints", str(exp), "--out", str(local),
+        "infer.py", "--data-dir", str(stamp_dir), "--checkpoints", str(exp), "--out", str(local), "--amp",
         "--pseudo-label-epochs", "1", "--pseudo-label-blend", "0.5", "--time-budget", "30",
     )  # fmt: skip
     assert (dirs["I2B_OUT_DIR"] / "submission.csv").read_bytes() == local.read_bytes()

@@ -92,6 +92,17 @@ def test_flags_and_ids():
     assert sweep.run_id_of(moved) == sweep.run_id_of(base)
     moved.train.seed += 1
     assert sweep.run_id_of(moved) != sweep.run_id_of(base)
+    # ids hash only non-default values: a config field added later, at its default, keeps finished runs
+    from src.config import Config
+
+    plain, newer = Config(), Config()
+    newer.data.aug_artifacts = 0.5
+    assert sweep.run_id_of(newer) != sweep.run_id_of(plain)
+    real_to_dict = Config.to_dict
+    with pytest.MonkeyPatch.context() as mp:  # as if `aug_artifacts` did not exist yet when the run was made
+        mp.setattr(Config, "to_dict", lambda self: {**real_to_dict(self), "data": {k: v for k, v in real_to_dict(self)["data"].items() if k != "aug_artifacts"}})
+        before = sweep.run_id_of(plain)
+    assert before == sweep.run_id_of(plain)
     default = sweep.base_config(sweep.parse_args(["--exp", "x", "--preset", "tiny"]))
     assert default.train.epochs == default.train.freeze_epochs == 1  # tiny's frozen stage
     with pytest.raises(BiomassError, match="groups of 5"):
