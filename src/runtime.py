@@ -25,13 +25,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU (3.4x on AVX-512 bf16, never fp16 there) and on CUDA where supported, else fp16."""
+def autocast(device: torch.device, enabled: bool, training: bool = False) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (3.4x on AVX-512 bf16, never fp16 there); on CUDA bf16 where the tensor cores have it.
+
+    Pre-Ampere GPUs (T4, P100) "support" bf16 only by slow emulation: inference takes fp16 there. Training keeps
+    bf16 (emulated if need be) because fp16 gradients would need loss scaling, which the loop does not do.
+    """
     if not enabled:
         return contextlib.nullcontext()
     if device.type == "cuda":
-        # bf16 only where the tensor cores have it (Ampere+): a T4 / P100 "supports" bf16 by slow emulation
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = torch.bfloat16 if native or (training and torch.cuda.is_bf16_supported()) else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", dtype=torch.bfloat16)
 

@@ -284,7 +284,7 @@ def feature_cache(model: BiomassModel, train_frame, val_frame, cfg: Config, devi
 
 # ---- one epoch -----------------------------------------------------------------------------------------------
 def _loss(model, batch, cfg: Config, device, cached: bool, mix) -> torch.Tensor:
-    with autocast(device, cfg.train.amp):
+    with autocast(device, cfg.train.amp, training=True):
         out = model(batch["left"].to(device), batch["right"].to(device), features=cached)
     net = _unwrap(model)
     tc = cfg.train

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import importlib.util
 import os
@@ -499,3 +501,18 @@ def test_consecutive_non_finite_losses_stop_the_run(synthetic_dir: Path, folds_c
     with pytest.raises(BiomassError, match="non-finite") as info:
         _run_epoch(cfg, model, [good, bad, bad, bad, good])
     assert "3 non-finite losses in a row" in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns that CUDA autocast is off on a CPU-only machine
+def test_autocast_dtype_per_gpu_generation(monkeypatch):
+    """fp16 for inference on a T4/P100 (bf16 only emulated there), bf16 for training (no loss scaling), bf16 on Ampere+."""
+    from src.runtime import autocast
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a T4
+    assert autocast(cuda, True).fast_dtype == torch.float16
+    assert autocast(cuda, True, training=True).fast_dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100 / H100
+    assert autocast(cuda, True).fast_dtype == autocast(cuda, True, training=True).fast_dtype == torch.bfloat16
+    assert autocast(torch.device("cpu"), True).fast_dtype == torch.bfloat16
+    assert isinstance(autocast(cuda, False), contextlib.nullcontext)
