@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python kernels/build.py`: `src` and `ke
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.push import OWNER_RE, SLUG_RE, validate_build  # noqa: E402
-from kernels.wheel import pack_installed  # noqa: E402
+from kernels.wheel import pack_installed, version_tuple  # noqa: E402
 from src.adapt import PseudoLabelSettings  # noqa: E402
 from src.artifacts import Cleaning  # noqa: E402
 from src.download import COMPETITION, kaggle_username  # noqa: E402
@@ -142,7 +142,7 @@ def describe_checkpoint(path: Path) -> dict:
 def timm_min_version(backbones: list[str]) -> str:
     """The oldest timm that builds every backbone of the ensemble."""
     needs = [v for b in backbones for family, v in TIMM_MIN.items() if family in b] or [DEFAULT_TIMM_MIN]
-    return max(needs, key=lambda v: tuple(int(x) for x in v.split(".")))
+    return max(needs, key=version_tuple)
 
 
 def oof_summary(exp_dir: Path, tta: str, physics: str) -> str | None:

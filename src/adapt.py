@@ -26,10 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from src.dataset import AUX_COLUMNS
 from src.errors import BiomassError
 from src.schema import TARGETS
 
-AUX_INDEX_COLUMNS = ("state_idx", "month_idx", "species_idx")
+AUX_INDEX_COLUMNS = tuple(AUX_COLUMNS.values())  # state, month and species labels: unknown (-1) for test images
 BACKWARD_FACTOR = 3.0  # a training step costs about a forward and two for the backward pass
 
 
@@ -137,14 +138,15 @@ def blend(plain: np.ndarray, adapted: np.ndarray, share: float) -> np.ndarray:
 
 def score_against_truth(data_dir: str | Path, image_ids, named: dict[str, np.ndarray]) -> dict[str, float] | None:
     """Synthetic data only: weighted R2 of each named prediction on `test_labels.csv`, when that file is there."""
+    from src.data import long_to_wide, read_csv_checked, validate_train
     from src.metric import score
+    from src.schema import TRAIN_COLUMNS
 
     path = Path(data_dir) / "test_labels.csv"
     if not path.is_file():
         return None
-    labels = pd.read_csv(path, dtype={"sample_id": str})
-    truth = labels.assign(image_id=labels["sample_id"].str.split("__").str[0]).pivot(index="image_id", columns="target_name", values="target")
-    truth = truth.loc[list(image_ids), list(TARGETS)].to_numpy(dtype=np.float64)
+    labels = validate_train(read_csv_checked(path, TRAIN_COLUMNS, "regenerate it with python -m src.synthetic"), path)
+    truth = long_to_wide(labels).set_index("image_id").loc[list(image_ids), list(TARGETS)].to_numpy(dtype=np.float64)
     return {name: score(truth, pred)["weighted_r2"] for name, pred in named.items()}
 
 

@@ -49,6 +49,11 @@ def _corner(shape: tuple[int, ...]) -> tuple[int, int]:
     return int(h * (1 - CORNER_H)), int(w * (1 - CORNER_W))
 
 
+def orange_mask(image: np.ndarray) -> np.ndarray:
+    """uint8 mask (255 = stamp orange) of an RGB image: the detector's colour test."""
+    return cv2.inRange(cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV), HSV_LOW, HSV_HIGH)
+
+
 def _dilation_kernel(height: int) -> np.ndarray:
     """About 0.3 % of the image height each side (7 px at 1000 px): covers anti-aliased edges and JPEG ringing."""
     k = 2 * max(1, round(0.003 * height)) + 1
@@ -68,7 +73,7 @@ def stamp_mask(image: np.ndarray) -> np.ndarray | None:
     if roi.size == 0:
         return None
     height = image.shape[0]
-    raw = cv2.inRange(cv2.cvtColor(np.ascontiguousarray(roi), cv2.COLOR_RGB2HSV), HSV_LOW, HSV_HIGH)
+    raw = orange_mask(roi)
     if np.count_nonzero(raw) < MIN_SHARE * raw.size:
         return None
     # odd sizes: a centred kernel, so the closing keeps every orange pixel (an even one shifts the result)
@@ -249,8 +254,7 @@ def detection_table(data_dir: str | os.PathLike) -> pd.DataFrame:
         residual = np.nan
         if true_box is not None:  # orange pixels left inside the painted box after cleaning, per pixel of the box
             x0, y0, x1, y1 = (int(v) for v in true_box)
-            hsv = cv2.cvtColor(np.ascontiguousarray(cleaned[y0:y1, x0:x1]), cv2.COLOR_RGB2HSV)
-            residual = float(np.count_nonzero(cv2.inRange(hsv, HSV_LOW, HSV_HIGH))) / max(1, (x1 - x0) * (y1 - y0))
+            residual = float(np.count_nonzero(orange_mask(cleaned[y0:y1, x0:x1]))) / max(1, (x1 - x0) * (y1 - y0))
         rows.append({
             "image_path": rel, "stamped": true_box is not None, "detected": box is not None,
             "iou": box_iou(box, true_box) if box is not None and true_box is not None else np.nan,

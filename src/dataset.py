@@ -41,21 +41,29 @@ def _labels(frame: pd.DataFrame, i: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def decode_reduction(path: str, view_size: tuple[int, int], cleaning: Cleaning, jpeg_reduce: bool = True) -> int:
-    """JPEG decode reduction (1, 2, 4, 8) for views of `view_size`: as far as the view and the cleaning allow."""
+def jpeg_header_size(path: str, jpeg_reduce: bool = True) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's header, None when no reduced decode applies (off, not a JPEG, unreadable)."""
     if not jpeg_reduce or not str(path).lower().endswith((".jpg", ".jpeg")):
-        return 1
+        return None
     try:
         width, height = Image.open(path).size  # header only
     except (OSError, ValueError):
-        return 1  # let read_image produce the precise error
+        return None  # let read_image produce the precise error
+    return height, width
+
+
+def decode_reduction(header: tuple[int, int] | None, view_size: tuple[int, int], cleaning: Cleaning) -> int:
+    """JPEG decode reduction (1, 2, 4, 8) for views of `view_size`: as far as the view and the cleaning allow."""
+    if header is None:
+        return 1
+    height, width = header
     return min(jpeg_reduce_factor((cleaning.kept_height(height), width), view_size), cleaning.max_reduce(height))
 
 
 def load_image(path: str, view_size: tuple[int, int], jpeg_reduce: bool = True, cleaning: Cleaning | None = None) -> np.ndarray:
     """Decode (reduced when views of `view_size` need less than native) and clean: the full RGB image."""
     cleaning = cleaning or Cleaning()
-    return cleaning(read_image(path, reduce=decode_reduction(path, view_size, cleaning, jpeg_reduce)))
+    return cleaning(read_image(path, reduce=decode_reduction(jpeg_header_size(path, jpeg_reduce), view_size, cleaning)))
 
 
 def load_views(
@@ -180,12 +188,13 @@ class MultiSizeViewDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         path = self.frame.at[i, "path"]
         out: dict = {"index": torch.tensor(i), "ok": torch.tensor(True)}
+        header = jpeg_header_size(path, self.jpeg_reduce)  # read once for every input
         decoded: dict[int, np.ndarray] = {}
         views: dict[tuple[int, Cleaning], tuple[np.ndarray, np.ndarray]] = {}
         for size, cleaning in self.inputs:
             if out["ok"]:
                 try:
-                    reduce = decode_reduction(path, size, cleaning, self.jpeg_reduce)
+                    reduce = decode_reduction(header, size, cleaning)
                     if reduce not in decoded:
                         decoded[reduce] = read_image(path, reduce=reduce)
                 except BiomassError as err:

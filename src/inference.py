@@ -60,6 +60,9 @@ class Predictor:
         self.stats = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt["target_stats"].items()}
         self.fold = ckpt.get("fold")
         self.val_metric = ckpt.get("val_metric")
+        # the image cleaning the checkpoint was trained with (--clean-stamps, --crop-bottom), and so its batch key
+        self.cleaning = Cleaning.from_config(self.cfg.data)
+        self.input_key = input_key(self.view_size, self.cleaning)
 
     def with_model(self, model: torch.nn.Module) -> Predictor:
         """This predictor (config, statistics, TTA) with other weights of the same architecture: test-time fine-tuning."""
@@ -74,16 +77,6 @@ class Predictor:
     @property
     def grid(self) -> tuple[int, int]:
         return self.model.grid
-
-    @property
-    def cleaning(self) -> Cleaning:
-        """The image cleaning the checkpoint was trained with (`--clean-stamps`, `--crop-bottom`)."""
-        return Cleaning.from_config(self.cfg.data)
-
-    @property
-    def input_key(self) -> str:
-        """Which entry of a MultiSizeViewDataset batch this model reads."""
-        return input_key(self.view_size, self.cleaning)
 
     @torch.no_grad()
     def predict_views(self, left: torch.Tensor, right: torch.Tensor) -> np.ndarray:

@@ -55,10 +55,6 @@ def worker_init(worker_id: int) -> None:
     dataset = torch.utils.data.get_worker_info().dataset
     if hasattr(dataset, "set_random_seed"):  # ViewPairDataset: its paired and full-image transforms
         dataset.set_random_seed(seed)
-        return
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
 
 
 @dataclass

@@ -574,6 +574,8 @@ def check_options(cfg: Config, model: BiomassModel) -> None:
         raise BiomassError(f"--swa-top-k {tc.swa_top_k}: an average needs K >= 2 epochs; 0 turns it off")
     if tc.huber_beta < 0:
         raise BiomassError(f"--huber-beta {tc.huber_beta}: must be >= 0 grams (0 = L1)")
+    Cleaning.from_config(cfg.data)  # --crop-bottom out of range: now, not when the first image is read
+    artifact_transform(cfg.data.aug_artifacts)  # --aug-artifacts out of range: now, not at stage 2
 
 
 # ---- EMA and SWA of the K best epochs -----------------------------------------------------------------------

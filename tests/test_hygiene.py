@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,13 +13,12 @@ from conftest import run_script
 
 from src import audit
 from src.artifacts import (
-    HSV_HIGH,
-    HSV_LOW,
     Cleaning,
     PaintArtifacts,
     artifact_transform,
     detection_summary,
     detection_table,
+    orange_mask,
     remove_stamp,
     stamp_mask,
 )
@@ -39,7 +37,7 @@ def stamp_data(stamp_dir: Path) -> Path:
 
 
 def _orange_share(image: np.ndarray) -> float:
-    return float(np.count_nonzero(cv2.inRange(cv2.cvtColor(image, cv2.COLOR_RGB2HSV), HSV_LOW, HSV_HIGH))) / (image.shape[0] * image.shape[1])
+    return float(np.count_nonzero(orange_mask(image))) / (image.shape[0] * image.shape[1])
 
 
 def _grass(seed: int = 0, size=(400, 800)) -> np.ndarray:

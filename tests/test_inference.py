@@ -444,12 +444,12 @@ def test_multi_size_dataset_gives_every_model_exactly_its_training_views(synthet
     upscale one of them; each input gets the reduction training used, and inputs with the same one share it.
     """
     from src.data import load_train
-    from src.dataset import ViewPairDataset, decode_reduction, input_key
+    from src.dataset import ViewPairDataset, decode_reduction, input_key, jpeg_header_size
     from src.transforms import build_transform
 
     frame = load_train(synthetic_dir).head(2)
     sizes = [(56, 56), (28, 112), (28, 28)]
-    factors = [decode_reduction(frame.at[0, "path"], v, Cleaning()) for v in sizes]
+    factors = [decode_reduction(jpeg_header_size(frame.at[0, "path"]), v, Cleaning()) for v in sizes]
     assert factors[0] != factors[1]  # the test really mixes decode reductions
     ds = MultiSizeViewDataset(frame, sizes)
     item = ds[1]
