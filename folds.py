@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from src.data import load_train
 from src.errors import run_cli
 from src.folds import SCHEMES, fold_table, make_folds, save_folds
 
@@ -16,8 +17,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default="data/folds.csv", help="CSV to write (image_id,fold)")
     args = parser.parse_args(argv)
-    from src.data import load_train
-
     wide = load_train(args.data_dir)
     folds = make_folds(wide, args.scheme, args.n_folds, args.seed)
     save_folds(folds, args.out)

@@ -6,11 +6,10 @@ OOF report of one experiment (REPORT.md + plots), or one table comparing experim
 from __future__ import annotations
 
 from src.errors import run_cli
+from src.report import main as report_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.report import main as report_main
-
     return report_main(argv)
 
 

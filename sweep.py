@@ -7,11 +7,10 @@ checkpoints/<exp>/sweep.csv (resumable). See src/sweep.py.
 from __future__ import annotations
 
 from src.errors import run_cli
+from src.sweep import main as sweep_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.sweep import main as sweep_main
-
     return sweep_main(argv)
 
 

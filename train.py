@@ -9,8 +9,12 @@ import argparse
 import shlex
 import sys
 
+from src.backbone import check_backbone_name
 from src.config import add_config_flags, resolve_config
 from src.errors import BiomassError, run_cli
+from src.folds import fold_numbers, load_fold_table
+from src.logs import add_quiet_flag
+from src.training import train_fold
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,29 +23,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the fold directory")
     add_config_flags(parser)
+    add_quiet_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = resolve_config(args)
-    from src.backbone import check_backbone_name
-    from src.training import train_fold
-
     check_backbone_name(cfg.model.backbone)
     command = "python train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.fold == "all":
-        from src.data import load_train
-        from src.folds import load_folds
-
-        folds = sorted(load_folds(cfg.data.folds, load_train(cfg.data.data_dir))["fold"].unique())
+        folds = fold_numbers(load_fold_table(cfg.data, check_images=False))
     else:
         try:
             folds = [int(args.fold)]
         except ValueError as err:
             raise BiomassError(f"--fold must be an integer or 'all', got {args.fold!r}") from err
     for fold in folds:
-        train_fold(cfg, int(fold), resume=args.resume, overwrite=args.overwrite, command=command)
+        train_fold(cfg, fold, resume=args.resume, overwrite=args.overwrite, command=command)
     return 0
 
 

@@ -10,6 +10,7 @@ The build happens in a temp folder beside --out and replaces --out only when com
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -27,13 +28,14 @@ if __package__ in (None, ""):  # run as `python kernels/build.py`: `src` and `ke
 
 from kernels.push import OWNER_RE, SLUG_RE, validate_build  # noqa: E402
 from kernels.wheel import pack_installed, version_tuple  # noqa: E402
-from src.adapt import PseudoLabelSettings  # noqa: E402
 from src.artifacts import Cleaning  # noqa: E402
+from src.checkpoint import find_checkpoints, git_description, load_checkpoint  # noqa: E402
+from src.config import INFER_PRESETS, InferConfig, add_infer_flags, resolve_infer_config  # noqa: E402
 from src.download import COMPETITION, kaggle_username  # noqa: E402
 from src.errors import BiomassError, run_cli  # noqa: E402
-from src.inference import TTA_MODES, find_checkpoints  # noqa: E402
-from src.postprocess import MODES as PHYSICS_MODES  # noqa: E402
-from src.training import _git_description, load_checkpoint  # noqa: E402
+from src.logs import add_quiet_flag, get_logger  # noqa: E402
+
+log = get_logger("kernels.build")
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("kernel_template.py")
@@ -46,15 +48,24 @@ TIMM_MIN = {"dinov3": "1.0.20", "dinov2": "0.9.0"}
 DEFAULT_TIMM_MIN = "0.9.0"
 
 
+# The share of infer.py's flags (InferConfig fields) that the kernel build sets; the kernel fills in the paths.
+KERNEL_FIELDS = {
+    "tta", "physics", "grid_weights", "batch_size", "amp", "num_workers", "on_bad_image", "time_budget",
+    "pseudo_label.epochs", "pseudo_label.weight", "pseudo_label.blend", "pseudo_label.fold",
+}  # fmt: skip
+
+
+def kernel_infer_config(**overrides) -> InferConfig:
+    """The kernel's InferConfig: the `kaggle` preset (fp16 on a T4, counted fallback for bad images) + overrides."""
+    return InferConfig.from_dict({**copy.deepcopy(INFER_PRESETS["kaggle"]), **overrides}, "kernel options")
+
+
 @dataclasses.dataclass
 class KernelOptions:
-    """What the kernel runs: infer.py's --tta/--physics and test-time adaptation, and whether timm travels along."""
+    """What the kernel runs (infer.py's resolved config, paths filled in on Kaggle) and whether timm travels along."""
 
-    tta: str = "full"
-    physics: str = "project"
-    pseudo_label: PseudoLabelSettings = dataclasses.field(default_factory=PseudoLabelSettings)
+    infer: InferConfig = dataclasses.field(default_factory=kernel_infer_config)
     bundle_timm: bool = False
-    amp: bool = True  # fp16 autocast on a T4/P100 (bf16 on Ampere+): ~4x the fp32 throughput (docs/BENCHMARKS.md)
 
 
 # ---- names -------------------------------------------------------------------------------------------------------
@@ -214,10 +225,7 @@ def build_into(
         "weights_dataset": ids["weights"],
         "weights_id": weights_id,
         "experiments": list(experiments),
-        "tta": options.tta,
-        "physics": options.physics,
-        "amp": options.amp,
-        "pseudo_label": dataclasses.asdict(options.pseudo_label),
+        "infer": options.infer.to_dict(),
         "timm": {"min_version": timm_min_version([d["backbone"] for d in described]), "wheel": timm_wheel},
         "cleaning": sorted({Cleaning(d["clean_stamps"], d["crop_bottom"]).key or "none" for d in described}),
     }
@@ -244,7 +252,7 @@ def build_into(
     info = {
         **kernel_build,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "git": _git_description().strip(),
+        "git": git_description().strip(),
         "checkpoints": described,
         "backbone_weights": backbone_weights.name if backbone_weights else None,
     }
@@ -283,10 +291,10 @@ def build(
         if tmp.exists():
             shutil.rmtree(tmp)
     for name, (exp_dir, items) in experiments.items():
-        summary = oof_summary(exp_dir, options.tta, options.physics)
-        print(f"{name}: {len(items)} checkpoint(s)" + (f"; {summary}" if summary else ""))
-    print(f"wrote {out}/{{weights,code,kernel}}: kernel {info['kernel']}, datasets {info['weights_dataset']} and {info['code_dataset']}")
-    print(f"next: python kernels/push.py {out} --dry-run")
+        summary = oof_summary(exp_dir, options.infer.tta, options.infer.physics)
+        log.info(f"{name}: {len(items)} checkpoint(s)" + (f"; {summary}" if summary else ""))
+    log.info(f"wrote {out}/{{weights,code,kernel}}: kernel {info['kernel']}, datasets {info['weights_dataset']} and {info['code_dataset']}")
+    log.info(f"next: python kernels/push.py {out} --dry-run")
     return info
 
 
@@ -296,20 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner", default=None, help="Kaggle user name (default: KAGGLE_USERNAME or ~/.kaggle/kaggle.json)")
     parser.add_argument("--slug", default=DEFAULT_SLUG, help="kernel slug; datasets are SLUG-weights and SLUG-code")
     parser.add_argument("--backbone-weights", default=None, help="optional pretrained backbone file to ship too (inference does not need it)")
-    parser.add_argument("--tta", default="full", choices=list(TTA_MODES), help="infer.py --tta inside the kernel")
-    parser.add_argument("--physics", default="project", choices=list(PHYSICS_MODES), help="infer.py --physics inside the kernel")
     parser.add_argument("--out", default="build/kaggle", help="output folder (replaced whole)")
-    adapt = parser.add_argument_group("test-time adaptation inside the kernel (infer.py --pseudo-label-*, src/adapt.py)")
-    adapt.add_argument("--pseudo-label-epochs", type=int, default=0, help="fine-tune epochs per grid on train + pseudo-labelled test (0 = off)")
-    adapt.add_argument("--pseudo-label-weight", type=float, default=1.0, help="loss weight of a pseudo-labelled test image")
-    adapt.add_argument("--pseudo-label-blend", type=float, default=0.8, help="submission = B * adapted + (1 - B) * ensemble")
-    adapt.add_argument("--pseudo-label-fold", default="best", help="fold fine-tuned per grid: best or K")
-    adapt.add_argument("--time-budget", type=float, default=240.0, help="minutes the kernel's fine-tune may take (Kaggle stops at 540)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="infer.py --amp in the kernel (fp16 on T4/P100, bf16 on Ampere+)")
     parser.add_argument("--bundle-timm", action="store_true", help="ship this machine's timm as a wheel; the kernel installs it offline if Kaggle's is older")
+    # infer.py's own flags (InferConfig), the kernel's share of them; defaults from the `kaggle` preset
+    add_infer_flags(parser, only=KERNEL_FIELDS)
+    add_quiet_flag(parser)
     args = parser.parse_args(argv)
-    pseudo = PseudoLabelSettings(args.pseudo_label_epochs, args.pseudo_label_weight, args.pseudo_label_blend, args.pseudo_label_fold, args.time_budget)
-    build(args.checkpoints, args.out, args.owner, args.slug, KernelOptions(args.tta, args.physics, pseudo, args.bundle_timm, args.amp), args.backbone_weights)
+    options = KernelOptions(resolve_infer_config(args, preset="kaggle"), args.bundle_timm)
+    build(args.checkpoints, args.out, args.owner, args.slug, options, args.backbone_weights)
     return 0
 
 

@@ -28,7 +28,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-# Filled in by kernels/build.py: dataset ids and content ids, experiments, --tta/--physics. Empty = the template.
+# Filled in by kernels/build.py: dataset ids and content ids, experiments, infer.py's config. Empty = the template.
 BUILD: dict = {}
 
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -129,25 +129,14 @@ def ensure_timm(code: Path) -> str:
     return f"timm from the bundled {Path(wheel).name} into {target} (the image had {have or 'none'}, >= {need} needed)"
 
 
-def infer_argv(data: Path, weights: Path, out_dir: Path) -> list[str]:
-    """infer.py's command line: the built ensemble, the chosen TTA/physics, unreadable images -> counted fallback."""
-    pseudo = BUILD["pseudo_label"]
-    adapt = [
-        "--pseudo-label-epochs", str(pseudo["epochs"]), "--pseudo-label-weight", str(pseudo["weight"]),
-        "--pseudo-label-blend", str(pseudo["blend"]), "--pseudo-label-fold", str(pseudo["fold"]),
-        "--time-budget", str(pseudo["time_budget_min"]),
-    ] if pseudo["epochs"] > 0 else []  # fmt: skip
-    return [
-        "--data-dir", str(data),
-        "--checkpoints", *[str(weights / exp) for exp in BUILD["experiments"]],
-        "--out", str(out_dir / "submission.csv"),
-        "--tta", BUILD["tta"],
-        "--physics", BUILD["physics"],
-        "--on-bad-image", "fallback",
-        "--device", "auto",
-        *(["--amp"] if BUILD.get("amp") else []),
-        *adapt,
-    ]  # fmt: skip
+def infer_config(data: Path, weights: Path, out_dir: Path) -> dict:
+    """infer.py's config (an InferConfig dict, written by the build) with this machine's paths filled in."""
+    return {
+        **BUILD["infer"],
+        "data_dir": str(data),
+        "checkpoints": [str(weights / exp) for exp in BUILD["experiments"]],
+        "out": str(out_dir / "submission.csv"),
+    }
 
 
 def main() -> int:
@@ -167,23 +156,25 @@ def main() -> int:
         return 1
     out_dir = Path(os.environ.get("I2B_OUT_DIR", "/kaggle/working"))
     sys.path.insert(0, str(code))
+    # imported here, not at the top: the code dataset's location is only known at run time
     import infer  # the repo's own entry point, from the code dataset
-    from src.errors import run_cli
+    from src.errors import run_cli  # from the code dataset too (see above)
 
     for module, home in ((infer, code), (sys.modules["src"], code / "src")):
         if Path(module.__file__).resolve().parent != home.resolve():  # a same-named module elsewhere won
             print(f"error: {module.__name__} was imported from {module.__file__}, not from the code dataset {code}", file=sys.stderr)
             return 1
-    import timm
-    import torch
+    import timm  # after ensure_timm: the bundled wheel may have been put first on sys.path
+    import torch  # after the code dataset's path is set (see above)
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}, GPU {gpu}")
     print(f"code {code} ({BUILD['code_id'][:12]}), weights {weights} ({BUILD['weights_id'][:12]}), data {data}")
     print(f"{timm_note}; timm imported from {Path(timm.__file__).parent}; image cleaning of the checkpoints: {', '.join(BUILD['cleaning'])}")
-    argv = infer_argv(data, weights, out_dir)
-    print("infer.py " + " ".join(argv), flush=True)
-    return run_cli(infer.main, argv)
+    config = Path(tempfile.mkdtemp(prefix="i2b-config-")) / "infer.json"  # JSON is YAML: infer.py --config reads it
+    config.write_text(json.dumps(infer_config(data, weights, out_dir), indent=1))
+    print(f"infer.py --config {config}: {json.dumps(BUILD['infer'], sort_keys=True)}", flush=True)
+    return run_cli(infer.main, ["--config", str(config)])
 
 
 if __name__ == "__main__":

@@ -19,49 +19,30 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from src.config import InferConfig
+from src.data import load_id_list, load_train, long_to_wide, read_csv_checked, validate_train
 from src.dataset import AUX_COLUMNS
 from src.errors import BiomassError
-from src.schema import TARGETS
+from src.inference import TTA_MODES, Predictor, predict_ensemble, upper_bounds
+from src.logs import get_logger
+from src.metric import score
+from src.postprocess import apply_physics
+from src.schema import TARGETS, TRAIN_COLUMNS
+from src.training import fit
+
+log = get_logger(__name__)
 
 AUX_INDEX_COLUMNS = tuple(AUX_COLUMNS.values())  # state, month and species labels: unknown (-1) for test images
 BACKWARD_FACTOR = 3.0  # a training step costs about a forward and two for the backward pass
 
 
-@dataclass
-class PseudoLabelSettings:
-    """The --pseudo-label-* flags of infer.py (epochs 0 = off)."""
-
-    epochs: int = 0
-    weight: float = 1.0
-    blend: float = 0.8
-    fold: str = "best"
-    time_budget_min: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise BiomassError(f"--pseudo-label-epochs {self.epochs}: must be >= 0 (0 = off)")
-        if self.weight < 0:
-            raise BiomassError(f"--pseudo-label-weight {self.weight}: must be >= 0 (1 = a test image counts like a training image)")
-        if not 0.0 <= self.blend <= 1.0:
-            raise BiomassError(f"--pseudo-label-blend {self.blend}: must be in [0, 1] (the adapted model's share)")
-        if self.fold != "best" and not str(self.fold).isdigit():
-            raise BiomassError(f"--pseudo-label-fold {self.fold!r}: 'best' or a fold number")
-        if self.time_budget_min is not None and self.time_budget_min <= 0:
-            raise BiomassError(f"--time-budget {self.time_budget_min}: must be > 0 minutes")
-
-    @property
-    def enabled(self) -> bool:
-        return self.epochs > 0
-
-
-def pick_predictors(predictors: list, fold: str = "best") -> list:
+def pick_predictors(predictors: list[Predictor], fold: str = "best") -> list[Predictor]:
     """One predictor per grid: the fold with the best recorded validation score, or the given fold."""
     by_grid: dict[tuple[int, int], list] = {}
     for p in predictors:
@@ -100,25 +81,21 @@ def pseudo_label_frame(test_images: pd.DataFrame, values: np.ndarray, ok: np.nda
 
 def training_frame(data_dir: str | Path, cfg) -> pd.DataFrame:
     """Every training image (all folds) with weight 1, less the run's --drop-ids when that file is here."""
-    from src.data import load_id_list, load_train
-
     wide = load_train(data_dir, check_images=True)
     drop_path = cfg.data.drop_ids
     if drop_path and Path(drop_path).is_file():
         wide = wide[~wide["image_id"].isin(set(load_id_list(drop_path, wide["image_id"])))]
     elif drop_path:
-        print(f"warning: the run was trained with --drop-ids {drop_path}, which is not here: fine-tuning on every training image", flush=True)
+        log.warning(f"the run was trained with --drop-ids {drop_path}, which is not here: fine-tuning on every training image")
     return wide.assign(sample_weight=1.0).reset_index(drop=True)
 
 
 def finetune(predictor, train: pd.DataFrame, pseudo: pd.DataFrame, epochs: int, device: torch.device, amp: bool, num_workers: int, show: bool = True):
     """A copy of `predictor` whose model was trained `epochs` more epochs on train + pseudo-labelled test images.
 
-    All epochs run with the backbone unfrozen (stage 2 of the run's own config: its lrs, augmentation,
+    All epochs run with the backbone unfrozen (the finetune stage of the run's own config: its lrs, augmentation,
     mixup, EMA); no validation, no SWA, nothing saved.
     """
-    from src.training import fit
-
     cfg = copy.deepcopy(predictor.cfg)
     cfg.train.epochs, cfg.train.freeze_epochs, cfg.train.swa_top_k, cfg.train.patience = epochs, 0, 0, 0
     cfg.train.amp, cfg.data.num_workers = amp, num_workers
@@ -126,7 +103,7 @@ def finetune(predictor, train: pd.DataFrame, pseudo: pd.DataFrame, epochs: int, 
     frame = pd.concat([train, pseudo], ignore_index=True)
     if show:
         grid = f"{predictor.grid[0]}x{predictor.grid[1]}"
-        print(f"pseudo-label fine-tune of {predictor.path} (grid {grid}): {len(train)} train + {len(pseudo)} test images, {epochs} epoch(s)", flush=True)
+        log.info(f"pseudo-label fine-tune of {predictor.path} (grid {grid}): {len(train)} train + {len(pseudo)} test images, {epochs} epoch(s)")
     result = fit(cfg, frame, None, None, device, model=model)
     return predictor.with_model(result.model)
 
@@ -138,10 +115,6 @@ def blend(plain: np.ndarray, adapted: np.ndarray, share: float) -> np.ndarray:
 
 def score_against_truth(data_dir: str | Path, image_ids, named: dict[str, np.ndarray]) -> dict[str, float] | None:
     """Synthetic data only: weighted R2 of each named prediction on `test_labels.csv`, when that file is there."""
-    from src.data import long_to_wide, read_csv_checked, validate_train
-    from src.metric import score
-    from src.schema import TRAIN_COLUMNS
-
     path = Path(data_dir) / "test_labels.csv"
     if not path.is_file():
         return None
@@ -151,56 +124,50 @@ def score_against_truth(data_dir: str | Path, image_ids, named: dict[str, np.nda
 
 
 def run_pseudo_label(
-    settings: PseudoLabelSettings,
-    predictors: list,
+    cfg: InferConfig,
+    predictors: list[Predictor],
     test_images: pd.DataFrame,
     values: np.ndarray,
     ensemble,
-    data_dir: str | Path,
-    physics: str,
     grid_weights: dict,
-    batch_size: int,
-    num_workers: int,
-    tta: str,
 ) -> np.ndarray:
     """The submission values after pseudo-label adaptation (or `values` unchanged when skipped)."""
-    from src.inference import TTA_MODES, predict_ensemble, upper_bounds
-    from src.postprocess import apply_physics
-
+    settings = cfg.pseudo_label
     ok = ensemble.ok
     chosen = pick_predictors(predictors, settings.fold)
-    train = training_frame(data_dir, chosen[0].cfg)
-    n_flips = min(TTA_MODES[tta], 3)
-    estimate = estimate_seconds(ensemble.seconds, len(predictors), n_flips, len(test_images), len(train), settings.epochs, len(chosen))
-    if settings.time_budget_min is not None and estimate > 60 * settings.time_budget_min:
-        print(
-            f"warning: pseudo-label fine-tune skipped: estimated {estimate / 60:.1f} min > --time-budget {settings.time_budget_min:g} min; "
-            "submitting the plain ensemble",
-            flush=True,
+    train = training_frame(cfg.data_dir, chosen[0].cfg)
+    n_flips = min(TTA_MODES[cfg.tta], 3)
+    estimate = estimate_seconds(
+        ensemble.seconds, len(predictors), n_flips, len(test_images), len(train), settings.epochs, len(chosen)
+    )
+    if cfg.time_budget is not None and estimate > 60 * cfg.time_budget:
+        log.warning(
+            f"pseudo-label fine-tune skipped: estimated {estimate / 60:.1f} min > --time-budget {cfg.time_budget:g} min; "
+            "submitting the plain ensemble"
         )
         return values
     if not ok.any():
-        print("warning: pseudo-label fine-tune skipped: no readable test image", flush=True)
+        log.warning("pseudo-label fine-tune skipped: no readable test image")
         return values
     start = time.time()
     pseudo = pseudo_label_frame(test_images, values, ok, settings.weight)
     device = chosen[0].device
-    adapted = [finetune(p, train, pseudo, settings.epochs, device, p.amp, num_workers) for p in chosen]
+    adapted = [finetune(p, train, pseudo, settings.epochs, device, p.amp, cfg.num_workers) for p in chosen]
     used = {p.grid for p in adapted}
     weights = {g: w for g, w in grid_weights.items() if g in used}
     total = sum(weights.values())
     weights = {g: w / total for g, w in weights.items()} if total > 0 else None
     readable = test_images[ok].reset_index(drop=True)
-    again = predict_ensemble(adapted, readable, batch_size, weights, num_workers=num_workers, show=False)
-    adapted_values = apply_physics(again.mean(tta), physics, upper_bounds(predictors))
+    again = predict_ensemble(adapted, readable, cfg.batch_size, weights, num_workers=cfg.num_workers, show=False)
+    adapted_values = apply_physics(again.mean(cfg.tta), cfg.physics, upper_bounds(predictors))
     out = np.array(values, dtype=np.float64, copy=True)
     out[ok] = blend(values[ok], adapted_values, settings.blend)
-    print(
+    log.info(
         f"pseudo-label adaptation: {len(adapted)} model(s), {settings.epochs} epoch(s), blend {settings.blend:g} adapted + "
-        f"{1 - settings.blend:g} ensemble, {time.time() - start:.1f}s (estimated {estimate:.1f}s)",
-        flush=True,
+        f"{1 - settings.blend:g} ensemble, {time.time() - start:.1f}s (estimated {estimate:.1f}s)"
     )
-    truth = score_against_truth(data_dir, readable["image_id"], {"plain": values[ok], "adapted": adapted_values, "blend": out[ok]})
+    named = {"plain": values[ok], "adapted": adapted_values, "blend": out[ok]}
+    truth = score_against_truth(cfg.data_dir, readable["image_id"], named)
     if truth:
-        print("test_labels.csv (synthetic truth) weighted R2: " + ", ".join(f"{k} {v:.4f}" for k, v in truth.items()), flush=True)
+        log.info("test_labels.csv (synthetic truth) weighted R2: " + ", ".join(f"{k} {v:.4f}" for k, v in truth.items()))
     return out

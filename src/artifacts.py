@@ -26,7 +26,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from src.data import read_image  # noqa: E402
 from src.errors import BiomassError, run_cli  # noqa: E402
+from src.io_utils import atomic_path  # noqa: E402
 
 # Where a stamp can be: the bottom-right corner of the full image (fractions of its height / width).
 CORNER_H, CORNER_W = 0.15, 0.35
@@ -238,8 +240,6 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 
 def detection_table(data_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per image of a synthetic dataset: stamp painted (stamps.csv), detected, box IoU, orange left after cleaning."""
-    from src.data import read_image
-
     data_dir = Path(data_dir)
     stamps_csv = data_dir / "stamps.csv"
     if not stamps_csv.is_file():
@@ -280,13 +280,10 @@ def detection_summary(table: pd.DataFrame) -> dict[str, float]:
 
 def plot_examples(data_dir: str | os.PathLike, table: pd.DataFrame, out: str | os.PathLike, n: int = 3) -> Path:
     """PNG: the corner of a few stamped images before and after cleaning (what the detector removes)."""
-    import matplotlib
+    import matplotlib  # optional heavy dependency: loaded only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from src.data import read_image
-    from src.io_utils import atomic_path
+    import matplotlib.pyplot as plt  # optional heavy dependency (see above)
 
     picks = table[table["stamped"]].head(n)
     if picks.empty:

@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from src.data import load_train
 from src.errors import run_cli
+from src.io_utils import write_csv_atomic, write_text_atomic
+from src.report import load_runs, per_image_predictions
 from src.schema import TARGET_WEIGHTS, TARGETS
 
 CHECKS = ("oof_residual", "green_zero_grass", "zero_green_group", "identity_violation", "duplicate_labels", "duplicate_image")
@@ -126,8 +129,6 @@ def audit(wide: pd.DataFrame, oof: pd.DataFrame | None = None, z: float = 3.5, t
 
 def load_oof(exp_dir: str | Path) -> tuple[pd.DataFrame, str]:
     """Per-image OOF predictions of an experiment (the ensemble's if infer.py --oof ran) and where they come from."""
-    from src.report import load_runs, per_image_predictions
-
     exp_dir = Path(exp_dir)
     return per_image_predictions(exp_dir, load_runs(exp_dir))
 
@@ -143,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-drop-ids", default=None, help="write the flagged image ids (of --drop-checks) as a --drop-ids file")
     parser.add_argument("--drop-checks", nargs="+", default=["oof_residual", "zero_green_group"], choices=CHECKS, help="checks whose images go to --write-drop-ids")
     args = parser.parse_args(argv)
-    from src.data import load_train
-    from src.io_utils import write_csv_atomic, write_text_atomic
-
     wide = load_train(args.data_dir)
     oof, source = (None, "") if args.oof is None else load_oof(args.oof)
     found = audit(wide, oof, args.z, args.tolerance, images=not args.no_images)

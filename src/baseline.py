@@ -7,7 +7,10 @@ import argparse
 import numpy as np
 import pandas as pd
 
+from src.data import load_train
 from src.errors import run_cli
+from src.folds import load_folds
+from src.metric import score
 from src.schema import TARGETS
 
 
@@ -27,10 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data/synthetic")
     parser.add_argument("--folds", default="data/folds.csv")
     args = parser.parse_args(argv)
-    from src.data import load_train
-    from src.folds import load_folds
-    from src.metric import score
-
     wide = load_train(args.data_dir)
     scores = score(wide[list(TARGETS)].to_numpy(), mean_baseline_oof(wide, load_folds(args.folds, wide)))
     print("train-mean baseline OOF: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))

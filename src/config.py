@@ -1,7 +1,10 @@
 """Configuration as data: dataclasses resolved once (defaults < preset < YAML < flags) and saved per run.
 
-Each field becomes one command-line flag (`model.tile_size` -> `--tile-size`), so train.py and the
-YAML file can never drift apart; an unknown YAML key is an error, never silently dropped.
+Two configs: `Config` (train.py: data, model, train sections) and `InferConfig` (infer.py and the Kaggle
+kernel). Each field becomes one command-line flag (`model.tile_size` -> `--tile-size`,
+`pseudo_label.epochs` -> `--pseudo-label-epochs`), so the scripts and the YAML files can never drift apart;
+an unknown YAML key is an error, never silently dropped. Every choice and range is checked here, when the
+config is resolved, before any work starts.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,111 +27,222 @@ from src.schema import TARGET_WEIGHTS
 
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
 
+# ---- the allowed values of every choice field, defined once (the code that acts on them imports these) -----
+FEATURES = ("cls", "mean", "cls_mean")
+FUSIONS = ("film", "concat", "cross-attn")
+HEAD_LAYOUTS = ("five", "green-dead-clover", "clover-gdm-total")
+TARGET_SPACES = ("log1p", "raw")
+AUGMENT_STRENGTHS = ("default", "light", "none")
+LOSSES = ("mse", "huber")
+TTA_CHOICES = ("none", "flip", "full")
+PHYSICS_CHOICES = ("none", "seed", "project")
+ON_BAD_IMAGE = ("error", "fallback")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, check: tuple[Callable[[Any], bool], str] | None = None):
+    """A config field: its default, its --help text, and what values are allowed (checked when resolved)."""
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if check is not None:
+        meta["check"] = check
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low, f"must be >= {low:g}")
+
+
+PROBABILITY = (lambda v: 0.0 <= v <= 1.0, "must be a probability in [0, 1]")
+DEVICE = (lambda v: bool(DEVICE_RE.match(str(v))), "must be cpu, cuda, cuda:N or auto")
+
 
 @dataclass
 class DataConfig:
-    data_dir: str = field(default="data/synthetic", metadata={"help": "competition-layout data directory"})
-    folds: str = field(default="data/folds.csv", metadata={"help": "folds CSV written by folds.py"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers"})
-    jpeg_reduce: bool = field(default=True, metadata={"help": "decode JPEGs at reduced resolution when tiles are small"})
-    cache_images: bool = field(default=False, metadata={"help": "keep decoded images in RAM after the first epoch (one copy per worker)"})
+    data_dir: str = _opt("data/synthetic", "competition-layout data directory")
+    folds: str = _opt("data/folds.csv", "folds CSV written by folds.py")
+    num_workers: int = _opt(2, "DataLoader workers", check=_at_least(0))
+    jpeg_reduce: bool = _opt(True, "decode JPEGs at reduced resolution when tiles are small")
+    cache_images: bool = _opt(False, "keep decoded images in RAM after the first epoch (one copy per worker)")
     # data hygiene (docs/HYGIENE.md): the cleaning is saved with the run, so inference reads images the same way
-    clean_stamps: bool = field(default=False, metadata={"help": "detect the orange date stamp (bottom-right) and inpaint it, in training and inference"})
-    crop_bottom: float = field(default=0.0, metadata={"help": "drop this bottom fraction of the image before the view split (cardboard strip)"})
-    aug_artifacts: float = field(default=0.0, metadata={"help": "probability of painting synthetic date stamps / red flash dots on a training image"})
-    drop_ids: str | None = field(default=None, metadata={"help": "file of image ids left out of training (validation still scores them)"})
+    clean_stamps: bool = _opt(False, "detect the orange date stamp (bottom-right) and inpaint it, in training and inference")
+    crop_bottom: float = _opt(
+        0.0,
+        "drop this bottom fraction of the image before the view split (cardboard strip)",
+        check=(lambda v: 0.0 <= v < 0.5, "must be a fraction in [0, 0.5), e.g. 0.05"),
+    )
+    aug_artifacts: float = _opt(
+        0.0, "probability of painting synthetic date stamps / red flash dots on a training image", check=PROBABILITY
+    )
+    drop_ids: str | None = _opt(None, "file of image ids left out of training (validation still scores them)")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "timm model name (any ViT)"})
-    backbone_weights: str | None = field(default=None, metadata={"help": "local .pth/.safetensors file, or none"})
-    backbone_kwargs: dict = field(default_factory=dict, metadata={"help": "extra timm.create_model kwargs (YAML only)"})
-    grid: tuple[int, int] = field(default=(2, 2), metadata={"help": "tiles per view: rows cols"})
-    tile_size: int | None = field(default=None, metadata={"help": "tile side in px (multiple of the patch); default native"})
-    feature: str = field(default="cls_mean", metadata={"help": "per-tile feature: cls | mean | cls_mean"})
-    fusion_dim: int = field(default=256, metadata={"help": "width of the fused tile tokens"})
-    hidden_ratio: float = field(default=0.5, metadata={"help": "head MLP hidden width / fusion_dim"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout in the heads"})
-    use_aux_heads: bool = field(default=True, metadata={"help": "State/Month/Species heads (training only)"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in the backbone"})
-    max_tiles_per_call: int = field(default=64, metadata={"help": "backbone chunk size (memory limit)"})
+    backbone: str = _opt(DEFAULT_BACKBONE, "timm model name (any ViT)")
+    backbone_weights: str | None = _opt(None, "local .pth/.safetensors file, or none")
+    backbone_kwargs: dict = _opt({}, "extra timm.create_model kwargs (YAML only)")
+    grid: tuple[int, int] = _opt((2, 2), "tiles per view: rows cols", check=(lambda v: min(v) >= 1, "needs rows, cols >= 1"))
+    tile_size: int | None = _opt(None, "tile side in px (multiple of the patch); default native")
+    feature: str = _opt("cls_mean", "per-tile feature", choices=FEATURES)
+    fusion_dim: int = _opt(256, "width of the fused tile tokens", check=_at_least(1))
+    hidden_ratio: float = _opt(0.5, "head MLP hidden width / fusion_dim")
+    dropout: float = _opt(0.1, "dropout in the heads", check=PROBABILITY)
+    use_aux_heads: bool = _opt(True, "State/Month/Species heads (training only)")
+    grad_checkpointing: bool = _opt(False, "activation checkpointing in the backbone")
+    max_tiles_per_call: int = _opt(64, "backbone chunk size (memory limit)", check=_at_least(1))
     # options beyond the seed design (docs/OPTIONS.md); the defaults are the seed design
-    target_space: str = field(
-        default="log1p", metadata={"help": "log1p: log1p grams | raw: grams / training-fold std, SmoothL1", "choices": ("log1p", "raw")}
-    )
-    heads: str = field(
-        default="five",
-        metadata={"help": "five heads, or three softplus parts with the other two derived", "choices": ("five", "green-dead-clover", "clover-gdm-total")},
-    )
-    fusion: str = field(default="film", metadata={"help": "cross-view fusion", "choices": ("film", "concat", "cross-attn")})
+    target_space: str = _opt("log1p", "log1p: log1p grams | raw: grams / training-fold std, SmoothL1", choices=TARGET_SPACES)
+    heads: str = _opt("five", "five heads, or three softplus parts with the other two derived", choices=HEAD_LAYOUTS)
+    fusion: str = _opt("film", "cross-view fusion", choices=FUSIONS)
     # loss weights that live here because a weight > 0 adds a head the checkpoint must rebuild
-    aux_ndvi_weight: float = field(default=0.0, metadata={"help": "Pre_GSHH_NDVI regression head + loss weight (training only; 0 = no head)"})
-    aux_height_weight: float = field(default=0.0, metadata={"help": "Height_Ave_cm regression head + loss weight (training only; 0 = no head)"})
-    aux_bins: int = field(
-        default=0, metadata={"help": "N quantile bins per target (training fold): interval-classification heads, training only (0 = no head)"}
+    aux_ndvi_weight: float = _opt(
+        0.0, "Pre_GSHH_NDVI regression head + loss weight (training only; 0 = no head)", check=_at_least(0)
+    )
+    aux_height_weight: float = _opt(
+        0.0, "Height_Ave_cm regression head + loss weight (training only; 0 = no head)", check=_at_least(0)
+    )
+    aux_bins: int = _opt(
+        0,
+        "N quantile bins per target (training fold): interval-classification heads, training only (0 = no head)",
+        check=(lambda v: v == 0 or v >= 2, "needs at least 2 bins per target (0 = no bin heads)"),
     )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=12, metadata={"help": "total epochs (both stages)"})
-    freeze_epochs: int = field(default=3, metadata={"help": "stage-1 epochs with a frozen backbone"})
-    lr: float = field(default=1e-3, metadata={"help": "head / fusion learning rate"})
-    backbone_lr: float = field(default=1e-5, metadata={"help": "backbone learning rate in stage 2"})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    warmup_frac: float = field(default=0.1, metadata={"help": "linear warmup share of each stage"})
-    batch_size: int = field(default=8, metadata={"help": "images per step (per process)"})
-    accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    mixup_prob: float = field(default=0.5, metadata={"help": "probability a batch is mixed"})
-    mixup_alpha: float = field(default=0.4, metadata={"help": "Beta(alpha, alpha) of mixup"})
-    stereo_swap_prob: float = field(default=0.5, metadata={"help": "probability of swapping left/right views"})
-    augment: str = field(default="default", metadata={"help": "augmentation strength: default | light | none"})
-    aux_state_weight: float = field(default=0.1, metadata={"help": "State CE weight"})
-    aux_month_weight: float = field(default=0.1, metadata={"help": "Month CE weight"})
-    aux_species_weight: float = field(default=0.1, metadata={"help": "Species group CE weight"})
-    target_weights: tuple[float, float, float, float, float] = field(
-        default=TARGET_WEIGHTS, metadata={"help": "loss weight per target (Green Dead Clover GDM Total)"}
+    epochs: int = _opt(12, "total epochs (both stages)", check=_at_least(1))
+    freeze_epochs: int = _opt(3, "frozen-stage epochs (backbone frozen, heads on cached features)", check=_at_least(0))
+    lr: float = _opt(1e-3, "head / fusion learning rate")
+    backbone_lr: float = _opt(1e-5, "backbone learning rate in the finetune stage")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    warmup_frac: float = _opt(0.1, "linear warmup share of each stage", check=PROBABILITY)
+    batch_size: int = _opt(8, "images per step (per process)", check=_at_least(1))
+    accum: int = _opt(1, "gradient accumulation steps", check=_at_least(1))
+    mixup_prob: float = _opt(0.5, "probability a batch is mixed", check=PROBABILITY)
+    mixup_alpha: float = _opt(0.4, "Beta(alpha, alpha) of mixup", check=(lambda v: v > 0, "must be > 0"))
+    stereo_swap_prob: float = _opt(0.5, "probability of swapping left/right views", check=PROBABILITY)
+    augment: str = _opt("default", "augmentation strength", choices=AUGMENT_STRENGTHS)
+    aux_state_weight: float = _opt(0.1, "State CE weight", check=_at_least(0))
+    aux_month_weight: float = _opt(0.1, "Month CE weight", check=_at_least(0))
+    aux_species_weight: float = _opt(0.1, "Species group CE weight", check=_at_least(0))
+    target_weights: tuple[float, float, float, float, float] = _opt(
+        TARGET_WEIGHTS, "loss weight per target (Green Dead Clover GDM Total)"
     )
-    loss: str = field(default="mse", metadata={"help": "mse | huber (on log1p targets; raw space always uses SmoothL1)"})
-    huber_delta: float = field(default=1.0, metadata={"help": "Huber delta (log1p units)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
-    cache_features: bool = field(default=True, metadata={"help": "stage 1 trains heads from cached tile features"})
-    amp: bool = field(default=False, metadata={"help": "autocast (bf16 on CPU, bf16/fp16 on CUDA)"})
-    device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
-    seed: int = field(default=42, metadata={"help": "seed of python, numpy, torch, albumentations"})
-    patience: int = field(default=6, metadata={"help": "early-stopping patience in epochs (0 = off)"})
-    max_bad_steps: int = field(default=5, metadata={"help": "consecutive non-finite losses that stop the run"})
-    huber_beta: float = field(default=5.0, metadata={"help": "SmoothL1 beta in grams (--target-space raw)"})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the weights (timm ModelEmaV3): validated, selected and saved (0 = off)"})
-    freeze_blocks: int = field(default=0, metadata={"help": "first N backbone blocks (and the patch embedding) stay frozen in stage 2"})
-    layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay of the backbone in stage 2 (1 = off)"})
-    swa_top_k: int = field(default=0, metadata={"help": "average the K best epochs' weights at fold end (0 = off)"})
-    aux_bins_weight: float = field(default=0.1, metadata={"help": "CE weight of the --aux-bins heads (mean over targets)"})
+    loss: str = _opt("mse", "loss on log1p targets (raw space always uses SmoothL1)", choices=LOSSES)
+    huber_delta: float = _opt(1.0, "Huber delta (log1p units)")
+    grad_clip: float = _opt(1.0, "max grad norm (0 = off)", check=_at_least(0))
+    cache_features: bool = _opt(True, "the frozen stage trains heads from cached tile features")
+    amp: bool = _opt(False, "autocast (bf16 on CPU, bf16/fp16 on CUDA)")
+    device: str = _opt("auto", "cpu | cuda | cuda:N | auto", check=DEVICE)
+    seed: int = _opt(42, "seed of python, numpy, torch, albumentations")
+    patience: int = _opt(6, "early-stopping patience in epochs (0 = off)", check=_at_least(0))
+    max_bad_steps: int = _opt(5, "consecutive non-finite losses that stop the run", check=_at_least(1))
+    huber_beta: float = _opt(5.0, "SmoothL1 beta in grams (--target-space raw)", check=(lambda v: v >= 0, "must be >= 0 grams (0 = L1)"))
+    ema_decay: float = _opt(
+        0.0,
+        "EMA of the weights (timm ModelEmaV3): validated, selected and saved (0 = off)",
+        check=(lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.999; 0 turns EMA off"),
+    )
+    freeze_blocks: int = _opt(
+        0, "first N backbone blocks (and the patch embedding) stay frozen in the finetune stage", check=_at_least(0)
+    )
+    layer_decay: float = _opt(
+        1.0,
+        "layer-wise lr decay of the backbone in the finetune stage (1 = off)",
+        check=(lambda v: 0 < v <= 1, "must be in (0, 1], e.g. 0.75; 1 turns it off"),
+    )
+    swa_top_k: int = _opt(
+        0,
+        "average the K best epochs' weights at fold end (0 = off)",
+        check=(lambda v: v == 0 or v >= 2, "an average needs K >= 2 epochs; 0 turns it off"),
+    )
+    aux_bins_weight: float = _opt(0.1, "CE weight of the --aux-bins heads (mean over targets)", check=_at_least(0))
 
 
 @dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    exp: str = "default"
-    out_dir: str = "checkpoints"
+class PseudoLabelConfig:
+    """Test-time pseudo-label fine-tune (src/adapt.py); flags `--pseudo-label-<field>`."""
+
+    epochs: int = _opt(0, "fine-tune one model per grid on train + pseudo-labelled test images (0 = off)", check=_at_least(0))
+    weight: float = _opt(
+        1.0,
+        "loss weight of a pseudo-labelled test image (a training image weighs 1)",
+        check=(lambda v: v >= 0, "must be >= 0 (1 = a test image counts like a training image)"),
+    )
+    blend: float = _opt(
+        0.8,
+        "submission = B * adapted + (1 - B) * ensemble",
+        check=(lambda v: 0 <= v <= 1, "must be in [0, 1] (the adapted model's share)"),
+    )
+    fold: str = _opt(
+        "best",
+        "which fold's checkpoint of each grid is fine-tuned: best (by val score) or K",
+        check=(lambda v: v == "best" or str(v).isdigit(), "must be 'best' or a fold number"),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.epochs > 0
+
+
+class _Configurable:
+    """to_dict / from_dict / to_yaml for the two top-level configs."""
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML-able dict (tuples become lists)."""
         return _plain(dataclasses.asdict(self))
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> Config:
-        """Build from a (possibly partial) nested dict; unknown keys raise."""
+    def from_dict(cls, data: dict, source: str = "config"):
+        """Build from a (possibly partial) nested dict; unknown keys and bad values raise."""
         cfg = cls()
         apply_overrides(cfg, data, source)
+        check_config(cfg, source)
         return cfg
 
 
-SECTIONS = ("data", "model", "train")
+@dataclass
+class Config(_Configurable):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    exp: str = _opt("default", "experiment name (checkpoints/<exp>)")
+    out_dir: str = _opt("checkpoints", "root of the experiment directories")
 
+
+@dataclass
+class InferConfig(_Configurable):
+    """What infer.py runs (and the Kaggle kernel, which passes it as --config): the ensemble and how it predicts."""
+
+    data_dir: str = _opt("data/synthetic", "competition-layout data directory")
+    checkpoints: list[str] = _opt(["checkpoints/default"], "experiment dirs or best.pt files")
+    out: str = _opt("submission.csv", "submission file to write (its resolved config goes beside it as .yaml)")
+    tta: str = _opt("full", "none | flip (orig+h+v) | full (+stereo swap)", choices=TTA_CHOICES)
+    physics: str = _opt("project", "post-processing of the 5 targets", choices=PHYSICS_CHOICES)
+    grid_weights: list[str] | None = _opt(None, "RxC=W per grid, e.g. 2x2=1 3x3=0.5 (default equal)")
+    batch_size: int = _opt(8, "images per batch", check=_at_least(1))
+    device: str = _opt("auto", "cpu | cuda | cuda:N | auto", check=DEVICE)
+    amp: bool = _opt(False, "autocast (bf16 on CPU and Ampere+, fp16 on older GPUs)")
+    num_workers: int = _opt(0, "DataLoader workers for decoding", check=_at_least(0))
+    oof: bool = _opt(False, "score the checkpoints out of fold instead of writing a submission")
+    folds: str | None = _opt(None, "folds CSV for --oof (default: the one the checkpoints were trained with)")
+    on_bad_image: str = _opt("error", "fallback: training-median prediction + warning", choices=ON_BAD_IMAGE)
+    time_budget: float | None = _opt(
+        None,
+        "minutes the pseudo-label fine-tune may take; over the estimate it is skipped with a warning",
+        check=(lambda v: v is None or v > 0, "must be > 0 minutes"),
+    )
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig, metadata={"flag_prefix": "pseudo_label_"})
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------
 PRESETS: dict[str, dict] = {
     # the real thing: DINOv2 ViT-B/14 reg4, native-resolution tiles; needs a GPU
     "base": {},
@@ -167,6 +283,49 @@ def _merged(base: dict, extra: dict) -> dict:
 # checks the patch-16 path end to end on a CPU. 64 px tiles = 4x4 patches, like tiny's 56 = 4x4 of 14.
 PRESETS["tiny-dinov3"] = _merged(PRESETS["tiny"], {"model": {"backbone": "vit_small_patch16_dinov3", "tile_size": 64}})
 
+# InferConfig presets: `kaggle` is what the generated kernel runs unless kernels/build.py is told otherwise.
+INFER_PRESETS: dict[str, dict] = {
+    "local": {},
+    # the hidden rerun must end with a submission: unreadable images get the counted fallback; fp16 on a T4
+    "kaggle": {"amp": True, "on_bad_image": "fallback", "device": "auto"},
+}
+
+
+# ---- fields, values and checks -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Leaf:
+    """One settable field: where it lives (path of attribute names), its flag, type and metadata."""
+
+    path: tuple[str, ...]
+    flag: str
+    hint: Any
+    meta: Any
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+
+def leaves(cfg: Any, prefix: tuple[str, ...] = (), flag_prefix: str = "") -> Iterator[Leaf]:
+    """Every leaf field of a config, depth first; a nested dataclass is a section (its flag prefix from metadata)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(value, (*prefix, f.name), f.metadata.get("flag_prefix", ""))
+        else:
+            yield Leaf((*prefix, f.name), "--" + (flag_prefix + f.name).replace("_", "-"), hints[f.name], f.metadata)
+
+
+def _get(cfg: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _set(cfg: Any, path: tuple[str, ...], value: Any) -> None:
+    setattr(_get(cfg, path[:-1]), path[-1], value)
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
@@ -174,16 +333,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _field_types(section) -> dict[str, Any]:
-    hints = typing.get_type_hints(type(section))
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
-
-
-def _choices(section, name: str) -> tuple | None:
-    """The allowed values of a field (metadata 'choices'), None when any value of its type goes."""
-    return next(f.metadata.get("choices") for f in dataclasses.fields(section) if f.name == name)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -199,6 +348,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise BiomassError(f"{where}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise BiomassError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -215,28 +370,59 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def apply_overrides(cfg: Config, data: dict, source: str) -> Config:
+def _leaf_problem(leaf: Leaf, value: Any) -> str | None:
+    """Why `value` is not allowed for `leaf`, naming its flag and the allowed values (None when it is allowed)."""
+    choices = leaf.meta.get("choices")
+    if choices and value not in choices:
+        return f"unknown {leaf.flag} {value!r}; choose one of {', '.join(choices)}"
+    check = leaf.meta.get("check")
+    if check is not None and value is not None and not check[0](value):
+        shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        return f"{leaf.flag} {shown}: {check[1]}"
+    return None
+
+
+def check_config(cfg: Any, source: str = "config") -> Any:
+    """Every choice and range of a resolved config, before any work: one line naming the flag and the allowed values."""
+    for leaf in leaves(cfg):
+        problem = _leaf_problem(leaf, _get(cfg, leaf.path))
+        if problem:
+            raise BiomassError(f"{source}: {problem}")
+    if isinstance(cfg, Config) and cfg.train.freeze_epochs > cfg.train.epochs:
+        raise BiomassError(
+            f"{source}: --freeze-epochs {cfg.train.freeze_epochs} exceeds --epochs {cfg.train.epochs}; "
+            "the frozen stage is part of the epochs"
+        )
+    return cfg
+
+
+def apply_overrides(cfg: Any, data: dict, source: str) -> Any:
     """Merge a nested dict into cfg in place; unknown sections/keys raise naming the source."""
-    for key, value in (data or {}).items():
-        if key in SECTIONS:
-            section = getattr(cfg, key)
-            types_ = _field_types(section)
-            if not isinstance(value, dict):
-                raise BiomassError(f"{source}: section {key!r} must be a mapping")
-            for name, sub in value.items():
-                if name not in types_:
-                    raise BiomassError(
-                        f"{source}: unknown key {key}.{name}; valid keys: {', '.join(sorted(types_))}"
-                    )
-                value_ = _coerce(sub, types_[name], f"{source}: {key}.{name}")
-                choices = _choices(section, name)
-                if choices and value_ not in choices:
-                    raise BiomassError(f"{source}: {key}.{name}: {value_!r} is not one of {', '.join(choices)}")
-                setattr(section, name, value_)
-        elif key in ("exp", "out_dir"):
-            setattr(cfg, key, str(value))
-        else:
-            raise BiomassError(f"{source}: unknown key {key!r}; valid: {', '.join(SECTIONS)}, exp, out_dir, preset")
+    by_path = {leaf.path: leaf for leaf in leaves(cfg)}
+    sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    top = sorted({leaf.path[0] for leaf in by_path.values()})
+
+    def merge(values: dict, prefix: tuple[str, ...]) -> None:
+        for key, value in (values or {}).items():
+            path = (*prefix, key)
+            if path in by_path:
+                leaf = by_path[path]
+                value = _coerce(value, leaf.hint, f"{source}: {leaf.dotted}")
+                problem = _leaf_problem(leaf, value) if leaf.meta.get("choices") else None
+                if problem:
+                    raise BiomassError(f"{source}: {leaf.dotted}: {problem}")  # a YAML key names its place
+                _set(cfg, path, value)
+            elif len(path) == 1 and key in sections:
+                if not isinstance(value, dict):
+                    raise BiomassError(f"{source}: section {key!r} must be a mapping")
+                merge(value, path)
+            elif len(path) == 1:
+                raise BiomassError(f"{source}: unknown key {key!r}; valid: {', '.join(top)}, preset")
+            else:
+                valid = sorted(p[-1] for p in by_path if p[:-1] == prefix)
+                raise BiomassError(f"{source}: unknown key {'.'.join(path)}; valid keys: {', '.join(valid)}")
+
+    merge(data, ())
     return cfg
 
 
@@ -254,56 +440,78 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# ---- command line ------------------------------------------------------------------------------------------------
+def add_flags(
+    parser: argparse.ArgumentParser, template: Any, presets: dict[str, dict], only: set[str] | None = None
+) -> None:
+    """One flag per config field (default None = not given, so YAML/preset values survive), grouped by section.
+
+    `only` limits the flags to these dotted field names (kernels/build.py takes the kernel's share of infer.py's).
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for leaf in leaves(template):
+        if leaf.hint is dict or (only is not None and leaf.dotted not in only):
+            continue
+        section = leaf.path[0] if len(leaf.path) > 1 else "options"
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
+        default = _get(template, leaf.path)
+        helptext = leaf.meta.get("help", "") + f" (default {default!r})"
+        kwargs: dict[str, Any] = {"dest": leaf.dotted, "default": None, "help": helptext}
+        origin = typing.get_origin(leaf.hint)
+        list_hint = origin is list or any(typing.get_origin(a) is list for a in typing.get_args(leaf.hint))
+        if leaf.hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:
+            kwargs["nargs"] = len(typing.get_args(leaf.hint))
+        elif list_hint:
+            kwargs["nargs"] = "*" if type(None) in typing.get_args(leaf.hint) else "+"
+        else:
+            kwargs["choices"] = leaf.meta.get("choices")
+        group.add_argument(leaf.flag, **kwargs)
+    if only is None:
+        parser.add_argument("--config", default=None, help="YAML file with config values (flags override it)")
+        parser.add_argument("--preset", default=None, choices=sorted(presets), help="named preset (YAML and flags override it)")
+
+
+def resolve(cls: type, args: argparse.Namespace, presets: dict[str, dict], preset: str | None = None) -> Any:
+    """defaults < preset < YAML < flags, then every check. `preset` is the caller's default preset."""
+    cfg = cls()
+    yaml_data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    yaml_preset = yaml_data.pop("preset", None)
+    name = getattr(args, "preset", None) or yaml_preset or preset
+    if name is not None:
+        if name not in presets:
+            raise BiomassError(f"unknown preset {name!r}; choose one of {', '.join(sorted(presets))}")
+        apply_overrides(cfg, presets[name], f"preset {name}")
+    apply_overrides(cfg, yaml_data, str(getattr(args, "config", None) or "yaml"))
+    flags: dict[str, Any] = {}
+    known = {leaf.dotted: leaf.path for leaf in leaves(cfg)}
+    for dest, value in vars(args).items():
+        if value is not None and dest in known:
+            target = flags
+            *parents, last = known[dest]
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[last] = value
+    apply_overrides(cfg, flags, "command line")
+    return check_config(cfg, "command line")
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (default None = not given, so YAML/preset values survive)."""
-    for section_name in SECTIONS:
-        section = getattr(Config(), section_name)
-        group = parser.add_argument_group(section_name)
-        for f in dataclasses.fields(section):
-            hint = _field_types(section)[f.name]
-            if hint is dict:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            helptext = f.metadata.get("help", "") + f" (default {getattr(section, f.name)!r})"
-            dest = f"{section_name}.{f.name}"
-            if hint is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-            elif typing.get_origin(hint) is tuple:
-                group.add_argument(flag, dest=dest, nargs=len(typing.get_args(hint)), default=None, help=helptext)
-            else:
-                group.add_argument(flag, dest=dest, default=None, choices=f.metadata.get("choices"), help=helptext)
-    parser.add_argument("--exp", default=None, help="experiment name (checkpoints/<exp>)")
-    parser.add_argument("--out-dir", dest="out_dir", default=None, help="root of the experiment directories")
-    parser.add_argument("--config", default=None, help="YAML file with config values (flags override it)")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named preset (YAML and flags override it)")
+    """train.py's flags: one per `Config` field."""
+    add_flags(parser, Config(), PRESETS)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """defaults < preset < YAML < flags."""
-    cfg = Config()
-    yaml_data = load_yaml(args.config) if getattr(args, "config", None) else {}
-    yaml_preset = yaml_data.pop("preset", None)
-    preset = getattr(args, "preset", None) or yaml_preset
-    if preset is not None:
-        if preset not in PRESETS:
-            raise BiomassError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-        apply_overrides(cfg, PRESETS[preset], f"preset {preset}")
-    apply_overrides(cfg, yaml_data, str(getattr(args, "config", None) or "yaml"))
-    flags: dict[str, dict] = {}
-    for dest, value in vars(args).items():
-        if value is None:
-            continue
-        if "." in dest:
-            section, name = dest.split(".", 1)
-            flags.setdefault(section, {})[name] = value
-        elif dest in ("exp", "out_dir"):
-            flags[dest] = value
-    apply_overrides(cfg, flags, "command line")
-    return cfg
+    """train.py's config: defaults < preset < YAML < flags."""
+    return resolve(Config, args, PRESETS)
 
 
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically)."""
-    from src.io_utils import write_text_atomic
+def add_infer_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """infer.py's flags: one per `InferConfig` field."""
+    add_flags(parser, InferConfig(), INFER_PRESETS, only)
 
-    return write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+def resolve_infer_config(args: argparse.Namespace, preset: str | None = None) -> InferConfig:
+    """infer.py's config: defaults < preset < YAML < flags."""
+    return resolve(InferConfig, args, INFER_PRESETS, preset)

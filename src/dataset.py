@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from src.artifacts import Cleaning
+from src.artifacts import Cleaning, artifact_transform
+from src.config import DataConfig
 from src.data import jpeg_reduce_factor, read_image, split_views
 from src.errors import BiomassError
 from src.schema import TARGETS
+from src.transforms import build_transform
 
 AUX_COLUMNS = {"state": "state_idx", "month": "month_idx", "species": "species_idx"}
 # regression aux labels: batch key -> metadata column; training adds `<key>_z` (standardized by the training fold)
@@ -155,6 +157,26 @@ class ViewPairDataset(Dataset):
         return {"left": _to_chw(left), "right": _to_chw(right), "ok": torch.tensor(ok), **self.labels[i]}
 
 
+def image_dataset(
+    frame: pd.DataFrame,
+    view_size: tuple[int, int],
+    data_cfg: DataConfig,
+    transform=None,
+    stereo_swap_prob: float = 0.0,
+    train: bool = False,
+) -> ViewPairDataset:
+    """A run's images, read with its cleaning (`--clean-stamps`, `--crop-bottom`); `--aug-artifacts` in training only.
+
+    `transform` defaults to the eval transform (resize only).
+    """
+    transform = transform if transform is not None else build_transform(view_size, train=False)
+    artifacts = artifact_transform(data_cfg.aug_artifacts) if train else None
+    return ViewPairDataset(
+        frame, view_size, transform, stereo_swap_prob, data_cfg.jpeg_reduce, cleaning=Cleaning.from_config(data_cfg),
+        image_transform=artifacts, cache_images=data_cfg.cache_images,
+    )  # fmt: skip
+
+
 def input_key(view_size: tuple[int, int], cleaning: Cleaning | None = None) -> str:
     """Batch key of one model input: view size plus the cleaning it was trained with ('56x112', '56x112|stamps')."""
     key = f"{view_size[0]}x{view_size[1]}"
@@ -170,8 +192,6 @@ class MultiSizeViewDataset(Dataset):
     """
 
     def __init__(self, frame: pd.DataFrame, view_sizes, jpeg_reduce: bool = True, on_bad_image: str = "error", cleanings=None) -> None:
-        from src.transforms import build_transform
-
         self.frame = frame.reset_index(drop=True)
         view_sizes = [tuple(v) for v in view_sizes]
         cleanings = list(cleanings) if cleanings is not None else [Cleaning()] * len(view_sizes)
@@ -211,16 +231,6 @@ class MultiSizeViewDataset(Dataset):
                 pair = (_to_chw(res["image"]), _to_chw(res["image2"]))
             out[input_key(size, cleaning)] = torch.stack(pair)
         return out
-
-
-# geometric variants cached per image: identity, hflip, vflip, both (the same flip on both views)
-FLIP_VARIANTS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
-
-
-def flip_views(views: torch.Tensor, hflip: bool, vflip: bool) -> torch.Tensor:
-    """Flip a (B, 3, H, W) batch of views."""
-    dims = [d for d, on in ((-1, hflip), (-2, vflip)) if on]
-    return views.flip(dims) if dims else views
 
 
 class FeatureCacheDataset(Dataset):

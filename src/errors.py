@@ -6,6 +6,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from src.logs import set_quiet
+
 
 class BiomassError(Exception):
     """A user-facing error: the message names the file/row/column and says what to do."""
@@ -25,12 +27,13 @@ class BiomassError(Exception):
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a script's main; a BiomassError becomes `error: <message>` on stderr and exit 1.
 
-    `--debug` anywhere on the command line shows the full traceback instead.
+    `--debug` anywhere on the command line shows the full traceback instead; `--quiet` keeps only warnings.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    set_quiet("--quiet" in args)  # the scripts declare --quiet (src.logs.add_quiet_flag); it acts before main runs
     try:
         return int(main(args) or 0)
     except BiomassError as err:

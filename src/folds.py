@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from src.config import DataConfig
+from src.data import load_id_list, load_train
 from src.errors import BiomassError
 from src.io_utils import write_csv_atomic
 from src.schema import TARGETS
@@ -121,3 +124,49 @@ def check_fold_index(folds: pd.DataFrame, fold: int, path: str | os.PathLike) ->
     available = sorted(folds["fold"].unique())
     if fold not in available:
         raise BiomassError(f"fold {fold} is not in {path} (folds {available[0]}..{available[-1]}); pass --fold in that range")
+
+
+# ---- the one fold split of training, sweeps and train.py ----------------------------------------------------------
+@dataclass
+class FoldSplit:
+    """The training and validation images of one fold, and what `--drop-ids` left out (a line for the log)."""
+
+    fold: int
+    train: pd.DataFrame
+    val: pd.DataFrame
+    note: str = ""
+
+
+def load_fold_table(data_cfg: DataConfig, check_images: bool = True) -> pd.DataFrame:
+    """train.csv as a wide frame with each image's fold from the folds file (both validated)."""
+    wide = load_train(data_cfg.data_dir, check_images=check_images)
+    return wide.merge(load_folds(data_cfg.folds, wide), on="image_id")
+
+
+def fold_numbers(table: pd.DataFrame) -> list[int]:
+    """The folds of a fold table, ascending (what `--fold all` trains)."""
+    return [int(k) for k in sorted(table["fold"].unique())]
+
+
+def split_fold(table: pd.DataFrame, fold: int, data_cfg: DataConfig) -> FoldSplit:
+    """Fold `fold` of a fold table: its images validate, the others train (less `--drop-ids`)."""
+    check_fold_index(table, fold, data_cfg.folds)
+    train = table[table["fold"] != fold].reset_index(drop=True)
+    val = table[table["fold"] == fold].reset_index(drop=True)
+    train, note = drop_training_ids(train, val, data_cfg.drop_ids, table["image_id"])
+    return FoldSplit(int(fold), train, val, note)
+
+
+def drop_training_ids(train_frame: pd.DataFrame, val_frame: pd.DataFrame, path: str | None, known_ids) -> tuple[pd.DataFrame, str]:
+    """`--drop-ids FILE`: the listed images leave the training set; validation keeps and scores them (said in the note)."""
+    if not path:
+        return train_frame, ""
+    drop = set(load_id_list(path, known_ids))
+    kept = train_frame[~train_frame["image_id"].isin(drop)].reset_index(drop=True)
+    in_val = int(val_frame["image_id"].isin(drop).sum())
+    note = f"--drop-ids {path}: {len(train_frame) - len(kept)} of {len(train_frame)} training images left out"
+    if in_val:
+        note += f"; {in_val} listed image(s) are in this fold's validation set and are still scored"
+    if kept.empty:
+        raise BiomassError(f"--drop-ids {path}: drops every training image of this fold; list fewer ids")
+    return kept, note

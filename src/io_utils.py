@@ -87,13 +87,6 @@ def write_csv_atomic(frame, path: str | os.PathLike, **kwargs) -> Path:
     return Path(path)
 
 
-def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
-    """torch.save atomically (checkpoints survive a kill mid-write)."""
-    import torch
-
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as err:  # torch's zip writer reports a full disk as RuntimeError, not OSError
-            raise OSError(f"{str(err).strip().splitlines()[0][:200]}; disk full?") from err
-    return Path(path)
+def save_config(cfg, path: str | os.PathLike) -> Path:
+    """Write a resolved config (anything with `to_yaml()`: Config, InferConfig) as YAML, atomically."""
+    return write_text_atomic(path, cfg.to_yaml())

@@ -4,7 +4,7 @@
     right view -> R x C tiles -> backbone -> tile feats -+-> proj + tile pos + view embed -> FiLM(left summary)  -+
                                                         attention pooling over all 2*R*C tokens -> 5 heads (+ aux)
 
-`encode_tiles` and `head_from_features` are the two halves of `forward`, so stage-1 training can cache
+`encode_tiles` and `head_from_features` are the two halves of `forward`, so the frozen stage can cache
 tile features and TTA can swap views without running the backbone again.
 """
 
@@ -19,7 +19,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from src.backbone import create_backbone, norm_constants, patch_size
-from src.config import ModelConfig
+from src.config import HEAD_LAYOUTS, ModelConfig, check_config
 from src.errors import BiomassError
 from src.schema import MONTHS, SPECIES_GROUPS, STATES, TARGETS
 
@@ -28,11 +28,21 @@ AUX_CLASSES = {"state": len(STATES), "month": len(MONTHS), "species": len(SPECIE
 AUX_REGRESSION = {"ndvi": "aux_ndvi_weight", "height": "aux_height_weight"}
 # --heads: which targets (indices into TARGETS) the heads predict; with three, the other two are derived
 HEAD_TARGETS = {"five": (0, 1, 2, 3, 4), "green-dead-clover": (0, 1, 2), "clover-gdm-total": (2, 3, 4)}
-FUSIONS = ("film", "concat", "cross-attn")
-TARGET_SPACES = ("log1p", "raw")
+assert tuple(HEAD_TARGETS) == HEAD_LAYOUTS  # the config's --heads choices are exactly these layouts
 NATIVE_VIEW_PX = 1000
 # position/view embeddings and special tokens are not decayed (timm's convention); weights otherwise are
 NO_DECAY = {"pos_embed", "tile_pos", "view_embed", "cls_token", "reg_token"}  # a 2000x1000 image holds two 1000x1000 views
+
+
+# geometric variants of a view pair: identity, hflip, vflip, both (the same flip on both views); the frozen
+# stage caches all four per image, flip TTA uses the first three
+FLIP_VARIANTS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+
+
+def flip_views(views: torch.Tensor, hflip: bool, vflip: bool) -> torch.Tensor:
+    """Flip a (B, 3, H, W) batch of views."""
+    dims = [d for d, on in ((-1, hflip), (-2, vflip)) if on]
+    return views.flip(dims) if dims else views
 
 
 def default_tile_size(grid: tuple[int, int], patch: int, view_px: int = NATIVE_VIEW_PX) -> int:
@@ -137,8 +147,6 @@ class BiomassModel(nn.Module):
         mean, std = norm_constants(self.backbone)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        if cfg.feature not in ("cls", "mean", "cls_mean"):
-            raise BiomassError(f"unknown --feature {cfg.feature!r}; choose cls, mean or cls_mean")
         embed = self.backbone.num_features
         self.feature_dim = embed * (2 if cfg.feature == "cls_mean" else 1)
         dim = cfg.fusion_dim
@@ -146,9 +154,6 @@ class BiomassModel(nn.Module):
         self.proj = nn.Sequential(nn.LayerNorm(self.feature_dim), nn.Linear(self.feature_dim, dim), nn.GELU())
         self.tile_pos = nn.Parameter(torch.randn(n_tiles, dim) * 0.02)
         self.view_embed = nn.Parameter(torch.randn(2, dim) * 0.02)
-        for name, value, allowed in (("fusion", cfg.fusion, FUSIONS), ("heads", cfg.heads, tuple(HEAD_TARGETS)), ("target-space", cfg.target_space, TARGET_SPACES)):
-            if value not in allowed:
-                raise BiomassError(f"unknown --{name} {value!r}; choose one of {', '.join(allowed)}")
         if cfg.fusion == "film":
             self.film_from_right = FiLM(dim)  # right summary modulates left tokens
             self.film_from_left = FiLM(dim)
@@ -166,8 +171,6 @@ class BiomassModel(nn.Module):
         )
         self.aux_regression = nn.ModuleDict({name: nn.Linear(dim, 1) for name, w in AUX_REGRESSION.items() if getattr(cfg, w) > 0})
         # --aux-bins N: one Linear for all five targets' N-way interval classification (training only)
-        if cfg.aux_bins < 0 or cfg.aux_bins == 1:
-            raise BiomassError(f"--aux-bins {cfg.aux_bins}: needs at least 2 bins per target (0 = no bin heads)")
         self.aux_bin_head = nn.Linear(dim, len(TARGETS) * cfg.aux_bins) if cfg.aux_bins > 0 else None
         # per-target scale of raw-space targets (the training fold's std); saved in the state_dict only in raw space
         self.register_buffer("target_scale", torch.ones(len(TARGETS)), persistent=cfg.target_space == "raw")
@@ -204,6 +207,17 @@ class BiomassModel(nn.Module):
         chunk = max(1, self.cfg.max_tiles_per_call)
         feats = torch.cat([self.tile_features(flat[i : i + chunk]) for i in range(0, len(flat), chunk)])
         return feats.reshape(batch, n_tiles, -1)
+
+    def encode_flips(self, left: torch.Tensor, right: torch.Tensor, flips) -> torch.Tensor:
+        """Both views under each (hflip, vflip) of `flips` in one backbone pass: (len(flips), 2, B, R*C, F).
+
+        Index [k, 0] is the left view under flip k, [k, 1] the right one. The frozen stage's feature cache
+        and flip TTA both go through here, so they cannot encode a flipped view differently.
+        """
+        batch = left.shape[0]
+        views = torch.cat([left, right])
+        feats = self.encode_tiles(torch.cat([flip_views(views, h, v) for h, v in flips]))
+        return feats.reshape(len(flips), 2, batch, *feats.shape[1:])
 
     # ---- fusion and heads ---------------------------------------------------------------------
     def head_from_features(self, left_feats: torch.Tensor, right_feats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -308,10 +322,7 @@ class BiomassModel(nn.Module):
         self.backbone_frozen = False
         self.backbone.requires_grad_(True)
         self.backbone.train(self.training)
-        if keep_frozen_blocks > 0:
-            depth = len(self.backbone.blocks)
-            if keep_frozen_blocks > depth:
-                raise BiomassError(f"--freeze-blocks {keep_frozen_blocks} exceeds the backbone's {depth} blocks")
+        if keep_frozen_blocks > 0:  # in range: training's check_options compared it with the depth
             layers = self.backbone_layers
             for name, param in self.backbone.named_parameters():
                 layer = layers[name]
@@ -377,5 +388,6 @@ def assemble_targets(green: torch.Tensor, dead: torch.Tensor, clover: torch.Tens
 
 
 def build_model(cfg: ModelConfig, load_backbone_weights: bool = True) -> BiomassModel:
-    """The one constructor used by training, inference and tests."""
+    """The one constructor used by training, inference and tests (a hand-built ModelConfig gets the config's checks)."""
+    check_config(cfg, "model config")
     return BiomassModel(cfg, load_backbone_weights=load_backbone_weights)

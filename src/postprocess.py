@@ -9,10 +9,11 @@ import itertools
 
 import numpy as np
 
+from src.config import PHYSICS_CHOICES
 from src.errors import BiomassError
 from src.schema import TARGET_WEIGHTS
 
-MODES = ("none", "seed", "project")
+MODES = PHYSICS_CHOICES  # --physics: the config owns the names, this module what they do
 
 # y = A @ (green, dead, clover): the five targets as a linear map of the three components
 COMPONENTS = np.array(

@@ -10,6 +10,7 @@ and `oof_report.csv` / `oof_ensemble.csv` from `infer.py --oof`), so a report ne
 
 from __future__ import annotations
 
+import argparse
 import math
 import shlex
 from collections.abc import Iterable
@@ -20,7 +21,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from src.errors import BiomassError
+from src.config import Config
+from src.data import load_train
+from src.errors import BiomassError, run_cli
 from src.io_utils import atomic_path, write_csv_atomic, write_text_atomic
 from src.metric import per_target_r2, score
 from src.schema import SHORT_NAMES, TARGETS
@@ -215,17 +218,17 @@ def breakdown_table(pred: pd.DataFrame, wide: pd.DataFrame) -> pd.DataFrame:
 
 # ---- plots ---------------------------------------------------------------------------------------------------------
 def _plt():
-    import matplotlib
+    import matplotlib  # optional heavy dependency: loaded only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional heavy dependency (see above)
 
     return plt
 
 
 def _log1p_axis(ax, which: str = "both") -> None:
     """Axes evenly spaced in log1p(grams) but labelled in grams: zeros stay visible, large values are not squashed."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter  # optional heavy dependency: plots only
 
     ticks = [0, 1, 3, 10, 30, 100, 300, 1000]
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
@@ -325,7 +328,7 @@ def plot_fold_bars(table: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_learning_curves(runs: list[FoldRun], path: Path) -> Path:
-    """Train loss and val weighted R^2 per epoch for every fold; dotted line = start of stage 2 (unfrozen)."""
+    """Train loss and val weighted R^2 per epoch for every fold; dotted line = start of the finetune stage (unfrozen)."""
     plt = _plt()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.4), constrained_layout=True)
     cmap = plt.get_cmap("tab10")
@@ -345,16 +348,17 @@ def plot_learning_curves(runs: list[FoldRun], path: Path) -> Path:
             if m["weighted_r2"].notna().any():
                 best = m.loc[m["weighted_r2"].idxmax()]
                 ax_val.plot(best["epoch"], best["weighted_r2"], marker="*", ms=12, color=color, ls="")
-        stage2 = m.loc[m["stage"] == 2, "epoch"] if "stage" in m else pd.Series(dtype=float)
-        if len(stage2):
-            boundaries.add(float(stage2.min()) - 0.5)
+        finetune = m["stage"].isin(["finetune", 2, "2"]) if "stage" in m else pd.Series(False, index=m.index)  # 2: older runs
+        starts = m.loc[finetune, "epoch"]
+        if len(starts):
+            boundaries.add(float(starts.min()) - 0.5)
     for ax in (ax_loss, ax_val):
         for b in sorted(boundaries):
             ax.axvline(b, color="0.3", ls=":", lw=1.2)
         if boundaries:
             ymax = ax.get_ylim()[1]
             for b in sorted(boundaries):
-                ax.text(b + 0.05, ymax, " stage 2 (unfrozen) →", fontsize=7, va="top", ha="left", color="0.3")
+                ax.text(b + 0.05, ymax, " finetune stage →", fontsize=7, va="top", ha="left", color="0.3")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -412,8 +416,6 @@ def make_report(exp_dir: str | Path, data_dir: str | Path | None = None, show: b
     data_path, data_note = resolve_data_dir(runs, data_dir)
     breakdown = None
     if data_path is not None:
-        from src.data import load_train
-
         breakdown = breakdown_table(pred, load_train(data_path))
         write_csv_atomic(breakdown, out / "breakdown.csv")
     title = f"{exp_dir.name}: {pred_source.split(':')[0].strip('`')} (one point per OOF image)"
@@ -616,8 +618,6 @@ OPTION_KEYS = (
 
 def option_summary(config: dict) -> str:
     """`name=value` of every option that differs from its default, or 'default'."""
-    from src.config import Config
-
     defaults = Config().to_dict()
     parts = [
         f"{name}={config.get(section, {}).get(name)}"
@@ -731,8 +731,6 @@ def run_compare(exp_dirs: list[str | Path], baseline: str | None = None, out: st
 
 # ---- command line -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None):
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="report.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1],
@@ -764,6 +762,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from src.errors import run_cli
-
     raise SystemExit(run_cli(main))

@@ -3,7 +3,7 @@
     python sweep.py --exp NAME --preset tiny --fold 0 --lr 5e-4 1e-3 2e-3 --dropout 0.1 0.2 0.3 --hidden-ratio 0.25 0.5 1.0
 
 Every flag of train.py sets the fixed part of the config; the flags below take several values and the
-sweep runs their cartesian product. Only the stage-1 heads train (epochs = freeze_epochs; `--epochs N`
+sweep runs their cartesian product. Only the frozen-stage heads train (epochs = freeze_epochs; `--epochs N`
 sets both), so the backbone runs once per fold: `feature_cache` is built once and every run's `fit`
 reads it. That is only valid while the backbone, its input and its seed stay fixed, which is why grid,
 tile size, backbone, feature, seed and amp cannot be swept here (train them as separate experiments).
@@ -26,12 +26,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from src import training
-from src.config import Config, add_config_flags, apply_overrides, resolve_config
-from src.errors import BiomassError
+from src.backbone import check_backbone_name
+from src.config import Config, add_config_flags, apply_overrides, check_config, resolve_config
+from src.errors import BiomassError, run_cli
+from src.feature_cache import feature_cache
+from src.folds import fold_numbers, load_fold_table, split_fold
 from src.io_utils import write_csv_atomic, write_text_atomic
+from src.logs import add_quiet_flag, get_logger
 from src.model import build_model
+from src.report import to_markdown
+from src.runtime import resolve_device, seed_everything
 from src.schema import SHORT_NAMES, TARGETS
+from src.training import fit
+
+log = get_logger(__name__)
 
 # flag -> (config section, field): what a sweep may vary without invalidating the cached tile features
 SWEEP_FIELDS: dict[str, tuple[str, str]] = {
@@ -107,7 +115,7 @@ def expand(base: Config, grid: dict[str, list]) -> list[SweepRun]:
         for name, value in zip(names, combo):
             section, field = SWEEP_FIELDS[name]
             overrides.setdefault(section, {})[field] = value
-        apply_overrides(cfg, overrides, "sweep values")
+        check_config(apply_overrides(cfg, overrides, "sweep values"), "sweep values")
         values = {n: getattr(getattr(cfg, SWEEP_FIELDS[n][0]), SWEEP_FIELDS[n][1]) for n in SWEEP_FIELDS}
         run = SweepRun(cfg, values, run_id_of(cfg))
         if run.run_id not in seen:  # repeated values on the command line
@@ -145,51 +153,42 @@ def _check_stage1(base: Config) -> None:
 def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = None, show: bool = True) -> pd.DataFrame:
     """Run every (run, fold) of the product not yet in sweep.csv; return the table of the product's runs.
 
-    Per fold the backbone is built once with the config's seed and `training.feature_cache` runs once;
-    `fit` then builds each run's model with the same seed (so the same backbone) and reads that cache.
+    Per fold the backbone is built once with the config's seed and `feature_cache` runs once; `fit` then
+    builds each run's model with the same seed (so the same backbone) and reads that cache.
     """
-    from src.data import load_train
-    from src.folds import check_fold_index, load_folds
-    from src.runtime import resolve_device, seed_everything
-
     _check_stage1(base)
     runs = expand(base, grid)
     path = sweep_path(base)
     done = read_sweep(path)
     done_keys = set(zip(done["run_id"], done["fold"].astype(int))) if len(done) else set()
-    wide = load_train(base.data.data_dir, check_images=True)
-    fold_frame = load_folds(base.data.folds, wide)
-    folds = sorted(fold_frame["fold"].unique()) if folds is None else folds
-    for k in folds:
-        check_fold_index(fold_frame, k, base.data.folds)
-    wide = wide.merge(fold_frame, on="image_id")
+    table = load_fold_table(base.data)
+    folds = fold_numbers(table) if folds is None else folds
+    splits = {k: split_fold(table, k, base.data) for k in folds}  # every fold checked before the first run
     device = resolve_device(base.train.device)
     total = len(runs) * len(folds)
     skipped = sum((r.run_id, int(k)) in done_keys for r in runs for k in folds)
     if show:
-        print(f"sweep {base.exp}: {len(runs)} run(s) x {len(folds)} fold(s) = {total}; {skipped} already in {path}", flush=True)
+        log.info(f"sweep {base.exp}: {len(runs)} run(s) x {len(folds)} fold(s) = {total}; {skipped} already in {path}")
     count = skipped
     for k in folds:
         todo = [r for r in runs if (r.run_id, int(k)) not in done_keys]
         if not todo:
             continue
-        train_frame = wide[wide["fold"] != k].reset_index(drop=True)
-        val_frame = wide[wide["fold"] == k].reset_index(drop=True)
-        train_frame, drop_note = training.drop_training_ids(train_frame, val_frame, base.data.drop_ids, wide["image_id"])
-        if show and drop_note:
-            print(f"fold {k}: {drop_note}", flush=True)
+        train_frame, val_frame = splits[k].train, splits[k].val
+        if show and splits[k].note:
+            log.info(f"fold {k}: {splits[k].note}")
         start = time.time()
         seed_everything(base.train.seed)  # the seed fit() uses before build_model: same random-init backbone
         model = build_model(todo[0].cfg.model)
         model.to(device)
-        cache = training.feature_cache(model, train_frame, val_frame, todo[0].cfg, device, show=show)
+        cache = feature_cache(model, train_frame, val_frame, todo[0].cfg, device, show=show)
         del model
         cache_seconds = time.time() - start
         if show:
-            print(f"fold {k}: feature cache of {len(train_frame)} train + {len(val_frame)} val images in {cache_seconds:.1f}s", flush=True)
+            log.info(f"fold {k}: feature cache of {len(train_frame)} train + {len(val_frame)} val images in {cache_seconds:.1f}s")
         for run in todo:
             start = time.time()
-            result = training.fit(run.cfg, train_frame, val_frame, None, device, fold=int(k), cache=cache)
+            result = fit(run.cfg, train_frame, val_frame, None, device, fold=int(k), cache=cache)
             seconds = time.time() - start
             best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
             row = {
@@ -209,12 +208,12 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
             count += 1
             if show:
                 varied = " ".join(f"{n}={_value_text(run.values[n])}" for n in grid)
-                print(f"[{count}/{total}] fold {k} {run.run_id} {varied} -> wR2 {result.best_metric:.4f} ({seconds:.1f}s)", flush=True)
+                log.info(f"[{count}/{total}] fold {k} {run.run_id} {varied} -> wR2 {result.best_metric:.4f} ({seconds:.1f}s)")
     table = sweep_table(done, runs, list(grid), folds)
     write_text_atomic(path.with_name("sweep.md"), f"# Sweep `{base.exp}`\n\n{sweep_markdown(table)}\n")
     if show:
-        print(sweep_markdown(table))
-        print(f"wrote {path} and {path.with_name('sweep.md')}")
+        log.info(sweep_markdown(table))
+        log.info(f"wrote {path} and {path.with_name('sweep.md')}")
     return table
 
 
@@ -233,8 +232,6 @@ def sweep_table(rows: pd.DataFrame, runs: list[SweepRun], varied: list[str], fol
 
 def sweep_markdown(table: pd.DataFrame) -> str:
     """The sweep table as markdown (per-target R^2 with short names)."""
-    from src.report import to_markdown
-
     shown = table.rename(columns={f"r2_{t}": f"r2_{s}" for t, s in zip(TARGETS, SHORT_NAMES)}).copy()
     shown["delta"] = [f"{v:+.4f}" for v in table["delta"]]
     return to_markdown(shown, {"seconds": 1})
@@ -247,6 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve",
     )
     add_config_flags(parser)  # the fixed part; the sweepable flags below replace their single-value versions
+    add_quiet_flag(parser)
     parser.add_argument("--fold", default="0", help="fold index, comma list, or 'all' (default 0)")
     group = parser.add_argument_group("swept values (several values each: the sweep runs their product)")
     for name in SWEEP_FIELDS:
@@ -272,7 +270,7 @@ def grid_from_args(args: argparse.Namespace) -> dict[str, list]:
 
 
 def base_config(args: argparse.Namespace) -> Config:
-    """defaults < preset < YAML < flags, then stage 1 only: --epochs N sets both epoch counts."""
+    """defaults < preset < YAML < flags, then the frozen stage only: --epochs N sets both epoch counts."""
     cfg = resolve_config(args)
     epochs, freeze = getattr(args, "train.epochs"), getattr(args, "train.freeze_epochs")
     if epochs is not None and freeze is not None and int(epochs) != int(freeze):
@@ -298,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.exp is None:
         raise BiomassError("pass --exp NAME: the sweep writes checkpoints/<NAME>/sweep.csv")
-    from src.backbone import check_backbone_name
-
     base = base_config(args)
     check_backbone_name(base.model.backbone)
     run_sweep(base, grid_from_args(args), parse_folds(args.fold))
@@ -307,6 +303,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from src.errors import run_cli
-
     raise SystemExit(run_cli(main))

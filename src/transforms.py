@@ -9,20 +9,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no PyPI check offline 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 
-from src.errors import BiomassError  # noqa: E402
-
-STRENGTHS = ("default", "light", "none")
-GEOMETRIC_ONLY = ("default", "light")
+from src.config import AUGMENT_STRENGTHS  # noqa: E402
 
 
-def build_transform(view_size: tuple[int, int], train: bool, strength: str = "default", photometric: bool = True) -> A.Compose:
+def build_transform(view_size: tuple[int, int], train: bool, strength: str = "default") -> A.Compose:
     """Paired-view pipeline: `image` is the left view, `image2` the right one (same parameters).
 
-    Eval (and strength 'none') only resizes to `view_size` (H, W). `photometric=False` keeps just the
-    geometric part: what the stage-1 feature cache can represent.
+    Eval (and strength 'none') only resizes to `view_size` (H, W); `strength` is one of AUGMENT_STRENGTHS
+    (checked with the config).
     """
-    if strength not in STRENGTHS:
-        raise BiomassError(f"unknown --augment {strength!r}; choose one of {', '.join(STRENGTHS)}")
     height, width = view_size
     resize = A.Resize(height, width, interpolation=cv2.INTER_AREA)
     if not train or strength == "none":
@@ -35,15 +30,15 @@ def build_transform(view_size: tuple[int, int], train: bool, strength: str = "de
             A.RandomResizedCrop(size=(height, width), scale=(0.85, 1.0), ratio=(0.9, 1.1), p=0.3),
         ]
     ops.append(resize)
-    if photometric:
+    ops += [
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+        A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=15, val_shift_limit=10, p=0.3),
+    ]
+    if strength == "default":
         ops += [
-            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
-            A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=15, val_shift_limit=10, p=0.3),
+            A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
+            A.GaussianBlur(blur_limit=(3, 5), p=0.1),
+            A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.12), hole_width_range=(0.05, 0.12), p=0.2),
         ]
-        if strength == "default":
-            ops += [
-                A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
-                A.GaussianBlur(blur_limit=(3, 5), p=0.1),
-                A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.12), hole_width_range=(0.05, 0.12), p=0.2),
-            ]
+    assert strength in AUGMENT_STRENGTHS, strength  # the config refuses any other value when it is resolved
     return A.Compose(ops, additional_targets={"image2": "image"})

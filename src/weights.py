@@ -10,16 +10,15 @@ import argparse
 import os
 from pathlib import Path
 
+import timm
+from safetensors.torch import save_file
+
 from src.errors import BiomassError, run_cli
+from src.io_utils import atomic_path
 
 
 def export_weights(name: str, out_dir: str | os.PathLike) -> Path:
     """Download `name`'s pretrained weights through timm and save them as `<out>/<name>.safetensors`."""
-    import timm
-    from safetensors.torch import save_file
-
-    from src.io_utils import atomic_path
-
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:  # hub errors come in many types; all mean "no weights here"

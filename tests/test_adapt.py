@@ -15,9 +15,10 @@ import torch
 from conftest import REPO
 
 from src import adapt
+from src.config import Config, InferConfig, PseudoLabelConfig
 from src.errors import BiomassError, run_cli
+from src.losses import mixup, target_loss
 from src.schema import TARGETS
-from src.training import mixup, target_loss
 
 spec = importlib.util.spec_from_file_location("infer_script_adapt", REPO / "infer.py")
 infer_script = importlib.util.module_from_spec(spec)
@@ -53,16 +54,16 @@ def plain(synthetic_dir: Path, one_grid: Path, tmp_path_factory) -> pd.DataFrame
 
 # ---- pieces ---------------------------------------------------------------------------------------------------
 def test_settings_are_checked():
-    assert not adapt.PseudoLabelSettings().enabled and adapt.PseudoLabelSettings(epochs=1).enabled
-    for kwargs, message in (
-        ({"epochs": -1}, "--pseudo-label-epochs -1"),
-        ({"weight": -0.5}, "--pseudo-label-weight -0.5"),
-        ({"blend": 1.5}, "--pseudo-label-blend 1.5"),
-        ({"fold": "first"}, "--pseudo-label-fold 'first'"),
-        ({"time_budget_min": 0}, "--time-budget 0"),
+    assert not PseudoLabelConfig().enabled and PseudoLabelConfig(epochs=1).enabled
+    for values, message in (
+        ({"pseudo_label": {"epochs": -1}}, "--pseudo-label-epochs -1"),
+        ({"pseudo_label": {"weight": -0.5}}, "--pseudo-label-weight -0.5"),
+        ({"pseudo_label": {"blend": 1.5}}, "--pseudo-label-blend 1.5"),
+        ({"pseudo_label": {"fold": "first"}}, "--pseudo-label-fold first"),
+        ({"time_budget": 0}, "--time-budget 0"),
     ):
         with pytest.raises(BiomassError, match=message):
-            adapt.PseudoLabelSettings(**kwargs)
+            InferConfig.from_dict(values)
 
 
 def test_blend_is_the_convex_mix():
@@ -110,17 +111,13 @@ def test_sample_weights_scale_each_images_loss_term():
 
 
 def test_finetune_trains_all_epochs_unfrozen_on_train_plus_pseudo_and_saves_nothing(monkeypatch):
-    import src.training
-
     seen = {}
 
     def fake_fit(cfg, frame, val_frame, run_dir, device, model=None, **kwargs):
         seen.update(cfg=cfg, frame=frame, val_frame=val_frame, run_dir=run_dir, model=model)
         return SimpleNamespace(model=model)
 
-    monkeypatch.setattr(src.training, "fit", fake_fit)
-    from src.config import Config
-
+    monkeypatch.setattr(adapt, "fit", fake_fit)
     cfg = Config()
     cfg.train.epochs, cfg.train.freeze_epochs, cfg.train.swa_top_k = 12, 3, 3
     model = torch.nn.Linear(2, 2)

@@ -71,8 +71,8 @@ def test_bf16_autocast_predictor_close_to_fp32(tmp_path):
 
 def test_bf16_feature_cache_close_to_fp32():
     """compute_feature_cache with train.amp on vs off: same features (cosine) and heads' grams within 0.5%."""
+    from src.feature_cache import compute_feature_cache
     from src.model import build_model, log1p_to_grams
-    from src.training import compute_feature_cache
 
     cfg = common.make_config("tiny_quick")
     cfg.data.num_workers = 0

@@ -15,9 +15,9 @@ from src.config import (
     add_config_flags,
     load_yaml,
     resolve_config,
-    save_config,
 )
 from src.errors import BiomassError
+from src.io_utils import save_config
 from src.schema import TARGET_WEIGHTS
 
 

@@ -126,7 +126,12 @@ def out_dir(tmp_path: Path) -> Path:
 
 
 def assert_previous_intact(out: Path) -> None:
-    assert snapshot(out) == {"submission.csv": PREVIOUS}
+    """The earlier submission survives; the only new file is infer.log, whose last line is the error (when it got that far)."""
+    files = snapshot(out)
+    log = files.pop("infer.log", None)
+    assert files == {"submission.csv": PREVIOUS}
+    if log is not None:
+        assert " ERROR   error: " in log.decode().strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -654,10 +659,10 @@ def restore_mode(tmp_path: Path):
 
 def test_read_only_output_dir_for_infer(synthetic_dir, best_pt, out_dir, monkeypatch, restore_mode, capsys):
     read_only(out_dir, monkeypatch)
-    import src.inference
+    import src.submit
 
     # checked before the work: no prediction runs when the submission could not be written anyway
-    monkeypatch.setattr(src.inference, "predict_ensemble", lambda *a, **k: pytest.fail("predicted before checking --out"))
+    monkeypatch.setattr(src.submit, "predict_ensemble", lambda *a, **k: pytest.fail("predicted before checking --out"))
     line = fails(infer_script.main, infer_argv(synthetic_dir, best_pt, out_dir), capsys)
     monkeypatch.undo()
     assert (
@@ -732,12 +737,10 @@ def test_full_disk_during_training_keeps_the_previous_checkpoints(
 
 # ---- the submission guard: the last check before submission.csv is written -------------------------------------
 def _patch_physics(monkeypatch, change: Callable[[np.ndarray], np.ndarray]) -> None:
-    import src.postprocess
+    import src.submit  # the job that calls physics right before the guard
 
-    real = src.postprocess.apply_physics
-    monkeypatch.setattr(
-        src.postprocess, "apply_physics", lambda pred, mode, upper=None: change(real(pred, mode, upper))
-    )
+    real = src.submit.apply_physics
+    monkeypatch.setattr(src.submit, "apply_physics", lambda pred, mode, upper=None: change(real(pred, mode, upper)))
 
 
 def _nan(values: np.ndarray) -> np.ndarray:
@@ -759,10 +762,10 @@ def _unbalanced(values: np.ndarray) -> np.ndarray:
 
 
 def _drop_a_row(monkeypatch) -> None:
-    import src.submission
+    import src.submit
 
-    real = src.submission.build_submission
-    monkeypatch.setattr(src.submission, "build_submission", lambda *a, **k: real(*a, **k).iloc[:-1])
+    real = src.submit.build_submission
+    monkeypatch.setattr(src.submit, "build_submission", lambda *a, **k: real(*a, **k).iloc[:-1])
 
 
 GUARD_CASES = [

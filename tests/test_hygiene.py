@@ -24,10 +24,10 @@ from src.artifacts import (
 )
 from src.config import Config
 from src.data import load_id_list, load_train
-from src.dataset import MultiSizeViewDataset, ViewPairDataset, input_key, load_views
+from src.dataset import MultiSizeViewDataset, ViewPairDataset, image_dataset, input_key, load_views
 from src.errors import BiomassError, run_cli
+from src.folds import drop_training_ids
 from src.synthetic import _stamp
-from src.training import drop_training_ids, image_dataset
 from src.transforms import build_transform
 
 
@@ -132,8 +132,8 @@ def test_artifacts_are_painted_in_training_only(stamp_data: Path):
     cfg = Config()
     cfg.data.aug_artifacts = 1.0
     frame = load_train(stamp_data).head(2)
-    train_set = image_dataset(frame, (56, 112), cfg, build_transform((56, 112), train=False), train=True)
-    eval_set = image_dataset(frame, (56, 112), cfg)
+    train_set = image_dataset(frame, (56, 112), cfg.data, build_transform((56, 112), train=False), train=True)
+    eval_set = image_dataset(frame, (56, 112), cfg.data)
     assert train_set.image_transform is not None and eval_set.image_transform is None
     train_set.set_random_seed(0)
     assert not torch.equal(train_set[0]["right"], eval_set[0]["right"])
@@ -283,7 +283,7 @@ def test_audit_on_the_real_label_file(real_train_csv: Path):
 
 def test_resume_refuses_another_image_cleaning(tmp_path: Path):
     """A run trained on raw images must not continue on cleaned ones (the model would see two inputs)."""
-    from src.training import CHECKPOINT_FORMAT, check_resume
+    from src.checkpoint import CHECKPOINT_FORMAT, check_resume
 
     cfg = Config()
     torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "config": cfg.to_dict()}, tmp_path / "last.pt")

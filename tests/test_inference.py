@@ -21,20 +21,15 @@ from conftest import REPO, run_script
 import src.dataset
 import src.inference
 from src.artifacts import Cleaning
+from src.checkpoint import find_checkpoints
+from src.config import InferConfig, load_yaml
 from src.data import load_sample_submission, load_test, load_train
-from src.dataset import MultiSizeViewDataset, flip_views
+from src.dataset import MultiSizeViewDataset
 from src.errors import BiomassError, run_cli
 from src.folds import load_folds
-from src.inference import (
-    TTA_MODES,
-    Predictor,
-    fallback_values,
-    find_checkpoints,
-    grid_weight_map,
-    predict_ensemble,
-    upper_bounds,
-)
+from src.inference import TTA_MODES, Predictor, fallback_values, grid_weight_map, predict_ensemble, upper_bounds
 from src.metric import per_target_r2, weighted_r2
+from src.model import flip_views
 from src.postprocess import MODES, apply_physics, physics_gap
 from src.schema import TARGETS
 
@@ -230,7 +225,11 @@ def test_submission_values_settings(
     assert run_cli(infer_script.main, infer_argv(synthetic_dir, trained_exp, out, *extra)) == 0, capsys.readouterr().err
     assert f"wrote {out}: {5 * len(test_images)} rows for {len(test_images)} images" in capsys.readouterr().out
     assert sorted(reads) == sorted(test_images["path"])  # every unique image decoded exactly once
-    assert sorted(p.name for p in out.parent.iterdir()) == ["submission.csv"]  # no temp file left
+    # no temp file left; beside the submission: its resolved config (a valid --config) and the run's log
+    assert sorted(p.name for p in out.parent.iterdir()) == ["infer.log", "submission.csv", "submission.yaml"]
+    saved = InferConfig.from_dict(load_yaml(out.with_suffix(".yaml")))
+    assert (saved.tta, saved.physics, saved.batch_size, saved.out) == (tta, physics, 4, str(out))
+    assert f"wrote {out}" in (out.parent / "infer.log").read_text().splitlines()[-1]
 
     sub = pd.read_csv(out)
     sample = load_sample_submission(synthetic_dir)
@@ -318,7 +317,8 @@ def test_bad_image_error_stops_and_keeps_previous_submission(data_with_bad_image
     assert (
         line == f"error: {data / 'test' / bad_id}.jpg: truncated JPEG (no end marker); re-download or replace the image"
     )
-    assert [p.name for p in out.parent.iterdir()] == ["submission.csv"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["infer.log", "submission.csv"]  # the log ends with the error
+    assert (out.parent / "infer.log").read_text().strip().splitlines()[-1].endswith(line)
     assert out.read_bytes() == b"sample_id,target\nprevious,1.0\n"
 
 

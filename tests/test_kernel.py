@@ -15,6 +15,7 @@ from conftest import REPO, run_script
 from kernels import build as kbuild
 from kernels import kernel_template, push
 from src import download
+from src.config import InferConfig, load_yaml
 from src.errors import run_cli
 
 OWNER, SLUG = "tester", "i2b-test"
@@ -129,8 +130,10 @@ def test_build_writes_three_uploads_with_consistent_metadata(kernel_build: Path,
         assert json.loads((folder / "MANIFEST.json").read_text())["id"] in text
     assert [u.ref for u in push.validate_build(kernel_build)] == [IDS["weights"], IDS["code"], IDS["kernel"]]
     info = json.loads((kernel_build / "build.json").read_text())
-    assert info["experiments"] == [trained_exp.name] and (info["tta"], info["physics"]) == ("full", "project")
-    assert info["amp"] is True  # fp16 autocast on a Kaggle T4 (bf16 on this CPU)
+    assert info["experiments"] == [trained_exp.name]
+    infer = InferConfig.from_dict(info["infer"])  # the kernel's infer.py config: the `kaggle` preset
+    assert (infer.tta, infer.physics, infer.on_bad_image, infer.device) == ("full", "project", "fallback", "auto")
+    assert infer.amp is True  # fp16 autocast on a Kaggle T4 (bf16 on this CPU)
     assert not list(kernel_build.parent.glob(".kaggle.*")), "temp build folders left behind"
 
 
@@ -168,7 +171,9 @@ def test_kernel_offline_writes_the_same_submission_as_infer(kernel_build, mock_k
     proc, report = _run_kernel(kernel_build / "kernel" / "kernel.py", mock_kaggle, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     submission = mock_kaggle["I2B_OUT_DIR"] / "submission.csv"
-    assert "--tta full --physics project --on-bad-image fallback --device auto --amp" in proc.stdout
+    config = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("infer.py --config")).split(": ", 1)[1])
+    assert (config["tta"], config["physics"], config["on_bad_image"], config["device"], config["amp"]) == ("full", "project", "fallback", "auto", True)
+    assert InferConfig.from_dict(load_yaml(mock_kaggle["I2B_OUT_DIR"] / "submission.yaml")).amp is True
 
     # the code came from the code dataset copy, never from the repo; the kernel set the offline flags itself
     code = mock_kaggle["I2B_CODE_DIR"]
@@ -194,7 +199,8 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
     wheels = sorted((out / "code" / "wheels").glob("timm-*-py3-none-any.whl"))
     assert len(wheels) == 1 and f"wheels/{wheels[0].name}" in json.loads((out / "code" / "MANIFEST.json").read_text())["files"]
     info = json.loads((out / "build.json").read_text())
-    assert info["pseudo_label"] == {"epochs": 1, "weight": 1.0, "blend": 0.5, "fold": "best", "time_budget_min": 30.0}
+    assert info["infer"]["pseudo_label"] == {"epochs": 1, "weight": 1.0, "blend": 0.5, "fold": "best"}
+    assert info["infer"]["time_budget"] == 30.0
     assert info["timm"] == {"min_version": "0.9.0", "wheel": f"wheels/{wheels[0].name}"} and info["cleaning"] == ["stamps+crop0.05"]
 
     root = tmp_path / "kaggle"
@@ -208,7 +214,7 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
     assert f"timm from the bundled {wheels[0].name}" in proc.stdout and "image cleaning of the checkpoints: stamps+crop0.05" in proc.stdout
     assert "/i2b-timm-" in report["modules"]["timm"] and str(REPO) not in report["modules"]["timm"]
     assert "pseudo-label adaptation: 1 model(s), 1 epoch(s), blend 0.5" in proc.stdout
-    assert "--pseudo-label-epochs 1 --pseudo-label-weight 1.0 --pseudo-label-blend 0.5 --pseudo-label-fold best --time-budget 30.0" in proc.stdout
+    assert '"pseudo_label": {"blend": 0.5, "epochs": 1, "fold": "best", "weight": 1.0}' in proc.stdout and '"time_budget": 30.0' in proc.stdout
 
     local = tmp_path / "local.csv"
     run_script(

@@ -17,13 +17,14 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from src.config import PRESETS, Config, ModelConfig, apply_overrides
-from src.dataset import FLIP_VARIANTS, flip_views
 from src.errors import BiomassError
 from src.model import (
+    FLIP_VARIANTS,
     AttentionPool,
     FiLM,
     build_model,
     default_tile_size,
+    flip_views,
     log1p_to_grams,
     probe_patch_size,
     tile_views,

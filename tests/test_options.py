@@ -18,27 +18,18 @@ import torch.nn.functional as F
 from conftest import REPO, TINY_FLAGS, run_script
 
 from src import training
+from src.averaging import average_state_dicts, keep_top_k
+from src.checkpoint import CHECKPOINT_FORMAT, check_resume, target_stats
 from src.config import resolve_config
 from src.data import load_train
 from src.errors import BiomassError
 from src.folds import load_folds
 from src.inference import Predictor, predict_ensemble
+from src.losses import aux_bin_labels, aux_loss, bin_labels, quantile_bin_edges, target_loss
 from src.metric import weighted_r2
 from src.model import build_model
 from src.schema import TARGET_WEIGHTS, TARGETS
-from src.training import (
-    aux_bin_labels,
-    aux_loss,
-    average_state_dicts,
-    bin_labels,
-    check_options,
-    check_resume,
-    fit,
-    keep_top_k,
-    quantile_bin_edges,
-    target_loss,
-    target_stats,
-)
+from src.training import check_options, fit
 
 CPU = torch.device("cpu")
 FOLD = 1  # 26 train / 14 val images of the session folds
@@ -189,7 +180,7 @@ def test_raw_space_model_trains_on_the_training_fold_scale(synthetic_dir, folds_
     batch = feature_batch(model)
     with torch.no_grad():
         out = model(batch["left"], batch["right"], features=True)
-        loss = training._loss(model, batch, cfg, CPU, True, None)
+        loss = training.batch_loss(model, batch, cfg, CPU, True, None)
     scale = torch.tensor(stats["scale"], dtype=torch.float32)
     torch.testing.assert_close(model.to_grams(out["targets"]), (out["targets"] * scale).clamp_min(0))
     expected = target_loss(out["targets"], batch["targets"], cfg.train.target_weights, space="raw", scale=scale, beta=cfg.train.huber_beta)
@@ -263,8 +254,8 @@ def test_frozen_blocks_get_no_gradients_in_stage_2_and_later_blocks_do(synthetic
     for name in before:
         same = torch.equal(before[name], after[name])
         assert same == name.startswith(("blocks.0.", "patch_embed", "cls_token", "reg_token", "pos_embed")), name
-    with pytest.raises(BiomassError, match="--freeze-blocks 3 exceeds"):
-        model_of(cfg).unfreeze_backbone(3)
+    with pytest.raises(BiomassError, match="--freeze-blocks 3: vit_small_patch14_reg4_dinov2 has 2 blocks"):
+        check_options(config(synthetic_dir, folds_csv, "--freeze-blocks", "3"), model_of(cfg))  # one check, before work
 
 
 def test_layer_decay_gives_backbone_lr_times_decay_to_the_depth_below_the_top(synthetic_dir, folds_csv):
@@ -310,7 +301,7 @@ def test_ema_weights_are_validated_selected_and_saved(synthetic_dir, folds_csv, 
     assert abs(val_score(tmp_path / "raw.pt", val) - ema_score) > 1e-3
     assert pd.read_csv(tmp_path / "metrics.csv")["weighted_r2"].iloc[0] == pytest.approx(best["val_metric"], abs=1e-12)
     with pytest.raises(BiomassError, match="--ema-decay 1.0"):
-        training._make_ema(model, 1.0, None, None)
+        config(synthetic_dir, folds_csv, "--ema-decay", "1")
 
 
 def test_keep_top_k_and_average_state_dicts_by_hand():
@@ -386,11 +377,11 @@ def test_aux_heads_add_hand_computed_loss_terms_and_leave_targets_alone(syntheti
         out = aux(batch["left"], batch["right"], features=True)
         assert torch.equal(out["targets"], out_base["targets"])  # the heads never change the predictions
         assert out["bins"].shape == (6, 5, 4) and out["ndvi"].shape == (6,)
-        loss_base = float(training._loss(base, batch, base_cfg, CPU, True, None))
-        loss = float(training._loss(aux, batch, aux_cfg, CPU, True, None))
+        loss_base = float(training.batch_loss(base, batch, base_cfg, CPU, True, None))
+        loss = float(training.batch_loss(aux, batch, aux_cfg, CPU, True, None))
         lam, perm = 0.3, torch.tensor([1, 2, 3, 4, 5, 0])
-        loss_mix = float(training._loss(aux, batch, aux_cfg, CPU, True, (lam, perm)))
-        loss_base_mix = float(training._loss(base, batch, base_cfg, CPU, True, (lam, perm)))
+        loss_mix = float(training.batch_loss(aux, batch, aux_cfg, CPU, True, (lam, perm)))
+        loss_base_mix = float(training.batch_loss(base, batch, base_cfg, CPU, True, (lam, perm)))
     assert loss_base == pytest.approx(float(target_loss(out_base["targets"], batch["targets"], TARGET_WEIGHTS)), rel=1e-6)
 
     def mse(pred, label):
@@ -434,29 +425,43 @@ def test_resume_accepts_a_run_saved_before_the_newer_model_keys(synthetic_dir, f
     old = cfg.to_dict()
     for key in ("aux_bins", "fusion", "heads"):
         del old["model"][key]
-    torch.save({"format": training.CHECKPOINT_FORMAT, "model": {}, "config": old}, tmp_path / "last.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "config": old}, tmp_path / "last.pt")
     assert check_resume(tmp_path / "last.pt", cfg) is not None
     with pytest.raises(BiomassError, match="aux_bins 0 -> 2"):
         check_resume(tmp_path / "last.pt", config(synthetic_dir, folds_csv, "--aux-bins", "2"))
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--freeze-blocks", "3"], "--freeze-blocks 3: vit_small_patch14_reg4_dinov2 has 2 blocks; use 0 to 2"),
-        (["--layer-decay", "0"], "--layer-decay 0.0: must be in"),
-        (["--ema-decay", "1"], "--ema-decay 1.0: must be in"),
-        (["--swa-top-k", "1"], "--swa-top-k 1: an average needs K >= 2"),
-        (["--huber-beta", "-1"], "--huber-beta -1.0: must be >= 0"),
-    ],
-)
-def test_bad_option_values_fail_before_any_work(synthetic_dir, folds_csv, tmp_path, flags, message):
-    cfg = config(synthetic_dir, folds_csv, "--out-dir", str(tmp_path), *flags)
+def test_freeze_blocks_beyond_the_depth_fails_before_any_work(synthetic_dir, folds_csv, tmp_path):
+    cfg = config(synthetic_dir, folds_csv, "--out-dir", str(tmp_path), "--freeze-blocks", "3")
+    message = "--freeze-blocks 3: vit_small_patch14_reg4_dinov2 has 2 blocks; use 0 to 2"
     with pytest.raises(BiomassError, match=message):
         check_options(cfg, model_of(cfg))
     with pytest.raises(BiomassError, match=message):
         training.train_fold(cfg, FOLD)
     assert not any(tmp_path.iterdir())  # no run directory left behind
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--layer-decay", "0"], "--layer-decay 0.0: must be in"),
+        (["--ema-decay", "1"], "--ema-decay 1.0: must be in"),
+        (["--swa-top-k", "1"], "--swa-top-k 1: an average needs K >= 2"),
+        (["--huber-beta", "-1"], "--huber-beta -1.0: must be >= 0"),
+        (["--feature", "gem"], "argument --feature: invalid choice"),
+        (["--freeze-epochs", "9", "--epochs", "3"], "--freeze-epochs 9 exceeds --epochs 3"),
+    ],
+)
+def test_bad_option_values_fail_when_the_config_is_resolved(synthetic_dir, folds_csv, tmp_path, flags, message, capsys):
+    """Ranges and choices are checked once, in src/config.py, before a model is built or a file written."""
+    if "--feature" in flags:  # a choice is refused by argparse itself: usage line + exit 2
+        with pytest.raises(SystemExit):
+            config(synthetic_dir, folds_csv, "--out-dir", str(tmp_path), *flags)
+        assert message in capsys.readouterr().err
+    else:
+        with pytest.raises(BiomassError, match=message):
+            config(synthetic_dir, folds_csv, "--out-dir", str(tmp_path), *flags)
+    assert not any(tmp_path.iterdir())
 
 
 # ---- DINOv3 (patch 16) and grid 1x1, end to end ----------------------------------------------------------------------

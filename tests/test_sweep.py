@@ -19,9 +19,9 @@ def base_args(synthetic_dir: Path, folds_csv: Path, out: Path, *extra: str) -> l
 
 @pytest.fixture()
 def spies(monkeypatch):
-    """Count calls of training.fit and training.feature_cache while still running them."""
+    """Count the sweep's calls of fit and feature_cache while still running them."""
     calls = {"fit": 0, "feature_cache": 0}
-    real_fit, real_cache = training.fit, training.feature_cache
+    real_fit, real_cache = sweep.fit, sweep.feature_cache
 
     def fit(*args, **kwargs):
         calls["fit"] += 1
@@ -32,8 +32,8 @@ def spies(monkeypatch):
         calls["feature_cache"] += 1
         return real_cache(*args, **kwargs)
 
-    monkeypatch.setattr(training, "fit", fit)
-    monkeypatch.setattr(training, "feature_cache", feature_cache)
+    monkeypatch.setattr(sweep, "fit", fit)
+    monkeypatch.setattr(sweep, "feature_cache", feature_cache)
     return calls
 
 

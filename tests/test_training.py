@@ -6,6 +6,7 @@ import contextlib
 import copy
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,17 +22,19 @@ import yaml
 from conftest import REPO, TINY_FLAGS, run_script
 
 from src import training
-from src.config import resolve_config
+from src.config import Config, resolve_config
 from src.data import load_train
-from src.dataset import FLIP_VARIANTS, FeatureCacheDataset, ViewPairDataset
+from src.dataset import FeatureCacheDataset, ViewPairDataset
 from src.errors import BiomassError, run_cli
+from src.feature_cache import compute_feature_cache
 from src.folds import load_folds
 from src.inference import Predictor, predict_ensemble
+from src.losses import aux_loss, mixup, target_loss
 from src.metric import weighted_r2
-from src.model import build_model
+from src.model import FLIP_VARIANTS, build_model
 from src.runtime import DistInfo
 from src.schema import TARGET_WEIGHTS, TARGETS
-from src.training import aux_loss, compute_feature_cache, fit, mixup, target_loss, train_one_epoch
+from src.training import fit, train_one_epoch
 from src.transforms import build_transform
 
 CPU = torch.device("cpu")
@@ -84,12 +87,17 @@ FOLD_DIRS = [("grid2x2", 0), ("grid2x2", 1), ("grid1x2", 0), ("grid1x2", 1)]
 @pytest.mark.parametrize("grid,fold", FOLD_DIRS)
 def test_fold_dir_contents(trained_exp: Path, folds_csv: Path, grid: str, fold: int):
     run_dir = trained_exp / grid / f"fold{fold}"
-    for name in ("best.pt", "last.pt", "metrics.csv", "oof.csv", "config.yaml", "git.txt"):
+    for name in ("best.pt", "last.pt", "metrics.csv", "oof.csv", "config.yaml", "git.txt", "train.log"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "git.txt").read_text().strip()
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert list(metrics["epoch"]) == [0, 1] and list(metrics["stage"]) == [1, 2]
+    assert list(metrics["epoch"]) == [0, 1] and list(metrics["stage"]) == ["frozen", "finetune"]
+    # train.log: the console lines with their times, from the fold line to the best score
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO    fold \d: \d+ train / \d+ val images", log[0])
+    assert sum(" INFO    epoch " in line for line in log) == 2 and " frozen " in log[1] and " finetune " in log[2]
+    assert "best val weighted R2" in log[-1]
     for col in ("epoch", "stage", "train_loss", "weighted_r2", "seconds", *(f"r2_{t}" for t in TARGETS)):
         assert col in metrics.columns, col
     assert np.isfinite(metrics[["train_loss", "weighted_r2"]].to_numpy()).all()
@@ -320,7 +328,7 @@ def test_cached_and_uncached_stage1_first_step_agree(synthetic_dir: Path, folds_
     losses, grads = [], []
     for batch, is_cached in ((cached, True), (images, False)):
         model.zero_grad(set_to_none=True)
-        loss = training._loss(model, batch, cfg, CPU, is_cached, None)
+        loss = training.batch_loss(model, batch, cfg, CPU, is_cached, None)
         loss.backward()
         losses.append(loss.detach().item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -436,8 +444,8 @@ def test_target_loss_log1p_round_trip_and_hand_values():
     only_green = target_loss(torch.log1p(grams) + torch.tensor([1.0, 0, 0, 0, 0]), grams, TARGET_WEIGHTS)
     only_total = target_loss(torch.log1p(grams) + torch.tensor([0, 0, 0, 0, 1.0]), grams, TARGET_WEIGHTS)
     assert float(only_total) == pytest.approx(5 * float(only_green))
-    with pytest.raises(BiomassError, match="unknown --loss"):
-        target_loss(pred, grams, TARGET_WEIGHTS, kind="l1")
+    with pytest.raises(BiomassError, match="unknown --loss 'l1'; choose one of mse, huber"):  # refused with the config
+        Config.from_dict({"train": {"loss": "l1"}})
 
 
 # ---- non-finite losses -------------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""The checkpoint file format and the run directory: what training writes and inference reads.
+
+`best.pt` describes itself (state dict + resolved config + target statistics + target order, plain types
+only), so it loads with `torch.load(weights_only=True)` and inference needs no flags to match training.
+`last.pt` adds what `--resume` needs. A run directory is `<out_dir>/<exp>/grid<R>x<C>/fold<K>/`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from src.config import Config
+from src.errors import BiomassError
+from src.io_utils import atomic_path, make_dir, save_config, write_text_atomic
+from src.schema import TARGETS
+
+CHECKPOINT_FORMAT = 1
+REPO = Path(__file__).resolve().parents[1]
+# stage names of the training loop; last.pt of runs before the names stored the numbers 1 and 2
+STAGES = ("frozen", "finetune")
+LEGACY_STAGES = {1: "frozen", 2: "finetune"}
+
+
+def target_stats(frame: pd.DataFrame) -> dict[str, list[float]]:
+    """Training-target statistics stored in checkpoints (clamp bounds, fallback values, head bias)."""
+    values = frame[list(TARGETS)].to_numpy(dtype=np.float64)
+    return {
+        "max": values.max(axis=0).tolist(),
+        "median": np.median(values, axis=0).tolist(),
+        "mean_log1p": np.log1p(values).mean(axis=0).tolist(),
+        "mean": values.mean(axis=0).tolist(),
+        # raw target space: grams / scale (the std, at least 1 g so an all-zero target cannot divide by 0)
+        "scale": np.maximum(values.std(axis=0), 1.0).tolist(),
+    }
+
+
+def save_best(
+    path: Path, model, cfg: Config, stats: dict, epoch: int, metric, fold, swa_epochs: list[int] | None = None
+) -> Path:
+    """best.pt (or swa.pt): weights + resolved config + target statistics, plain types only."""
+    extra = {} if swa_epochs is None else {"swa_epochs": [int(e) for e in swa_epochs]}
+    return torch_save_atomic(
+        {
+            **extra,
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "config": cfg.to_dict(),
+            "target_stats": stats,
+            "targets": list(TARGETS),
+            "epoch": int(epoch),
+            "fold": None if fold is None else int(fold),
+            "val_metric": None if metric is None else float(metric),
+            "tile_size": int(model.tile_size),
+            "grid": list(model.grid),
+        },
+        path,
+    )
+
+
+def save_resume_state(path: Path, model, cfg: Config, stage: str, optimizer, scheduler, state: dict, ema=None, swa_top=None) -> Path:
+    """last.pt: the model, the stage's optimizer and scheduler and the loop state, enough to resume at the next epoch."""
+    last = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "stage": stage,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state,
+        "config": cfg.to_dict(),
+    }
+    if ema is not None:
+        last["ema"] = ema.module.state_dict()
+    if swa_top is not None:
+        last["swa_top"] = swa_top  # K weight copies: last.pt grows to (K + 1 or 2) x the model
+    return torch_save_atomic(last, path)
+
+
+def stage_of(saved: dict) -> str:
+    """The stage name a last.pt was saved in (old files stored 1 or 2)."""
+    stage = saved.get("stage")
+    return LEGACY_STAGES.get(stage, stage) if isinstance(stage, int) else stage
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """torch.load with weights_only=True: a checkpoint holding pickled code is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise BiomassError(f"{path}: checkpoint not found; train it with train.py or check --checkpoints")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only=True met a pickled class or function: never run it
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        detail = f" ({lines[0][:160]})" if lines else ""
+        raise BiomassError(
+            f"{path}: refused: it holds pickled Python objects, not only tensors{detail}; checkpoints are loaded with "
+            "weights_only=True and this one would run code; re-train it or re-download it from a source you trust"
+        ) from err
+    except Exception as err:  # truncated zip, foreign formats: all mean "not ours"
+        reason = str(err).strip().split(". ")[0].splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise BiomassError(
+            f"{path}: not a loadable checkpoint ({reason}); truncated or corrupt? re-train or re-download it"
+        ) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise BiomassError(f"{path}: not an image2biomass checkpoint (format {CHECKPOINT_FORMAT}); re-train it")
+    return ckpt
+
+
+def check_resume(last_path: Path, cfg: Config) -> dict | None:
+    """last.pt of an interrupted run (None if there is none), refused if its model config differs from cfg."""
+    if not last_path.is_file():
+        return None
+    saved = load_checkpoint(last_path)
+    # keys added to ModelConfig after that run was saved count as their defaults (which keep the old model)
+    defaults = Config().to_dict()["model"]
+    ours, theirs = cfg.to_dict()["model"], {**defaults, **((saved.get("config") or {}).get("model") or {})}
+    # the image cleaning decides what the model has seen, like the model config does
+    data_defaults, saved_data = Config().to_dict()["data"], (saved.get("config") or {}).get("data") or {}
+    for key in ("clean_stamps", "crop_bottom"):
+        ours[key], theirs[key] = getattr(cfg.data, key), saved_data.get(key, data_defaults[key])
+    if theirs != ours:
+        keys = sorted(set(ours) | set(theirs))
+        diff = [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in keys if theirs.get(k) != ours.get(k)]
+        raise BiomassError(
+            f"{last_path}: was trained with another model config ({'; '.join(diff[:3])}); resume with the same "
+            "flags or pass --overwrite to start again"
+        )
+    return saved
+
+
+def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
+    """torch.save atomically (checkpoints survive a kill mid-write)."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk as RuntimeError, not OSError
+            raise OSError(f"{str(err).strip().splitlines()[0][:200]}; disk full?") from err
+    return Path(path)
+
+
+# ---- run directories ------------------------------------------------------------------------------------------
+def run_dir_for(cfg: Config, fold: int) -> Path:
+    """checkpoints/<exp>/grid<R>x<C>/fold<K>/"""
+    rows, cols = cfg.model.grid
+    return Path(cfg.out_dir) / cfg.exp / f"grid{rows}x{cols}" / f"fold{fold}"
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A fold directory that already holds a run needs --resume or --overwrite."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            for f in run_dir.iterdir():
+                if f.is_file():
+                    f.unlink()
+        elif not resume:
+            raise BiomassError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    make_dir(run_dir)
+
+
+def git_description(repo: Path = REPO) -> str:
+    """The commit of the repo this code lives in, and whether it has uncommitted changes (not the cwd's repo)."""
+    try:
+        run = {"capture_output": True, "text": True, "check": True, "cwd": repo}
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], **run).stdout.strip()
+        return f"{commit}{' (dirty)' if dirty else ''}\n"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)\n"
+
+
+def write_run_files(run_dir: Path, cfg: Config, command: str = "") -> None:
+    """config.yaml (the resolved config), git.txt (commit + dirty flag) and command.txt of a run."""
+    save_config(cfg, run_dir / "config.yaml")
+    write_text_atomic(run_dir / "git.txt", git_description())
+    if command:
+        write_text_atomic(run_dir / "command.txt", command + "\n")
+
+
+def find_checkpoints(paths: list[str | Path]) -> list[Path]:
+    """Every `grid*/fold*/best.pt` under the given experiment directories, plus explicit .pt files."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            hits = sorted(path.glob("grid*/fold*/best.pt")) or sorted(path.glob("fold*/best.pt"))
+            if not hits and (path / "best.pt").is_file():
+                hits = [path / "best.pt"]
+            if not hits:
+                raise BiomassError(
+                    f"{path}: no grid*/fold*/best.pt inside; train with train.py or point --checkpoints at an experiment"
+                )
+            found.extend(hits)
+        else:
+            raise BiomassError(f"{path}: checkpoint directory or file not found; check --checkpoints")
+    if not found:
+        raise BiomassError("no checkpoint found; pass --checkpoints checkpoints/<exp>")
+    return found
+
+
+def experiment_dir(paths: list[Path]) -> Path:
+    """checkpoints/<exp> of grid*/fold*/best.pt paths (their common ancestor above grid*)."""
+    parents = {p.parent.parent.parent if p.parent.parent.name.startswith("grid") else p.parent for p in paths}
+    return parents.pop() if len(parents) == 1 else Path(*Path(paths[0]).parts[: len(Path(paths[0]).parts) - 3])

@@ -1,0 +1,133 @@
+"""The two jobs of infer.py: a submission (with the optional pseudo-label step) and OOF scoring.
+
+They sit above `inference.py` (the ensemble) and `adapt.py` (the test-time fine-tune) and are the only
+place that joins them, so neither of those two imports the other. Each job takes one resolved `InferConfig`,
+writes it beside its output (`submission.yaml`, `oof_report.yaml`) and logs to `infer.log` there.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from src.adapt import run_pseudo_label
+from src.checkpoint import experiment_dir, find_checkpoints
+from src.config import PHYSICS_CHOICES, DataConfig, InferConfig
+from src.data import load_sample_submission, load_test, read_csv_checked
+from src.errors import BiomassError
+from src.folds import load_fold_table
+from src.inference import (
+    TTA_MODES,
+    Predictor,
+    fallback_values,
+    grid_weight_map,
+    load_predictors,
+    predict_ensemble,
+    upper_bounds,
+)
+from src.io_utils import check_writable, save_config, write_csv_atomic
+from src.logs import get_logger, log_file
+from src.metric import score
+from src.postprocess import apply_physics
+from src.runtime import resolve_device
+from src.schema import TARGETS, TEST_COLUMNS
+from src.submission import build_submission, guard, write_submission
+
+log = get_logger(__name__)
+
+
+def run(cfg: InferConfig) -> pd.DataFrame:
+    """infer.py: the OOF report under `--oof`, else the submission."""
+    if cfg.oof and cfg.pseudo_label.enabled:
+        raise BiomassError("--pseudo-label-epochs adapts to the test images; it does not go with --oof")
+    return run_oof(cfg) if cfg.oof else run_submission(cfg)
+
+
+def run_submission(cfg: InferConfig) -> pd.DataFrame:
+    """test.csv -> ensemble -> physics -> (pseudo-label adaptation) -> guard -> submission.csv (atomic).
+
+    The resolved config is written beside it as `<out>.yaml` and the log as `infer.log`. Returns the submission.
+    """
+    out = Path(cfg.out)
+    check_writable(out)  # a read-only --out fails now, not after the whole ensemble ran
+    with log_file(out.with_name("infer.log")):
+        data_dir = Path(cfg.data_dir)
+        test_images = load_test(data_dir, check_images=cfg.on_bad_image == "error")
+        test_long = read_csv_checked(data_dir / "test.csv", TEST_COLUMNS, "pass --data-dir")
+        sample = load_sample_submission(data_dir)
+        if sample is not None and set(sample["sample_id"]) != set(test_long["sample_id"]):
+            raise BiomassError(f"{data_dir / 'sample_submission.csv'}: ids differ from test.csv; re-download the competition files")
+        predictors = load_predictors(find_checkpoints(cfg.checkpoints), resolve_device(cfg.device), cfg.tta, cfg.amp)
+        weights = grid_weight_map(predictors, cfg.grid_weights)
+        pred = predict_ensemble(predictors, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers)
+        upper = upper_bounds(predictors)
+        values = apply_physics(pred.mean(cfg.tta), cfg.physics, upper)
+        if not pred.ok.all():
+            bad = test_images["image_id"][~pred.ok].tolist()
+            log.warning(f"{len(bad)} unreadable image(s) got the training-median prediction: {', '.join(bad)}")
+            values[~pred.ok] = apply_physics(fallback_values(predictors)[None], cfg.physics, upper)
+        if cfg.pseudo_label.enabled:
+            values = run_pseudo_label(cfg, predictors, test_images, values, pred, weights)
+        sub = build_submission(test_images["image_id"], values, test_long, sample)
+        guard(sub, test_long, sample, physics=cfg.physics == "project")
+        write_submission(sub, out)
+        save_config(cfg, out.with_suffix(".yaml"))
+        log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
+    return sub
+
+
+def run_oof(cfg: InferConfig) -> pd.DataFrame:
+    """Score each fold's models on their own held-out images for every TTA x physics setting.
+
+    Writes `<exp>/oof_report.csv` (one row per setting), `<exp>/oof_ensemble.csv` (predictions of the
+    full-TTA, project-physics ensemble) and `<exp>/oof_report.yaml` next to the checkpoints; returns the report.
+    """
+    paths = find_checkpoints(cfg.checkpoints)
+    exp_dir = experiment_dir(paths)
+    with log_file(exp_dir / "infer.log"):
+        predictors = load_predictors(paths, resolve_device(cfg.device), "full", cfg.amp)
+        folds_path = cfg.folds or predictors[0].cfg.data.folds
+        wide = load_fold_table(DataConfig(data_dir=cfg.data_dir, folds=folds_path))
+        per_view = _oof_per_view(predictors, wide, cfg)
+        scored = ~np.isnan(per_view[:, 0, 0])
+        truth = wide.loc[scored, list(TARGETS)].to_numpy(dtype=np.float64)
+        upper = upper_bounds(predictors)
+        rows = []
+        for tta in TTA_MODES:
+            mean = per_view[scored, : TTA_MODES[tta]].mean(axis=1)
+            for physics in PHYSICS_CHOICES:
+                scores = score(truth, apply_physics(mean, physics, upper))
+                rows.append({"tta": tta, "physics": physics, "images": int(scored.sum()), **scores})
+        report = pd.DataFrame(rows).sort_values("weighted_r2", ascending=False).reset_index(drop=True)
+        write_csv_atomic(report, exp_dir / "oof_report.csv")
+        best = apply_physics(per_view[scored].mean(axis=1), "project")
+        ens = pd.DataFrame({"image_id": wide.loc[scored, "image_id"].to_numpy(), "fold": wide.loc[scored, "fold"].to_numpy()})
+        for j, name in enumerate(TARGETS):
+            ens[name] = best[:, j]
+            ens[f"true_{name}"] = truth[:, j]
+        write_csv_atomic(ens, exp_dir / "oof_ensemble.csv")
+        save_config(cfg, exp_dir / "oof_report.yaml")
+        log.info(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        log.info(f"wrote {exp_dir / 'oof_report.csv'}")
+    return report
+
+
+def _oof_per_view(predictors: list[Predictor], wide: pd.DataFrame, cfg: InferConfig) -> np.ndarray:
+    """(N, 4 TTA views, 5) held-out predictions of each fold's models on that fold's images (NaN = no model)."""
+    per_view = np.full((len(wide), TTA_MODES["full"], len(TARGETS)), np.nan)
+    by_fold: dict[int, list[Predictor]] = defaultdict(list)
+    for p in predictors:
+        if p.fold is None:
+            raise BiomassError(f"{p.path}: has no fold; OOF scoring needs fold checkpoints from train.py")
+        by_fold[int(p.fold)].append(p)
+    for fold, members in sorted(by_fold.items()):
+        mask = (wide["fold"] == fold).to_numpy()
+        if not mask.any():
+            raise BiomassError(f"fold {fold} of the checkpoints has no images in the folds file; pass the folds used in training")
+        frame = wide[mask].reset_index(drop=True)
+        weights = grid_weight_map(members, None)
+        per_view[mask] = predict_ensemble(members, frame, cfg.batch_size, weights, num_workers=cfg.num_workers, show=False).per_view
+    return per_view
