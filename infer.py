@@ -1,4 +1,4 @@
-"""python infer.py [--checkpoints checkpoints/<exp> ...] [--config infer.yaml]: fold x grid ensemble with TTA -> submission.csv.
+"""python infer.py [--checkpoints checkpoints/<exp> ...] [--config infer.yaml]: ensemble + TTA -> submission.csv.
 
 --oof scores each fold's models on their held-out images for every TTA/physics setting instead.
 Every flag is a field of `src.config.InferConfig`; the resolved config is saved beside the output.

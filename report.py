@@ -1,4 +1,4 @@
-"""python report.py checkpoints/<exp> [--data-dir DIR] | --compare EXP [EXP ...] [--baseline NAME] [--out DIR] | --stress EXP
+"""python report.py checkpoints/<exp> [--data-dir DIR] | --compare EXP [EXP ...] [--baseline NAME] | --stress EXP
 
 OOF report of one experiment (REPORT.md + plots), or one table comparing experiments. See src/report.py.
 """

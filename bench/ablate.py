@@ -25,12 +25,22 @@ if __package__ in (None, ""):  # run as a file: put the repo root (not bench/) o
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from src.config import Config, add_config_flags, resolve_config  # noqa: E402
+from src.data import load_train  # noqa: E402
 from src.errors import BiomassError  # noqa: E402
+from src.folds import load_folds  # noqa: E402
 from src.io_utils import write_csv_atomic, write_text_atomic  # noqa: E402
+from src.report import (  # noqa: E402
+    compare_table,  # noqa: E402
+    load_runs,
+    oof_score,
+    to_markdown,  # noqa: E402
+)
 from src.schema import SHORT_NAMES, TARGETS  # noqa: E402
+from src.training import train_fold  # noqa: E402
 
 DOC = common.REPO / "docs" / "ABLATION.md"
 CSV = common.REPO / "docs" / "ablation.csv"
@@ -67,16 +77,41 @@ OPTIONS: dict[str, list[str]] = {
     "ema": ["--ema-decay", EMA],
     "swa-3": ["--swa-top-k", "3"],
     "top-private": [
-        "--target-space", "raw", "--heads", "green-dead-clover", "--ema-decay", EMA,
-        "--aux-ndvi-weight", "0.2", "--aux-height-weight", "0.2", "--grid", "1", "1", "--tile-size", "{tile2}",
+        "--target-space",
+        "raw",
+        "--heads",
+        "green-dead-clover",
+        "--ema-decay",
+        EMA,
+        "--aux-ndvi-weight",
+        "0.2",
+        "--aux-height-weight",
+        "0.2",
+        "--grid",
+        "1",
+        "1",
+        "--tile-size",
+        "{tile2}",
     ],
 }
 QUICK_OPTIONS = ("default", "top-private")
 
 
 def base_flags(tile: int, epochs: int, seed: int) -> list[str]:
-    return ["--preset", "tiny", "--tile-size", str(tile), "--epochs", str(epochs), "--freeze-epochs", str(FREEZE), "--seed", str(seed),
-            "--device", "cpu"]
+    return [
+        "--preset",
+        "tiny",
+        "--tile-size",
+        str(tile),
+        "--epochs",
+        str(epochs),
+        "--freeze-epochs",
+        str(FREEZE),
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+    ]
 
 
 def option_flags(name: str, tile: int) -> list[str]:
@@ -89,26 +124,36 @@ def resolve(flags: list[str], data_dir: str, folds: str, out_dir: Path, exp: str
     """The config train.py would build from these flags (same parser, same precedence)."""
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
-    args = parser.parse_args([*flags, "--data-dir", data_dir, "--folds", folds, "--out-dir", str(out_dir), "--exp", exp])
+    args = parser.parse_args(
+        [*flags, "--data-dir", data_dir, "--folds", folds, "--out-dir", str(out_dir), "--exp", exp]
+    )
     return resolve_config(args)
 
 
 def fold_stats(exp_dir: Path) -> tuple[float, float]:
     """Mean and std over folds of each fold's own weighted R2 (how much the folds disagree)."""
-    from src.report import load_runs, oof_score
 
     values = [oof_score(r.oof)["weighted_r2"] for r in load_runs(exp_dir) if r.oof is not None]
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def run(names: list[str], folds: list[int], tile: int, epochs: int, seed: int, data_dir: str, folds_csv: str, out_dir: Path,
-        show: bool = True) -> pd.DataFrame:
+def run(
+    names: list[str],
+    folds: list[int],
+    tile: int,
+    epochs: int,
+    seed: int,
+    data_dir: str,
+    folds_csv: str,
+    out_dir: Path,
+    show: bool = True,
+) -> pd.DataFrame:
     """Train every (option, fold), then one compare table (baseline: default) with flags and wall seconds added."""
-    from src.report import compare_table
-    from src.training import train_fold
 
     base = base_flags(tile, epochs, seed)
-    configs = {n: resolve([*base, *option_flags(n, tile)], data_dir, folds_csv, out_dir, n) for n in names}  # bad flags fail here
+    configs = {
+        n: resolve([*base, *option_flags(n, tile)], data_dir, folds_csv, out_dir, n) for n in names
+    }  # bad flags fail here
     wall: dict[str, float] = {}
     for name in names:
         flags = [*base, *option_flags(name, tile)]
@@ -116,12 +161,17 @@ def run(names: list[str], folds: list[int], tile: int, epochs: int, seed: int, d
         for fold in folds:
             t0 = time.perf_counter()
             command = "python train.py --fold {} {} --data-dir {} --folds {} --out-dir {} --exp {}".format(
-                fold, " ".join(flags), data_dir, folds_csv, out_dir, name)
+                fold, " ".join(flags), data_dir, folds_csv, out_dir, name
+            )
             with common.quiet():
                 result = train_fold(configs[name], fold, overwrite=True, command=command)
             if show:
-                print(f"{name:18s} fold {fold}: best val weighted R2 {result.best_metric:.4f} (epoch {result.best_epoch}) "
-                      f"{time.perf_counter() - t0:6.1f} s", flush=True)
+                print(
+                    f"{name:18s} fold {fold}: best val weighted R2 {result.best_metric:.4f} (epoch "
+                    f"{result.best_epoch}) "
+                    f"{time.perf_counter() - t0:6.1f} s",
+                    flush=True,
+                )
         wall[name] = time.perf_counter() - start
     table = compare_table([out_dir / n for n in names], baseline="default", source="pooled")
     table.insert(1, "flags", [" ".join(option_flags(n, tile)) or "(base flags)" for n in table["experiment"]])
@@ -134,18 +184,19 @@ def run(names: list[str], folds: list[int], tile: int, epochs: int, seed: int, d
 
 def table_markdown(table: pd.DataFrame) -> str:
     """The ablation rows: OOF weighted R2, delta to default, fold mean +- std, per-target R2, seconds."""
-    from src.report import to_markdown
 
-    shown = pd.DataFrame({
-        "option": [f"{e} *" if b else e for e, b in zip(table["experiment"], table["baseline"])],
-        "flags": [f"`{f}`" for f in table["flags"]],
-        "OOF wR2": table["weighted_r2"],
-        "delta": [f"{v:+.4f}" for v in table["delta"]],
-        "fold mean ± std": [f"{m:.3f} ± {s:.3f}" for m, s in zip(table["fold_mean"], table["fold_std"])],
-        **{f"R2 {s}": table[f"r2_{t}"] for t, s in zip(TARGETS, SHORT_NAMES)},
-        "train s": table["train_s"],
-        "wall s": table["wall_s"],
-    })
+    shown = pd.DataFrame(
+        {
+            "option": [f"{e} *" if b else e for e, b in zip(table["experiment"], table["baseline"])],
+            "flags": [f"`{f}`" for f in table["flags"]],
+            "OOF wR2": table["weighted_r2"],
+            "delta": [f"{v:+.4f}" for v in table["delta"]],
+            "fold mean ± std": [f"{m:.3f} ± {s:.3f}" for m, s in zip(table["fold_mean"], table["fold_std"])],
+            **{f"R2 {s}": table[f"r2_{t}"] for t, s in zip(TARGETS, SHORT_NAMES)},
+            "train s": table["train_s"],
+            "wall s": table["wall_s"],
+        }
+    )
     return to_markdown(shown, {"train s": 0, "wall s": 0}, default_digits=4)
 
 
@@ -175,31 +226,53 @@ def write_doc(doc: Path, block: str) -> Path:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: default + top-private, one fold, 2 epochs, 28 px tiles")
-    p.add_argument("--only", nargs="+", default=None, choices=list(OPTIONS), help="options to run (default: all; 'default' is always added)")
-    p.add_argument("--folds-to-run", nargs="+", type=int, default=None, help="fold indices (default: every fold of --folds)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: default + top-private, one fold, 2 epochs, 28 px tiles"
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=list(OPTIONS),
+        help="options to run (default: all; 'default' is always added)",
+    )
+    p.add_argument(
+        "--folds-to-run", nargs="+", type=int, default=None, help="fold indices (default: every fold of --folds)"
+    )
     p.add_argument("--epochs", type=int, default=None, help=f"epochs per fold (default {EPOCHS}; quick 2)")
     p.add_argument("--tile", type=int, default=None, help=f"tile size of the 2x2 runs (default {TILE}; quick 28)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default="data/synthetic", help="competition-layout data (make demo writes data/synthetic)")
+    p.add_argument(
+        "--data-dir", default="data/synthetic", help="competition-layout data (make demo writes data/synthetic)"
+    )
     p.add_argument("--folds", default="data/folds.csv", help="folds CSV (folds.py)")
-    p.add_argument("--out-dir", default=None, help="experiment directories, one per option (default checkpoints/ablation[-quick])")
-    p.add_argument("--doc", default=None, help="markdown file whose ABLATION block is replaced (default docs/ABLATION.md; quick: in --out-dir)")
+    p.add_argument(
+        "--out-dir", default=None, help="experiment directories, one per option (default checkpoints/ablation[-quick])"
+    )
+    p.add_argument(
+        "--doc",
+        default=None,
+        help="markdown file whose ABLATION block is replaced (default docs/ABLATION.md; quick: in --out-dir)",
+    )
     p.add_argument("--csv", default=None, help="CSV of the full table (default docs/ablation.csv; quick: in --out-dir)")
-    p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS}: no OpenMP spin-waiting on a shared box)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"torch threads (default {THREADS}: no OpenMP spin-waiting on a shared box)",
+    )
     args = p.parse_args(argv)
     # a smoke run never overwrites the committed results
     args.out_dir = args.out_dir or ("checkpoints/ablation-quick" if args.quick else "checkpoints/ablation")
     args.doc = args.doc or str(Path(args.out_dir) / "ABLATION.md" if args.quick else DOC)
     args.csv = args.csv or str(Path(args.out_dir) / "ablation.csv" if args.quick else CSV)
-    import torch
-
-    from src.data import load_train
-    from src.folds import load_folds
 
     torch.set_num_threads(args.threads)
     if not (Path(args.data_dir) / "train.csv").is_file():
-        raise BiomassError(f"{args.data_dir}: no train.csv; run `make demo` (or make data-synthetic + folds.py) first, or pass --data-dir")
+        raise BiomassError(
+            f"{args.data_dir}: no train.csv; run `make demo` (or make data-synthetic + folds.py) first, or pass "
+            "--data-dir"
+        )
     names = list(QUICK_OPTIONS if args.quick and args.only is None else args.only or OPTIONS)
     names = ["default", *[n for n in names if n != "default"]]
     for name in OPTIONS:  # every option's flags resolve (a typo fails the quick run too)
@@ -214,21 +287,30 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     write_csv_atomic(table, args.csv)
     command = " ".join(["python bench/ablate.py", *(sys.argv[1:] if argv is None else argv)])
     n_images = len(load_train(args.data_dir))
-    block = "\n".join([
-        f"## Results{' (quick smoke settings, not a result)' if args.quick else ''} — {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        "",
-        f"- command: `{command}` ({minutes:.1f} min for {len(names)} options x {len(folds)} folds)",
-        f"- data: `{args.data_dir}` ({n_images} train images), folds `{args.folds}` (run: {', '.join(map(str, folds))})",
-        f"- base flags of every run: `{' '.join(base_flags(tile, epochs, args.seed))}`; each row adds its flags",
-        f"- machine: {info['cpu']}; {info['cores']}; load average at start {load_start}, at end {common.load_average()}",
-        f"- CSV: `{_shown(args.csv)}`; experiment directories: `{args.out_dir}/<option>` (`python report.py --compare ...` reads them)",
-        "",
-        table_markdown(table),
-        "",
-        "OOF wR2 = the competition metric on all folds' oof.csv rows pooled (best epoch per fold, no TTA, no physics "
-        "post-processing); delta = OOF wR2 - default's; fold mean ± std = each fold's own weighted R2; train s = sum of "
-        "the per-epoch seconds of metrics.csv (feature-cache builds excluded); wall s = the whole train_fold calls.",
-    ])
+    block = "\n".join(
+        [
+            f"## Results{' (quick smoke settings, not a result)' if args.quick else ''} — "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
+            "",
+            f"- command: `{command}` ({minutes:.1f} min for {len(names)} options x {len(folds)} folds)",
+            f"- data: `{args.data_dir}` ({n_images} train images), folds `{args.folds}` (run: "
+            f"{', '.join(map(str, folds))})",
+            f"- base flags of every run: `{' '.join(base_flags(tile, epochs, args.seed))}`; each row adds its flags",
+            f"- machine: {info['cpu']}; {info['cores']}; load average at start {load_start}, at end "
+            f"{common.load_average()}",
+            f"- CSV: `{_shown(args.csv)}`; experiment directories: `{args.out_dir}/<option>` (`python report.py "
+            "--compare ...` reads them)",
+            "",
+            table_markdown(table),
+            "",
+            "OOF wR2 = the competition metric on all folds' oof.csv rows pooled (best epoch per fold, no TTA, "
+            "no physics "
+            "post-processing); delta = OOF wR2 - default's; fold mean ± std = each fold's own weighted R2; "
+            "train s = sum of "
+            "the per-epoch seconds of metrics.csv (feature-cache builds excluded); wall s = the whole "
+            "train_fold calls.",
+        ]
+    )
     write_doc(Path(args.doc), block)
     print(table_markdown(table))
     print(f"wrote {_shown(args.doc)} and {_shown(args.csv)} in {minutes:.1f} min")

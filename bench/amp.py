@@ -26,6 +26,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
+from src.folds import make_folds  # noqa: E402
+from src.metric import score  # noqa: E402
+from src.schema import TARGETS  # noqa: E402
+from src.training import fit  # noqa: E402
 
 IMAGE_SIZE = (1000, 500)  # the repo's demo data size
 MIN_TOLERANCE = 0.01
@@ -42,10 +46,6 @@ def _cfg(amp: bool, seed: int, epochs: int | None, tile: int | None):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from src.folds import make_folds
-    from src.metric import score
-    from src.schema import TARGETS
-    from src.training import fit
 
     p = common.parser(__doc__.splitlines()[0], repeats=1)
     p.add_argument("--images", type=int, default=120, help="synthetic 1000x500 images (default 120)")
@@ -80,25 +80,37 @@ def main(argv: list[str] | None = None) -> dict:
         pred = pd.concat(oof[arm], ignore_index=True)
         truth = pred[[f"true_{t}" for t in TARGETS]].to_numpy(np.float64)
         r2[arm] = score(truth, pred[list(TARGETS)].to_numpy(np.float64))["weighted_r2"]
-        rows.append({"arm": arm, "OOF weighted R2": f"{r2[arm]:.4f}", "per-fold best val R2": ", ".join(f"{v:.3f}" for v in best[arm]),
-                     "train + validate s (all folds)": f"{seconds[arm]:.1f}"})
+        rows.append(
+            {
+                "arm": arm,
+                "OOF weighted R2": f"{r2[arm]:.4f}",
+                "per-fold best val R2": ", ".join(f"{v:.3f}" for v in best[arm]),
+                "train + validate s (all folds)": f"{seconds[arm]:.1f}",
+            }
+        )
     delta_amp = abs(r2["bf16 autocast (seed 42)"] - r2["fp32 (seed 42)"])
     delta_seed = abs(r2["fp32 (seed 43)"] - r2["fp32 (seed 42)"])
     tolerance = max(delta_seed, MIN_TOLERANCE)
     speed = seconds["fp32 (seed 42)"] / seconds["bf16 autocast (seed 42)"]
     cfg = _cfg(False, 42, epochs, tile)
     lines = [
-        f"Tiny preset ({cfg.model.backbone} depth {cfg.model.backbone_kwargs.get('depth')}, tile {cfg.model.tile_size}, "
+        f"Tiny preset ({cfg.model.backbone} depth {cfg.model.backbone_kwargs.get('depth')}, tile "
+        f"{cfg.model.tile_size}, "
         f"{cfg.train.epochs} epochs, {cfg.train.freeze_epochs} frozen), {n} synthetic {size[0]}x{size[1]} JPEGs, "
         f"{n_folds} month-grouped folds (seed 0), `fit` per fold per arm, num_workers 0, CPU.",
         "",
         common.table(rows),
         "",
-        "- " + common.bar_line(
-            f"bf16 autocast changes the OOF weighted R2 by {delta_amp:.4f}; a change of seed changes it by {delta_seed:.4f} "
-            f"(tolerance max(seed difference, {MIN_TOLERANCE}) = {tolerance:.4f})", delta_amp <= tolerance),
+        "- "
+        + common.bar_line(
+            f"bf16 autocast changes the OOF weighted R2 by {delta_amp:.4f}; a change of seed changes it by "
+            f"{delta_seed:.4f} "
+            f"(tolerance max(seed difference, {MIN_TOLERANCE}) = {tolerance:.4f})",
+            delta_amp <= tolerance,
+        ),
         f"- Speed: fp32 / bf16 wall time = {speed:.2f}x on this tiny model (139k parameters: overhead-bound, so bf16 "
-        f"{'buys little' if speed >= 1 else 'is slower (autocast casts cost more than its matmuls save)'} here; the ViT-B "
+        f"{'buys little' if speed >= 1 else 'is slower (autocast casts cost more than its matmuls save)'} here; "
+        "the ViT-B "
         "encoder gains ~3-4x, see the FLOP/s benchmark).",
         "- Whole-model autocast (training's `_loss`, `Predictor.predict_views`) also runs the heads in bf16, whose "
         "log1p output then carries bf16 rounding (up to 1.6% in grams; tests/test_bench.py measures it); autocast on "

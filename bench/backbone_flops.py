@@ -25,6 +25,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
 from bench import common  # noqa: E402
+from src.model import build_model  # noqa: E402
+from src.runtime import autocast  # noqa: E402
 
 BAR = 0.5
 GPU_BAR = 0.4
@@ -60,7 +62,6 @@ def analytic_vit_flops(backbone, tile: int) -> int:
 
 def build_encoder(kind: str, tile: int):
     """The BiomassModel whose `tile_features` is the tile encoder (random init), in eval mode."""
-    from src.model import build_model
 
     cfg = common.make_config(kind, tile_size=tile)
     return build_model(cfg.model, load_backbone_weights=False).eval()
@@ -75,7 +76,6 @@ def random_tiles(model, batch: int, seed: int = 0) -> torch.Tensor:
 
 def encoder_fns(model, tiles: torch.Tensor, modes: tuple[str, ...]) -> dict:
     """Callables running the tile encoder once in each precision mode."""
-    from src.runtime import autocast
 
     fns = {}
     if "fp32" in modes:
@@ -95,7 +95,9 @@ def encoder_fns(model, tiles: torch.Tensor, modes: tuple[str, ...]) -> dict:
     return fns
 
 
-def encoder_throughput(kind: str, tile: int, batch: int, repeats: int, modes=("fp32", "bf16 autocast")) -> dict[str, list[float]]:
+def encoder_throughput(
+    kind: str, tile: int, batch: int, repeats: int, modes=("fp32", "bf16 autocast")
+) -> dict[str, list[float]]:
     """Seconds per `tile_features` call of `batch` tiles for each mode (round-robin): used by benchmarks 4 and 5."""
     model = build_encoder(kind, tile)
     tiles = random_tiles(model, batch)
@@ -114,7 +116,10 @@ def matmul_fns(n: int, iters: dict[str, int], device: str = "cpu") -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return {f"matmul {dtype}": (lambda a=a, b=b, k=iters[dtype]: run(a, b, k)) for dtype, (a, b) in (("fp32", (a32, b32)), ("bf16", (a16, b16)))}
+    return {
+        f"matmul {dtype}": (lambda a=a, b=b, k=iters[dtype]: run(a, b, k))
+        for dtype, (a, b) in (("fp32", (a32, b32)), ("bf16", (a16, b16)))
+    }
 
 
 def gpu_rows(model, batch: int, tile_flops: int, repeats: int) -> tuple[list[dict], list[str]]:
@@ -138,14 +143,29 @@ def gpu_rows(model, batch: int, tile_flops: int, repeats: int) -> tuple[list[dic
     achieved = tile_flops * batch / common.median(times["encoder bf16 autocast"])
     name = torch.cuda.get_device_name(0)
     rows = [
-        {"kernel": f"GPU matmul bf16 ({name})", "work per call": f"{iters} x {n}^3 matmul", "GFLOP per call": f"{2 * n**3 * iters / 1e9:.0f}",
-         "seconds per call": common.spread(times["matmul bf16"], digits=4), "achieved GFLOP/s": f"{peak / 1e9:.0f}", "% of peak (same dtype)": "100%", "tiles/s": ""},
-        {"kernel": f"GPU encoder bf16 autocast ({name})", "work per call": f"{batch} tiles of {model.tile_size}px",
-         "GFLOP per call": f"{tile_flops * batch / 1e9:.1f}", "seconds per call": common.spread(times["encoder bf16 autocast"], digits=4),
-         "achieved GFLOP/s": f"{achieved / 1e9:.0f}", "% of peak (same dtype)": f"{100 * achieved / peak:.0f}%",
-         "tiles/s": f"{batch / common.median(times['encoder bf16 autocast']):.1f}"},
+        {
+            "kernel": f"GPU matmul bf16 ({name})",
+            "work per call": f"{iters} x {n}^3 matmul",
+            "GFLOP per call": f"{2 * n**3 * iters / 1e9:.0f}",
+            "seconds per call": common.spread(times["matmul bf16"], digits=4),
+            "achieved GFLOP/s": f"{peak / 1e9:.0f}",
+            "% of peak (same dtype)": "100%",
+            "tiles/s": "",
+        },
+        {
+            "kernel": f"GPU encoder bf16 autocast ({name})",
+            "work per call": f"{batch} tiles of {model.tile_size}px",
+            "GFLOP per call": f"{tile_flops * batch / 1e9:.1f}",
+            "seconds per call": common.spread(times["encoder bf16 autocast"], digits=4),
+            "achieved GFLOP/s": f"{achieved / 1e9:.0f}",
+            "% of peak (same dtype)": f"{100 * achieved / peak:.0f}%",
+            "tiles/s": f"{batch / common.median(times['encoder bf16 autocast']):.1f}",
+        },
     ]
-    verdict = common.bar_line(f"GPU ({name}) encoder bf16 autocast: {achieved / peak:.0%} of the bf16 matmul peak (bar >= {GPU_BAR:.0%})", achieved / peak >= GPU_BAR)
+    verdict = common.bar_line(
+        f"GPU ({name}) encoder bf16 autocast: {achieved / peak:.0%} of the bf16 matmul peak (bar >= {GPU_BAR:.0%})",
+        achieved / peak >= GPU_BAR,
+    )
     return rows, [verdict]
 
 
@@ -154,20 +174,29 @@ def similarity(model, tiles) -> dict[str, float]:
     fns = encoder_fns(model, tiles, ("fp32", "bf16 autocast", "bf16 weights"))
     with torch.inference_mode():
         ref = fns["fp32"]().float()
-        return {k: float(torch.nn.functional.cosine_similarity(fns[k]().float(), ref, dim=-1).min()) for k in ("bf16 autocast", "bf16 weights")}
+        return {
+            k: float(torch.nn.functional.cosine_similarity(fns[k]().float(), ref, dim=-1).min())
+            for k in ("bf16 autocast", "bf16 weights")
+        }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = common.parser(__doc__.splitlines()[0], repeats=3)
     p.add_argument("--batch", type=int, default=4, help="tiles per encoder call (default 4)")
     p.add_argument("--tile", type=int, default=518, help="tile side (default 518, the 2x2-grid tile)")
-    p.add_argument("--matmul", type=int, default=4096, help="side of the square matmul that measures the peak (default 4096)")
+    p.add_argument(
+        "--matmul", type=int, default=4096, help="side of the square matmul that measures the peak (default 4096)"
+    )
     p.add_argument("--gpu-batch", type=int, default=32, help="tiles per encoder call on a GPU (default 32)")
     args = p.parse_args(argv)
     common.setup(args)
     info = common.machine()
     # iterations per call so that each matmul call takes ~0.5 s here (fp32 ~230, bf16 ~1000 GFLOP/s)
-    kind, n, iters, batch = ("tiny_quick", 256, {"fp32": 2, "bf16": 2}, 2) if args.quick else ("vit_b", args.matmul, {"fp32": 1, "bf16": 4}, args.batch)
+    kind, n, iters, batch = (
+        ("tiny_quick", 256, {"fp32": 2, "bf16": 2}, 2)
+        if args.quick
+        else ("vit_b", args.matmul, {"fp32": 1, "bf16": 4}, args.batch)
+    )
     tile = 28 if args.quick else args.tile
     repeats = args.repeats or (1 if args.quick else 3)
     model = build_encoder(kind, tile)
@@ -199,30 +228,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
             }
         )
         if name in ("fp32", "bf16 autocast"):
-            verdicts.append(common.bar_line(f"encoder {name}: {100 * share:.0f}% of the {dtype} matmul peak (bar >= {BAR:.0%})", share >= BAR))
+            verdicts.append(
+                common.bar_line(
+                    f"encoder {name}: {100 * share:.0f}% of the {dtype} matmul peak (bar >= {BAR:.0%})", share >= BAR
+                )
+            )
     for r in rows:
         key = next(k for k in r if k.startswith("% of"))
         r["% of peak (same dtype)"] = r.pop(key)
         r["tiles/s"] = r.pop("tiles/s")
     cols = list(rows[0].keys())
-    gpu_note = "- GPU: not measured (no GPU lent to this session); the CUDA path (`gpu_rows`) runs wherever one is visible."
+    gpu_note = (
+        "- GPU: not measured (no GPU lent to this session); the CUDA path (`gpu_rows`) runs wherever one is visible."
+    )
     if torch.cuda.is_available() and not args.quick:
         extra, gpu_verdicts = gpu_rows(model, args.gpu_batch, flops["total"], repeats)
         rows += extra
         verdicts += gpu_verdicts
-        gpu_note = f"- GPU rows: {torch.cuda.get_device_name(0)}, batch {args.gpu_batch} tiles, bf16 autocast, timm's SDPA attention."
+        gpu = torch.cuda.get_device_name(0)
+        gpu_note = f"- GPU rows: {gpu}, batch {args.gpu_batch} tiles, bf16 autocast, timm's SDPA attention."
     lines = [
         f"Tile encoder = `BiomassModel.tile_features` ({model.cfg.backbone}, random init) on channels-last normalized "
         f"tiles, `torch.inference_mode`; FLOPs per tile: **{flops['total'] / 1e9:.1f} GFLOP** counted with "
         f"FlopCounterMode (+ CPU SDPA formula; attention {flops['attention'] / 1e9:.1f} GFLOP, which the stock "
-        f"counter misses on CPU: it reports {flops['plain_counter'] / 1e9:.1f}); analytic count {analytic / 1e9:.1f} GFLOP. "
+        f"counter misses on CPU: it reports {flops['plain_counter'] / 1e9:.1f}); analytic count "
+        f"{analytic / 1e9:.1f} GFLOP. "
         "Peak = the same run's dense matmul rate. Median (min-max, n) of round-robin repeats.",
         "",
         common.table(rows, cols),
         "",
         *[f"- {v}" for v in verdicts],
         f"- bf16 vs fp32 tile features, min cosine similarity: autocast {cos['bf16 autocast']:.6f}, "
-        f"bf16 weights {cos['bf16 weights']:.6f} (random init; 'bf16 weights' = `model.to(torch.bfloat16)`, no autocast).",
+        f"bf16 weights {cos['bf16 weights']:.6f} (random init; 'bf16 weights' = `model.to(torch.bfloat16)`, no "
+        "autocast).",
         gpu_note,
     ]
     common.report(args, argv, f"Tile encoder FLOP/s vs matmul peak ({kind}, tile {tile})", "\n".join(lines), info)

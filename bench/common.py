@@ -32,8 +32,17 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no PyPI check on impor
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the tables (read at tqdm import)
 
+import subprocess
+
 import numpy as np  # noqa: E402
+import timm
 import torch  # noqa: E402
+
+from src.checkpoint import save_best
+from src.config import PRESETS, Config, apply_overrides
+from src.data import load_train
+from src.model import build_model
+from src.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -65,7 +74,9 @@ def parser(description: str, repeats: int) -> argparse.ArgumentParser:
     """The flags every benchmark shares."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="smallest settings (smoke test, a few seconds)")
-    p.add_argument("--repeats", type=int, default=None, help=f"timed repeats per variant (default {repeats}; quick 1-2)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help=f"timed repeats per variant (default {repeats}; quick 1-2)"
+    )
     p.add_argument("--doc", default=str(DOC), help="markdown file the dated section is appended to")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, = cores)")
     return p
@@ -107,7 +118,6 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 def machine() -> dict[str, str]:
     """CPU model, cores, threads, library versions, GPU (if any) and the load average right now."""
-    import timm
 
     model, flags = _cpuinfo()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
@@ -125,11 +135,18 @@ def machine() -> dict[str, str]:
 
 def git_revision() -> str:
     """Short commit of the checkout, '+ uncommitted changes' when the tree is dirty ('unknown' outside git)."""
-    import subprocess
 
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{rev}{' + uncommitted changes' if dirty else ''}"
@@ -151,7 +168,9 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int | None = None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int | None = None
+) -> dict[str, list[float]]:
     """Run the variants round-robin (warmup rounds discarded); returns every timed wall time per variant.
 
     Round-robin instead of one variant after another: on a shared machine the load drifts, and
@@ -224,7 +243,6 @@ def cache_dir() -> Path:
 
 def synthetic_dataset(n_images: int, size: tuple[int, int], seed: int = 0) -> Path:
     """A competition-layout synthetic train set of n_images (W x H JPEGs), generated once and reused."""
-    from src.synthetic import generate
 
     out = cache_dir() / f"syn_n{n_images}_{size[0]}x{size[1]}_s{seed}"
     if not (out / "train.csv").is_file():
@@ -234,7 +252,6 @@ def synthetic_dataset(n_images: int, size: tuple[int, int], seed: int = 0) -> Pa
 
 def synthetic_test_set(n_test: int, size: tuple[int, int], seed: int = 0) -> Path:
     """A competition-layout data dir whose test.csv holds n_test images (for running infer.py itself)."""
-    from src.synthetic import generate
 
     out = cache_dir() / f"syn_test{n_test}_{size[0]}x{size[1]}_s{seed}"
     if not (out / "test.csv").is_file():
@@ -244,14 +261,12 @@ def synthetic_test_set(n_test: int, size: tuple[int, int], seed: int = 0) -> Pat
 
 def train_frame(n_images: int, size: tuple[int, int], seed: int = 0):
     """The wide training frame (with absolute `path`) of `synthetic_dataset`."""
-    from src.data import load_train
 
     return load_train(synthetic_dataset(n_images, size, seed))
 
 
 def make_config(kind: str, **model_overrides):
     """Config of the tiny preset plus MODELS[kind] plus overrides (e.g. grid=(3, 3), tile_size=336)."""
-    from src.config import PRESETS, Config, apply_overrides
 
     cfg = Config()
     apply_overrides(cfg, PRESETS["tiny"] if kind.startswith("tiny") else {}, "preset")
@@ -269,8 +284,6 @@ FAKE_STATS = {  # plausible grams so predictions are in the competition's range 
 
 def save_random_checkpoint(cfg, path: Path, fold: int = 0) -> Path:
     """A best.pt of a random-init model (build_model + save_best): inference cost without training."""
-    from src.model import build_model
-    from src.training import save_best
 
     torch.manual_seed(fold)
     model = build_model(cfg.model, load_backbone_weights=False)
@@ -302,7 +315,9 @@ def bar_line(text: str, met: bool | None) -> str:
     return f"**Bar {verdict}**: {text}"
 
 
-def append_section(doc: str | Path, title: str, command: str, body: str, info: dict[str, str] | None = None, quick: bool = False) -> Path:
+def append_section(
+    doc: str | Path, title: str, command: str, body: str, info: dict[str, str] | None = None, quick: bool = False
+) -> Path:
     """Append one dated section (title, command, machine, date, body) to `doc`; never rewrites what is there.
 
     An exclusive flock keeps two engineers' runs from interleaving their sections.

@@ -25,6 +25,18 @@ import cv2  # noqa: E402
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
+from bench.backbone_flops import analytic_vit_flops, build_encoder, encoder_throughput  # noqa: E402
+from src.data import jpeg_reduce_factor  # noqa: E402
+from src.dataset import (
+    MultiSizeViewDataset,  # noqa: E402
+    ViewPairDataset,  # noqa: E402
+)
+from src.losses import target_loss  # noqa: E402
+from src.model import (
+    build_model,  # noqa: E402
+    tile_views,  # noqa: E402
+)
+from src.transforms import build_transform  # noqa: E402
 
 FULL_RES = (2000, 1000)
 BASE_WORKERS, INFER_WORKERS = 2, 0  # DataConfig.num_workers (base preset) and infer.py --num-workers
@@ -37,9 +49,6 @@ def loader_fn(frame, view_size, grid, tile, jpeg_reduce: bool, train: bool = Fal
     cache_images: the dataset keeps decoded images in RAM (`--cache-images`); it is primed with one untimed
     pass here, so the timed passes are what epochs 2+ cost.
     """
-    from src.dataset import ViewPairDataset
-    from src.model import tile_views
-    from src.transforms import build_transform
 
     transform = build_transform(view_size, train=train)
     if train:
@@ -59,8 +68,6 @@ def loader_fn(frame, view_size, grid, tile, jpeg_reduce: bool, train: bool = Fal
 
 def multi_size_fn(frame, views: list[tuple[tuple[int, int], int]]):
     """The inference item: one decode per image, resized for every grid's view (MultiSizeViewDataset) + tiling."""
-    from src.dataset import MultiSizeViewDataset
-    from src.model import tile_views
 
     sizes = {(g[0] * t, g[1] * t): (g, t) for g, t in views}
     dataset = MultiSizeViewDataset(frame, list(sizes))
@@ -76,15 +83,20 @@ def multi_size_fn(frame, views: list[tuple[tuple[int, int], int]]):
 
 def decode_fns(frame) -> dict:
     """Plain cv2.imread of every image at reduce 1/2/4/8 (the decode alone)."""
-    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+    flags = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }
     paths = list(frame["path"])
-    return {f"cv2.imread reduce {r}": (lambda flag=flag: [cv2.imread(p, flag) for p in paths]) for r, flag in flags.items()}
+    return {
+        f"cv2.imread reduce {r}": (lambda flag=flag: [cv2.imread(p, flag) for p in paths]) for r, flag in flags.items()
+    }
 
 
 def tiny_model_fns(kind: str, batch: int):
     """Training step (forward + backward + AdamW, backbone trainable: stage 2) and eval forward of the tiny preset."""
-    from src.model import build_model
-    from src.training import target_loss
 
     cfg = common.make_config(kind)
     model = build_model(cfg.model, load_backbone_weights=False)
@@ -113,12 +125,12 @@ def _gflop(value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from bench.backbone_flops import analytic_vit_flops, build_encoder, encoder_throughput
-    from src.data import jpeg_reduce_factor
 
     p = common.parser(__doc__.splitlines()[0], repeats=3)
     p.add_argument("--images", type=int, default=12, help="synthetic full-resolution JPEGs (default 12)")
-    p.add_argument("--folds", type=int, default=5, help="folds of the inference ensemble (model side of the infer.py case)")
+    p.add_argument(
+        "--folds", type=int, default=5, help="folds of the inference ensemble (model side of the infer.py case)"
+    )
     args = p.parse_args(argv)
     common.setup(args)
     info = common.machine()
@@ -150,11 +162,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             fns[f"{label} | train"] = loader_fn(frame, view, grid, tile, jpeg_reduce=True, train=True)
             meta[f"{label} | train"] = (label, "train (augment default)", view, factor)
         if label == tiny_label:
-            fns[f"{label} | train, cached images"] = loader_fn(frame, view, grid, tile, jpeg_reduce=True, train=True, cache_images=True)
+            fns[f"{label} | train, cached images"] = loader_fn(
+                frame, view, grid, tile, jpeg_reduce=True, train=True, cache_images=True
+            )
             meta[f"{label} | train, cached images"] = (label, "train, --cache-images (epochs 2+)", view, factor)
     big = max((g[0] * t, g[1] * t) for g, t in infer_views)
     fns[infer_label] = multi_size_fn(frame, infer_views)
-    meta[infer_label] = ("inference (MultiSizeViewDataset)", "eval, both grids", big, jpeg_reduce_factor((size[1], size[0]), big))
+    meta[infer_label] = (
+        "inference (MultiSizeViewDataset)",
+        "eval, both grids",
+        big,
+        jpeg_reduce_factor((size[1], size[0]), big),
+    )
     fns.update(decode_fns(frame))
     # one torch thread while the worker's work is timed: PyTorch sets 1 thread in every DataLoader worker
     # process, and the small per-item torch ops (stack, float, tile reshape) stall badly with 2 OpenMP
@@ -186,12 +205,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if name in meta:
             label, task, view, factor = meta[name]
             per_image[name] = sec
-            rows.append({"worker task": label, "transform": task, "view (px)": f"{view[0]}x{view[1]}", "JPEG reduce": factor,
-                         "ms / image": f"{1e3 * sec:.1f}", "images/s per worker": f"{1 / sec:.1f}", "pass time": common.spread(values)})
+            rows.append(
+                {
+                    "worker task": label,
+                    "transform": task,
+                    "view (px)": f"{view[0]}x{view[1]}",
+                    "JPEG reduce": factor,
+                    "ms / image": f"{1e3 * sec:.1f}",
+                    "images/s per worker": f"{1 / sec:.1f}",
+                    "pass time": common.spread(values),
+                }
+            )
         else:
-            rows.append({"worker task": name, "transform": "decode only", "view (px)": f"image {size[0]}x{size[1]}",
-                         "JPEG reduce": name[-1], "ms / image": f"{1e3 * sec:.1f}", "images/s per worker": f"{1 / sec:.1f}",
-                         "pass time": common.spread(values)})
+            rows.append(
+                {
+                    "worker task": name,
+                    "transform": "decode only",
+                    "view (px)": f"image {size[0]}x{size[1]}",
+                    "JPEG reduce": name[-1],
+                    "ms / image": f"{1e3 * sec:.1f}",
+                    "images/s per worker": f"{1 / sec:.1f}",
+                    "pass time": common.spread(values),
+                }
+            )
 
     # ---- model side
     step_s = min(common.median(v) for k, v in model_times.items() if k.startswith("tiny train step")) / tiny_batch
@@ -200,15 +236,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     encoder = build_encoder(enc_kind, base_tile)
     base_tile_flops = analytic_vit_flops(encoder.backbone, base_tile)
     model_rows = [
-        {"model": f"{name} (batch {tiny_batch}, view {tiny_model.view_size[0]}, {'1 thread' if '1 thread' in name else f'{threads} threads'})",
-         "images/s": f"{tiny_batch / common.median(v):.1f}", "source": "measured: " + common.spread(v)}
+        {
+            "model": f"{name} (batch {tiny_batch}, view {tiny_model.view_size[0]}, "
+            "{'1 thread' if '1 thread' in name else f'{threads} threads'})",
+            "images/s": f"{tiny_batch / common.median(v):.1f}",
+            "source": "measured: " + common.spread(v),
+        }
         for name, v in model_times.items()
     ]
     for mode, rate in enc_img_s.items():
-        model_rows.append({"model": f"{enc_kind} 2x2 x {base_tile} forward {mode} (this CPU)", "images/s": f"{rate:.3g}",
-                           "source": f"measured, {enc_batch} tiles/call: {common.spread(enc_times[mode])}"})
-    model_rows.append({"model": f"{enc_kind} 2x2 x {base_tile} train step bf16 (this CPU, est.)", "images/s": f"{enc_img_s['bf16 autocast'] / 3:.3g}",
-                       "source": "forward / 3 (backward ~2x forward)"})
+        model_rows.append(
+            {
+                "model": f"{enc_kind} 2x2 x {base_tile} forward {mode} (this CPU)",
+                "images/s": f"{rate:.3g}",
+                "source": f"measured, {enc_batch} tiles/call: {common.spread(enc_times[mode])}",
+            }
+        )
+    model_rows.append(
+        {
+            "model": f"{enc_kind} 2x2 x {base_tile} train step bf16 (this CPU, est.)",
+            "images/s": f"{enc_img_s['bf16 autocast'] / 3:.3g}",
+            "source": "forward / 3 (backward ~2x forward)",
+        }
+    )
 
     gpu = None
     if not args.quick:
@@ -217,16 +267,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
         eff = peak * share
         fwd_flops = tiles_per_image * base_tile_flops
         ens_flops = args.folds * TTA_PASSES * 2 * (base_grid[0] * base_grid[1] * base_tile_flops + 9 * tile3_flops)
-        gpu = {"fwd": eff / fwd_flops, "train": eff / fwd_flops / 3, "cache": eff / fwd_flops / 4, "ens_s": ens_flops / eff,
-               "eff": eff, "ens_flops": ens_flops}
-        note = f"{_gflop(base_tile_flops)} GFLOP/tile x {tiles_per_image} tiles at {eff / 1e12:.1f} TFLOP/s (T4 fp16 {share:.0%} of peak)"
+        gpu = {
+            "fwd": eff / fwd_flops,
+            "train": eff / fwd_flops / 3,
+            "cache": eff / fwd_flops / 4,
+            "ens_s": ens_flops / eff,
+            "eff": eff,
+            "ens_flops": ens_flops,
+        }
+        note = f"{_gflop(base_tile_flops)} GFLOP/tile x {tiles_per_image} tiles at {eff / 1e12:.1f} TFLOP/s "
+        note += f"(T4 fp16 {share:.0%} of peak)"
         model_rows += [
-            {"model": f"ViT-B 2x2 x {base_tile} forward, Kaggle T4 fp16 (est.)", "images/s": f"{gpu['fwd']:.1f}", "source": note},
-            {"model": f"ViT-B 2x2 x {base_tile} train step, T4 fp16 (est.)", "images/s": f"{gpu['train']:.1f}", "source": "T4 forward / 3"},
-            {"model": f"ViT-B 2x2 x {base_tile} feature-cache build, T4 fp16 (est.)", "images/s": f"{gpu['cache']:.1f}",
-             "source": "T4 forward / 4 flip variants per decoded image"},
-            {"model": f"infer.py ensemble ({args.folds} folds x 2x2+3x3 x full TTA), T4 fp16 (est.)", "images/s": f"{1 / gpu['ens_s']:.3f}",
-             "source": f"{ens_flops / 1e12:.1f} TFLOP / image at {eff / 1e12:.1f} TFLOP/s"},
+            {
+                "model": f"ViT-B 2x2 x {base_tile} forward, Kaggle T4 fp16 (est.)",
+                "images/s": f"{gpu['fwd']:.1f}",
+                "source": note,
+            },
+            {
+                "model": f"ViT-B 2x2 x {base_tile} train step, T4 fp16 (est.)",
+                "images/s": f"{gpu['train']:.1f}",
+                "source": "T4 forward / 3",
+            },
+            {
+                "model": f"ViT-B 2x2 x {base_tile} feature-cache build, T4 fp16 (est.)",
+                "images/s": f"{gpu['cache']:.1f}",
+                "source": "T4 forward / 4 flip variants per decoded image",
+            },
+            {
+                "model": f"infer.py ensemble ({args.folds} folds x 2x2+3x3 x full TTA), T4 fp16 (est.)",
+                "images/s": f"{1 / gpu['ens_s']:.3f}",
+                "source": f"{ens_flops / 1e12:.1f} TFLOP / image at {eff / 1e12:.1f} TFLOP/s",
+            },
         ]
 
     # ---- verdicts: one per default-workers situation
@@ -246,40 +317,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
         common.bar_line(
             f"tiny preset training (num_workers 0: loading is serial with the step; at 1 torch thread, as above; "
             f"cache_images {'on' if tiny_cached else 'off'} in the preset): {1e3 * tiny_load:.1f} ms to load a "
-            f"{size[0]}x{size[1]} image (train transform{', decoded image from RAM: epochs 2+' if tiny_cached else ''}) vs "
+            f"{size[0]}x{size[1]} image (train "
+            f"transform{', decoded image from RAM: epochs 2+' if tiny_cached else ''}) vs "
             f"{1e3 * step_s:.1f} ms of training step per image -> the loader is "
-            f"{tiny_share:.0%} of the time ({'the loader IS the bottleneck' if tiny_share > 0.5 else 'the model is the bottleneck'})"
+            f"{tiny_share:.0%} of the time "
+            f"({'the loader IS the bottleneck' if tiny_share > 0.5 else 'the model is the bottleneck'})"
             + (f"; the first epoch decodes: {1e3 * tiny_first:.1f} ms, {first_share:.0%}" if tiny_cached else ""),
             tiny_share <= 0.5,
         ),
     ]
     if gpu is None:
-        lines_v.append(common.bar_line(
-            f"quick base view, num_workers {BASE_WORKERS}: {base_train:.1f} training images/s from the loader vs "
-            f"{cpu_train:.3g} on this CPU (quick settings: GPU cases skipped)", base_train >= cpu_train))
+        lines_v.append(
+            common.bar_line(
+                f"quick base view, num_workers {BASE_WORKERS}: {base_train:.1f} training images/s from the loader vs "
+                f"{cpu_train:.3g} on this CPU (quick settings: GPU cases skipped)",
+                base_train >= cpu_train,
+            )
+        )
     else:
         lines_v += [
             common.bar_line(
                 f"base training, stage 2 (num_workers {BASE_WORKERS}, train transform): {BASE_WORKERS} workers x "
-                f"{rate(f'{base_label} | train'):.1f} = {base_train:.1f} images/s vs ~{gpu['train']:.1f} images/s a T4 trains "
-                f"(est.) and {cpu_train:.3g} on this CPU -> loader {base_train / gpu['train']:.1f}x faster than the T4 needs",
-                base_train >= gpu["train"]),
+                f"{rate(f'{base_label} | train'):.1f} = {base_train:.1f} images/s vs ~{gpu['train']:.1f} "
+                "images/s a T4 trains "
+                f"(est.) and {cpu_train:.3g} on this CPU -> loader {base_train / gpu['train']:.1f}x faster than "
+                "the T4 needs",
+                base_train >= gpu["train"],
+            ),
             common.bar_line(
-                f"base feature-cache build, stage 1 (num_workers {BASE_WORKERS}, eval transform, 4 flip variants per decode): "
+                f"base feature-cache build, stage 1 (num_workers {BASE_WORKERS}, eval transform, 4 flip "
+                "variants per decode): "
                 f"{base_eval:.1f} images/s vs ~{gpu['cache']:.1f} images/s a T4 encodes (est.) -> "
-                f"{base_eval / gpu['cache']:.1f}x", base_eval >= gpu["cache"]),
+                f"{base_eval / gpu['cache']:.1f}x",
+                base_eval >= gpu["cache"],
+            ),
             common.bar_line(
-                f"infer.py (num_workers {INFER_WORKERS}: decode serial with the GPU, one decode per image for both grids): "
+                f"infer.py (num_workers {INFER_WORKERS}: decode serial with the GPU, one decode per image for "
+                "both grids): "
                 f"{1e3 * infer_load:.0f} ms per image vs ~{gpu['ens_s']:.1f} s of T4 compute per image for the "
                 f"{args.folds}-fold x 2-grid x full-TTA ensemble -> loading adds {infer_load / gpu['ens_s']:.1%}",
-                infer_load <= 0.1 * gpu["ens_s"]),
+                infer_load <= 0.1 * gpu["ens_s"],
+            ),
         ]
     lines = [
         f"Synthetic {size[0]}x{size[1]} JPEGs (quality 90), {n} images per pass, round-robin repeats in one process "
         "(pass time: median (min-max, n)), timed with 1 torch thread as in a DataLoader worker (cv2 threads left at "
         "their default); 'full decode' = `jpeg_reduce=False`, 'reduced decode' = the factor "
-        "`jpeg_reduce_factor` picks (largest that keeps each view >= the model's view size). Views of 1008 / 1036 px need "
-        "the full 1000 px of a view, so base-size items cannot use a reduced decode; 'train' = `build_transform(train=True)` "
+        "`jpeg_reduce_factor` picks (largest that keeps each view >= the model's view size). Views of 1008 / "
+        "1036 px need "
+        "the full 1000 px of a view, so base-size items cannot use a reduced decode; 'train' = "
+        "`build_transform(train=True)` "
         "(augment default: flips, affine, crop, colour, noise, blur, dropout), reduced decode where it applies.",
         "",
         common.table(rows),
@@ -289,7 +376,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         common.table(model_rows),
         "",
         *[f"- {v}" for v in lines_v],
-        "- A worker here is one process on this 2-core machine; on Kaggle (2-4 slower vCPUs beside the GPU) a worker is "
+        "- A worker here is one process on this 2-core machine; on Kaggle (2-4 slower vCPUs beside the GPU) a "
+        "worker is "
         "slower, which the margins above have to absorb. On this CPU the workers share the 2 cores with the model, so "
         "CPU training is model-bound whatever num_workers is.",
         "- GPU: not measured (no GPU lent to this session); T4 rows are FLOP-count estimates with the share of peak "

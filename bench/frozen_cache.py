@@ -25,6 +25,13 @@ if __package__ in (None, ""):  # run as a file: put the repo root (not bench/) o
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
+from src.feature_cache import compute_feature_cache  # noqa: E402
+from src.model import (
+    FLIP_VARIANTS,  # noqa: E402
+    build_model,  # noqa: E402
+)
+from src.runtime import seed_everything  # noqa: E402
+from src.training import fit  # noqa: E402
 
 BAR = 10.0
 IMAGE_SIZE = (1000, 500)  # the repo's demo data size (real images are 2000x1000)
@@ -46,10 +53,6 @@ def _kwargs(cfg) -> str:
 
 def run_fit(kind: str, epochs: int, frame, arm: str) -> dict:
     """One fit of the frozen stage; returns total wall seconds, per-epoch seconds and the cache build time."""
-    from src.dataset import FLIP_VARIANTS
-    from src.model import build_model
-    from src.runtime import seed_everything
-    from src.training import compute_feature_cache, fit
 
     n_val = max(1, len(frame) // 5)
     train, val = frame.iloc[n_val:].reset_index(drop=True), frame.iloc[:n_val].reset_index(drop=True)
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"`fit()` with epochs = freeze_epochs, augment none, num_workers 0, fp32, validation each epoch; synthetic "
         f"{size[0]}x{size[1]} JPEGs (1/5 held out); random-init backbones; arms round-robin in one process. "
         "'whole fit s' is the whole `fit` call (model build + cache build + epochs). "
-        "'image backbone passes' counts images through the backbone (each = 2 views x 4 tiles); 'epochs s' = the sum of "
+        "'image backbone passes' counts images through the backbone (each = 2 views x 4 tiles); 'epochs s' = "
+        "the sum of "
         "fit's own per-epoch timer (train + validation, cache build excluded), median (min-max, n) over repeats; "
         "epochs/s = epochs / that median.",
         "",
@@ -153,19 +157,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     for r in rows:
         if r["_arm"].startswith("cache (fit default"):
-            lines.append("- " + common.bar_line(
-                f"{r['model']}: epochs/s with the cache {r['_speedup_epochs']:.1f}x those of recomputing, over {r['epochs']} "
-                f"epochs (bar >= {BAR:g}x)", r["_speedup_epochs"] >= BAR))
-            lines.append(f"- Whole fit including the one-off cache build ({r['model']}): {r['_speedup_total']:.2f}x "
-                         f"(4-variant cache); identity-only cache: "
-                         f"{next(x['_speedup_total'] for x in rows if x['model'] == r['model'] and x['_arm'] == 'cache, identity only'):.2f}x.")
+            lines.append(
+                "- "
+                + common.bar_line(
+                    f"{r['model']}: epochs/s with the cache {r['_speedup_epochs']:.1f}x those of recomputing, "
+                    f"over {r['epochs']} "
+                    f"epochs (bar >= {BAR:g}x)",
+                    r["_speedup_epochs"] >= BAR,
+                )
+            )
+            identity = next(x for x in rows if x["model"] == r["model"] and x["_arm"] == "cache, identity only")
+            lines.append(
+                f"- Whole fit including the one-off cache build ({r['model']}): {r['_speedup_total']:.2f}x "
+                f"(4-variant cache); identity-only cache: {identity['_speedup_total']:.2f}x."
+            )
     nt, nv = (int(v) for v in rows[0]["images train/val"].split("/"))
     ep = rows[0]["epochs"]
     lines.append(
-        f"- The whole-fit ratio cannot reach 10x at {ep} epochs by construction: the default cache runs the backbone on 4 "
+        f"- The whole-fit ratio cannot reach 10x at {ep} epochs by construction: the default cache runs the "
+        "backbone on 4 "
         "flip variants of every training image, so even when the backbone is all the cost the best possible ratio is "
-        f"epochs x (train + val) / (4 x train + val) = {ep} x {nt + nv} / (4 x {nt} + {nv}) = {ep * (nt + nv) / (4 * nt + nv):.1f}x; "
-        f"an identity-only cache caps it just under epochs = {ep}x. The epochs/s figure is what the cache buys every epoch "
+        f"epochs x (train + val) / (4 x train + val) = {ep} x {nt + nv} / (4 x {nt} + {nv}) = "
+        f"{ep * (nt + nv) / (4 * nt + nv):.1f}x; "
+        f"an identity-only cache caps it just under epochs = {ep}x. The epochs/s figure is what the cache buys "
+        "every epoch "
         "once built (and every sweep run that reuses it through `fit(cache=...)`); the 4-variant build costs as much "
         f"as (4 x train + val) / (train + val) = {(4 * nt + nv) / (nt + nv):.1f} epochs of recomputing."
     )

@@ -29,6 +29,9 @@ if __package__ in (None, ""):  # run as a file: put the repo root (not bench/) o
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
+from bench.backbone_flops import build_encoder, count_flops, random_tiles  # noqa: E402
+from src.data import load_test  # noqa: E402
+from src.dataset import MultiSizeViewDataset  # noqa: E402
 
 FULL_RES = (2000, 1000)
 TTA_PASSES = 3  # full TTA: 3 flip passes through the backbone; the stereo swap reuses the original features
@@ -53,8 +56,21 @@ def make_experiment(root: Path, grids: list[tuple[tuple[int, int], int]], kind: 
 
 def run_infer(data_dir: Path, exp: Path, out: Path, amp: bool, batch_size: int) -> dict:
     """python infer.py as a child process: wall seconds, its own prediction seconds, peak RSS (MiB)."""
-    cmd = [sys.executable, str(common.REPO / "infer.py"), "--data-dir", str(data_dir), "--checkpoints", str(exp),
-           "--out", str(out), "--device", "cpu", "--batch-size", str(batch_size), *(["--amp"] if amp else [])]
+    cmd = [
+        sys.executable,
+        str(common.REPO / "infer.py"),
+        "--data-dir",
+        str(data_dir),
+        "--checkpoints",
+        str(exp),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        str(batch_size),
+        *(["--amp"] if amp else []),
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=common.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -67,13 +83,18 @@ def run_infer(data_dir: Path, exp: Path, out: Path, amp: bool, batch_size: int) 
     match = PREDICTED.search(output)
     if match is None:
         raise RuntimeError(f"infer.py printed no 'predicted N images ... in Xs' line:\n{output[-3000:]}")
-    return {"wall": wall, "predict": float(match.group(3)), "images": int(match.group(1)), "models": int(match.group(2)),
-            "peak_rss_mb": usage.ru_maxrss / 1024, "command": " ".join(["python infer.py", *cmd[2:]])}
+    return {
+        "wall": wall,
+        "predict": float(match.group(3)),
+        "images": int(match.group(1)),
+        "models": int(match.group(2)),
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "command": " ".join(["python infer.py", *cmd[2:]]),
+    }
 
 
 def tile_flops(kind: str, tile: int) -> int:
     """FLOPs of one tile through the encoder (FlopCounterMode + CPU SDPA), batch 1."""
-    from bench.backbone_flops import build_encoder, count_flops, random_tiles
 
     model = build_encoder(kind, tile)
     tiles = random_tiles(model, 1)
@@ -82,7 +103,6 @@ def tile_flops(kind: str, tile: int) -> int:
 
 def host_seconds(frame, view_sizes) -> float:
     """Per image: read + decode + split + resize for every grid's view size (infer.py's loader, num_workers 0)."""
-    from src.dataset import MultiSizeViewDataset
 
     dataset = MultiSizeViewDataset(frame, view_sizes)
     start = time.perf_counter()
@@ -92,10 +112,11 @@ def host_seconds(frame, view_sizes) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from src.data import load_test
 
     p = common.parser(__doc__.splitlines()[0], repeats=1)
-    p.add_argument("--images", type=int, default=1, help="test images infer.py predicts (default 1: ~2-6 min at ViT-B on 2 cores)")
+    p.add_argument(
+        "--images", type=int, default=1, help="test images infer.py predicts (default 1: ~2-6 min at ViT-B on 2 cores)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="infer.py --batch-size (its default 8)")
     p.add_argument("--folds", type=int, default=5, help="folds per grid in the ensemble")
     p.add_argument("--test-images", type=int, default=1000, help="projected hidden test set size")
@@ -119,39 +140,70 @@ def main(argv: list[str] | None = None) -> dict:
         run = run_infer(data_dir, exp, Path(tmp) / "submission.csv", amp, args.batch_size)
     models = run["models"]
     if models != folds * len(grids) or run["images"] != n:
-        raise RuntimeError(f"infer.py ran {models} models on {run['images']} images; expected {folds * len(grids)} on {n}")
+        raise RuntimeError(
+            f"infer.py ran {models} models on {run['images']} images; expected {folds * len(grids)} on {n}"
+        )
     fixed = run["wall"] - run["predict"]
     per_image = run["predict"] / n
     per_100 = fixed + 100 * per_image
     precision = "bf16 autocast (--amp)" if amp else "fp32"
 
-    rows = [{
-        "run": f"python infer.py, {models} models ({folds} folds x {len(grids)} grids), tta full, {precision}, device cpu",
-        "images": n,
-        "wall s": f"{run['wall']:.1f}",
-        "of which predicting s": f"{run['predict']:.1f}",
-        "fixed s (imports, load, write)": f"{fixed:.1f}",
-        "s / image": f"{per_image:.1f}",
-        "achieved GFLOP/s": f"{flops_image * n / run['predict'] / 1e9:.0f}",
-        "peak RSS (MiB)": f"{run['peak_rss_mb']:.0f}",
-    }]
+    rows = [
+        {
+            "run": f"python infer.py, {models} models ({folds} folds x {len(grids)} grids), tta full, "
+            "{precision}, device cpu",
+            "images": n,
+            "wall s": f"{run['wall']:.1f}",
+            "of which predicting s": f"{run['predict']:.1f}",
+            "fixed s (imports, load, write)": f"{fixed:.1f}",
+            "s / image": f"{per_image:.1f}",
+            "achieved GFLOP/s": f"{flops_image * n / run['predict'] / 1e9:.0f}",
+            "peak RSS (MiB)": f"{run['peak_rss_mb']:.0f}",
+        }
+    ]
     flop_rows = [
-        {"grid": f"{g[0]}x{g[1]}", "tile": t, "GFLOP / tile": f"{flops[t] / 1e9:.4g}",
-         "backbone tiles / image / model": TTA_PASSES * 2 * g[0] * g[1], "TFLOP / image / model": f"{per_model[f'{g[0]}x{g[1]}'] / 1e12:.4g}"}
+        {
+            "grid": f"{g[0]}x{g[1]}",
+            "tile": t,
+            "GFLOP / tile": f"{flops[t] / 1e9:.4g}",
+            "backbone tiles / image / model": TTA_PASSES * 2 * g[0] * g[1],
+            "TFLOP / image / model": f"{per_model[f'{g[0]}x{g[1]}'] / 1e12:.4g}",
+        }
         for g, t in grids
     ]
-    flop_rows.append({"grid": f"ensemble ({folds} folds x both grids)", "TFLOP / image / model": f"{flops_image / 1e12:.4g} (whole ensemble)"})
+    flop_rows.append(
+        {
+            "grid": f"ensemble ({folds} folds x both grids)",
+            "TFLOP / image / model": f"{flops_image / 1e12:.4g} (whole ensemble)",
+        }
+    )
 
     # ---- projections
     proj, verdicts = [], []
     budget = BAR_SHARE * common.KAGGLE_LIMIT_S
-    proj.append({"device": "this CPU (measured)", "precision": precision, "images": 100,
-                 "arithmetic": f"{fixed:.0f} s fixed + 100 x {per_image:.1f} s", "seconds": f"{per_100:.0f}",
-                 "share of 9 h": f"{per_100 / common.KAGGLE_LIMIT_S:.1%}", "share of peak needed for the bar": ""})
+    proj.append(
+        {
+            "device": "this CPU (measured)",
+            "precision": precision,
+            "images": 100,
+            "arithmetic": f"{fixed:.0f} s fixed + 100 x {per_image:.1f} s",
+            "seconds": f"{per_100:.0f}",
+            "share of 9 h": f"{per_100 / common.KAGGLE_LIMIT_S:.1%}",
+            "share of peak needed for the bar": "",
+        }
+    )
     cpu_test = fixed + args.test_images * per_image
-    proj.append({"device": "this CPU (measured)", "precision": precision, "images": args.test_images,
-                 "arithmetic": f"{fixed:.0f} s fixed + {args.test_images} x {per_image:.1f} s", "seconds": f"{cpu_test:.0f}",
-                 "share of 9 h": f"{cpu_test / common.KAGGLE_LIMIT_S:.1%}", "share of peak needed for the bar": ""})
+    proj.append(
+        {
+            "device": "this CPU (measured)",
+            "precision": precision,
+            "images": args.test_images,
+            "arithmetic": f"{fixed:.0f} s fixed + {args.test_images} x {per_image:.1f} s",
+            "seconds": f"{cpu_test:.0f}",
+            "share of 9 h": f"{cpu_test / common.KAGGLE_LIMIT_S:.1%}",
+            "share of peak needed for the bar": "",
+        }
+    )
     for gpu, modes in common.GPUS.items():
         for mode, (peak, share) in modes.items():
             rate = peak * share
@@ -160,27 +212,41 @@ def main(argv: list[str] | None = None) -> dict:
             host_total = args.test_images * host
             total = fixed + compute + host_total
             needed = total_flops / max(budget - fixed - host_total, 1e-9) / peak
-            proj.append({
-                "device": gpu, "precision": mode, "images": args.test_images,
-                "arithmetic": f"{fixed:.0f} s fixed + {args.test_images} x {flops_image / 1e12:.4g} TFLOP = {total_flops / 1e15:.4g} PFLOP "
-                              f"/ ({peak / 1e12:.1f} TFLOP/s x {share:.0%}) = {compute:.0f} s + host {args.test_images} x {host:.3f} s",
-                "seconds": f"{total:.0f}", "share of 9 h": f"{total / common.KAGGLE_LIMIT_S:.1%}",
-                "share of peak needed for the bar": f"{needed:.0%}",
-            })
-            verdicts.append(common.bar_line(
-                f"{gpu} {mode}: {args.test_images} images x {models} models x full TTA ~ {total / 60:.0f} min = "
-                f"{total / common.KAGGLE_LIMIT_S:.1%} of 9 h at an assumed {share:.0%} of peak (bar < {BAR_SHARE:.0%}; "
-                f"meeting it needs >= {needed:.0%} of peak{', impossible' if needed > 1 else ''})",
-                total / common.KAGGLE_LIMIT_S < BAR_SHARE))
+            proj.append(
+                {
+                    "device": gpu,
+                    "precision": mode,
+                    "images": args.test_images,
+                    "arithmetic": f"{fixed:.0f} s fixed + {args.test_images} x {flops_image / 1e12:.4g} TFLOP "
+                    "= {total_flops / 1e15:.4g} PFLOP "
+                    f"/ ({peak / 1e12:.1f} TFLOP/s x {share:.0%}) = {compute:.0f} s + host {args.test_images} x "
+                    f"{host:.3f} s",
+                    "seconds": f"{total:.0f}",
+                    "share of 9 h": f"{total / common.KAGGLE_LIMIT_S:.1%}",
+                    "share of peak needed for the bar": f"{needed:.0%}",
+                }
+            )
+            verdicts.append(
+                common.bar_line(
+                    f"{gpu} {mode}: {args.test_images} images x {models} models x full TTA ~ {total / 60:.0f} min = "
+                    f"{total / common.KAGGLE_LIMIT_S:.1%} of 9 h at an assumed {share:.0%} of peak (bar < "
+                    f"{BAR_SHARE:.0%}; "
+                    f"meeting it needs >= {needed:.0%} of peak{', impossible' if needed > 1 else ''})",
+                    total / common.KAGGLE_LIMIT_S < BAR_SHARE,
+                )
+            )
     lines = [
         f"{n} synthetic {size[0]}x{size[1]} test JPEG(s); random-init {kind} checkpoints ({ckpt_mb:.0f} MiB each), "
-        f"infer.py defaults otherwise (tta full, physics project, batch {args.batch_size}, num_workers 0) plus --device cpu"
+        f"infer.py defaults otherwise (tta full, physics project, batch {args.batch_size}, num_workers 0) plus "
+        "--device cpu"
         f"{' --amp' if amp else ''}. Command: `{run['command']}` (temp paths). One run (each is "
-        f"{models} models x {TTA_PASSES} flip passes x 2 views of backbone calls; the load average says how contended it was).",
+        f"{models} models x {TTA_PASSES} flip passes x 2 views of backbone calls; the load average says how "
+        "contended it was).",
         "",
         common.table(rows),
         "",
-        "FLOPs (FlopCounterMode with the CPU SDPA formula added, see the FLOP/s benchmark), per image = 3 flip passes x "
+        "FLOPs (FlopCounterMode with the CPU SDPA formula added, see the FLOP/s benchmark), per image = 3 flip "
+        "passes x "
         "2 views x tiles x GFLOP/tile (heads are negligible):",
         "",
         common.table(flop_rows),
@@ -193,14 +259,17 @@ def main(argv: list[str] | None = None) -> dict:
         common.table(proj),
         "",
         *[f"- {v}" for v in verdicts],
-        f"- Peak RSS of infer.py with {models} models: {run['peak_rss_mb']:.0f} MiB (every checkpoint stays loaded for the "
+        f"- Peak RSS of infer.py with {models} models: {run['peak_rss_mb']:.0f} MiB (every checkpoint stays "
+        "loaded for the "
         "whole run; on a GPU the weights move to the device).",
         "- The Kaggle kernel runs infer.py with --amp unless built with `kernels/build.py --no-amp`; "
         "`src.runtime.autocast` picks fp16 on GPUs without bf16 tensor cores (T4, P100: "
         "`is_bf16_supported(including_emulation=False)`), so the kernel's rows are the 'fp16 autocast' ones.",
         "- GPU rows are FLOP-count projections, not measurements (no GPU lent to this session).",
     ]
-    common.report(args, argv, f"Inference end to end: python infer.py, {kind} ensemble, time and peak RSS", "\n".join(lines), info)
+    common.report(
+        args, argv, f"Inference end to end: python infer.py, {kind} ensemble, time and peak RSS", "\n".join(lines), info
+    )
     return {"rows": rows, "projection": proj, "run": run}
 
 

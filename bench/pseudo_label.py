@@ -19,12 +19,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the repo root (not bench/) on the import path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd  # noqa: E402
+
 from bench import common  # noqa: E402
+from src.config import PRESETS, Config, InferConfig, PseudoLabelConfig, apply_overrides  # noqa: E402  # noqa: E402
+from src.data import load_train  # noqa: E402
+from src.folds import make_folds, save_folds  # noqa: E402
+from src.metric import weighted_r2_long  # noqa: E402
+from src.submit import run_submission  # noqa: E402
+from src.synthetic import generate  # noqa: E402
+from src.training import train_fold  # noqa: E402
 
 
 def shifted_dataset(root: Path, n_train: int, n_test: int, size: tuple[int, int], shift: str, seed: int) -> Path:
     """Training images as usual, test images under `shift`, in one competition-layout folder (cached)."""
-    from src.synthetic import generate
 
     out = root / f"shifted_{shift}_{n_train}_{n_test}_{size[0]}x{size[1]}_{seed}"
     if (out / "train.csv").is_file():
@@ -38,10 +46,6 @@ def shifted_dataset(root: Path, n_train: int, n_test: int, size: tuple[int, int]
 
 def train_folds(data: Path, root: Path, folds: int, epochs: int, tile: int) -> Path:
     """Tiny-preset folds (month-grouped) trained with train.py's own train_fold; returns the experiment dir."""
-    from src.config import PRESETS, Config, apply_overrides
-    from src.data import load_train
-    from src.folds import make_folds, save_folds
-    from src.training import train_fold
 
     folds_csv = root / "folds.csv"
     save_folds(make_folds(load_train(data), "group_month", n_folds=folds, seed=0), folds_csv)
@@ -60,11 +64,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--folds", type=int, default=None, help="folds trained (default 3; quick 2)")
     args = p.parse_args(argv)
     common.setup(args)
-    import pandas as pd
-
-    from src.adapt import PseudoLabelSettings
-    from src.inference import run_submission
-    from src.metric import weighted_r2_long
 
     quick = args.quick
     n_train, n_test, size = (24, 6, (400, 200)) if quick else (180, 60, (1000, 500))
@@ -79,10 +78,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         exp = train_folds(data, work, folds, train_epochs, tile)
     truth = pd.read_csv(data / "test_labels.csv", dtype={"sample_id": str})
     rows = []
-    for name, pseudo in (("plain ensemble", None), *((f"pseudo-label, blend {b:g}", PseudoLabelSettings(epochs, 1.0, b)) for b in (0.8, 1.0))):
+    for name, pseudo in (
+        ("plain ensemble", None),
+        *((f"pseudo-label, blend {b:g}", PseudoLabelConfig(epochs, 1.0, b)) for b in (0.8, 1.0)),
+    ):
         start = time.perf_counter()
         with common.quiet():
-            sub = run_submission(data, [str(exp)], work / "sub.csv", device="cpu", pseudo_label=pseudo)
+            cfg = InferConfig(data_dir=str(data), checkpoints=[str(exp)], out=str(work / "sub.csv"), device="cpu")
+            cfg.pseudo_label = pseudo or PseudoLabelConfig()
+            sub = run_submission(cfg)
         seconds = time.perf_counter() - start
         score = weighted_r2_long(truth, sub)  # the metric on the submission's long rows, as Kaggle scores it
         rows.append({"setting": name, "weighted R2 on shifted test truth": f"{score:.4f}", "seconds": f"{seconds:.1f}"})
@@ -90,13 +94,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gains = [float(r["weighted R2 on shifted test truth"]) - plain for r in rows[1:]]
     body = "\n".join([
         f"{n_train} train images ({size[0]}x{size[1]}), {n_test} test images rendered with `--shift {args.shift}`; "
-        f"{folds} tiny-preset folds (tile {tile}, {train_epochs} epochs, random init); pseudo-label fine-tune of the best fold: "
-        f"{epochs} epoch(s), weight 1.0 (`src/adapt.py`, same `fit` as train.py). Seconds = the whole `run_submission`.",
+        f"{folds} tiny-preset folds (tile {tile}, {train_epochs} epochs, random init); pseudo-label fine-tune "
+        "of the best fold: "
+        f"{epochs} epoch(s), weight 1.0 (`src/adapt.py`, same `fit` as train.py). Seconds = the whole "
+        "`run_submission`.",
         "",
         common.table(rows, ["setting", "weighted R2 on shifted test truth", "seconds"]),
         "",
-        f"Gain over the plain ensemble: {', '.join(f'{g:+.4f}' for g in gains)} (blend 0.8, 1.0). Synthetic pixels and a random-init "
-        "tiny backbone: this checks that adaptation runs end to end and moves the score; it is no estimate of the gain on Kaggle.",
+        f"Gain over the plain ensemble: {', '.join(f'{g:+.4f}' for g in gains)} (blend 0.8, 1.0). Synthetic "
+        "pixels and a random-init "
+        "tiny backbone: this checks that adaptation runs end to end and moves the score; it is no estimate of "
+        "the gain on Kaggle.",
     ])  # fmt: skip
     common.report(args, argv, f"Pseudo-label adaptation under a {args.shift} shift", body, info)
     return [{**r, "gain": g} for r, g in zip(rows, [0.0, *gains])]

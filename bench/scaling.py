@@ -22,6 +22,11 @@ if __package__ in (None, ""):  # run as a file: put the repo root (not bench/) o
 import pandas as pd  # noqa: E402
 
 from bench import common  # noqa: E402
+from src.data import jpeg_reduce_factor  # noqa: E402
+from src.inference import (
+    Predictor,  # noqa: E402
+    predict_ensemble,  # noqa: E402
+)
 
 NONLINEAR = 0.10  # a point more than 10% off the straight line is called out
 TTA_PASSES = 3
@@ -29,7 +34,6 @@ TTA_PASSES = 3
 
 def predictors_for(kind: str, grids, tile: int, root: Path) -> dict:
     """A random-init Predictor (tta full, fp32) per grid."""
-    from src.inference import Predictor
 
     out = {}
     for grid in grids:
@@ -44,12 +48,21 @@ def fit_rows(label: str, xs, ys, x_name: str, unit_name: str, extra=None) -> tup
     slope, intercept, resid = common.linear_fit(xs, ys)
     rows = []
     for i, (x, y, r) in enumerate(zip(xs, ys, resid)):
-        rows.append({"sweep": label, x_name: x, "seconds (median)": f"{y:.3f}", "fit a + b x": f"{intercept + slope * x:.3f}",
-                     "residual": f"{r:+.1%}", **((extra or [{}] * len(xs))[i])})
+        rows.append(
+            {
+                "sweep": label,
+                x_name: x,
+                "seconds (median)": f"{y:.3f}",
+                "fit a + b x": f"{intercept + slope * x:.3f}",
+                "residual": f"{r:+.1%}",
+                **((extra or [{}] * len(xs))[i]),
+            }
+        )
     worst = max(abs(r) for r in resid)
     share = intercept / ys[0] if ys[0] else 0.0
     text = common.bar_line(
-        f"{label}: time = a + b x; b = {1e3 * slope:.3f} ms per {unit_name}, a = {intercept:.3f} s (= {share:.0%} of the "
+        f"{label}: time = a + b x; b = {1e3 * slope:.3f} ms per {unit_name}, a = {intercept:.3f} s (= "
+        f"{share:.0%} of the "
         f"smallest run); worst residual {worst:.1%} (linear if every point is within {NONLINEAR:.0%} of the line)",
         worst <= NONLINEAR,
     )
@@ -57,8 +70,6 @@ def fit_rows(label: str, xs, ys, x_name: str, unit_name: str, extra=None) -> tup
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from src.data import jpeg_reduce_factor
-    from src.inference import predict_ensemble
 
     p = common.parser(__doc__.splitlines()[0], repeats=3)
     p.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/14 model-only grid sweep")
@@ -69,7 +80,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         kind, tile, unique, counts, grids, size = "tiny_quick", 28, 2, (2, 4), [(2, 2), (3, 3)], (256, 128)
     else:
-        kind, tile, unique, counts, grids, size = "tiny", 56, 100, (100, 200, 400), [(2, 2), (3, 3), (4, 4)], (1000, 500)
+        kind, tile, unique, counts, grids, size = (
+            "tiny",
+            56,
+            100,
+            (100, 200, 400),
+            [(2, 2), (3, 3), (4, 4)],
+            (1000, 500),
+        )
     base = common.train_frame(unique, size)
     frames = {n: pd.concat([base] * (n // unique), ignore_index=True) for n in counts}
     batch = 8
@@ -92,8 +110,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         n0 = counts[0]
         times = common.interleaved({g: e2e(preds[g], frames[n0]) for g in grids}, repeats)
         tiles = [n0 * TTA_PASSES * 2 * g[0] * g[1] for g in grids]
-        extra = [{"grid": f"{g[0]}x{g[1]}", "JPEG reduce": jpeg_reduce_factor((size[1], size[0]), preds[g].view_size)} for g in grids]
-        rows, text = fit_rows(f"{kind} end to end vs grid ({n0} images, tile {tile})", tiles, [common.median(times[g]) for g in grids], "x", "backbone tile", extra)
+        extra = [
+            {"grid": f"{g[0]}x{g[1]}", "JPEG reduce": jpeg_reduce_factor((size[1], size[0]), preds[g].view_size)}
+            for g in grids
+        ]
+        rows, text = fit_rows(
+            f"{kind} end to end vs grid ({n0} images, tile {tile})",
+            tiles,
+            [common.median(times[g]) for g in grids],
+            "x",
+            "backbone tile",
+            extra,
+        )
         all_rows += rows
         texts.append(text)
 
@@ -102,14 +130,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             plans.append(("vit_s", predictors_for("vit_s", grids, 224, Path(tmp)), 1))
         for name, group, b in plans:
             views = {g: common.random_views(b, group[g].view_size) for g in grids}
-            times = common.interleaved({g: (lambda g=g, group=group, views=views: group[g].predict_views(*views[g])) for g in grids}, max(repeats, 3) if name.startswith("tiny") and not args.quick else repeats)
+            times = common.interleaved(
+                {g: (lambda g=g, group=group, views=views: group[g].predict_views(*views[g])) for g in grids},
+                max(repeats, 3) if name.startswith("tiny") and not args.quick else repeats,
+            )
             tiles = [b * TTA_PASSES * 2 * g[0] * g[1] for g in grids]
             extra = [{"grid": f"{g[0]}x{g[1]}"} for g in grids]
             label = f"{name} model only vs grid ({b} images/call, tile {group[grids[0]].model.tile_size})"
             rows, text = fit_rows(label, tiles, [common.median(times[g]) for g in grids], "x", "backbone tile", extra)
             all_rows += rows
             texts.append(text)
-    off = [f"{r['sweep']} at x = {r['x']} ({r['residual']})" for r in all_rows if abs(float(r["residual"].rstrip("%"))) > 100 * NONLINEAR]
+    off = [
+        f"{r['sweep']} at x = {r['x']} ({r['residual']})"
+        for r in all_rows
+        if abs(float(r["residual"].rstrip("%"))) > 100 * NONLINEAR
+    ]
     cols = ["sweep", "grid", "JPEG reduce", "x", "seconds (median)", "fit a + b x", "residual"]
     lines = [
         f"x = images (images sweep) or backbone tiles = images x 3 flip passes x 2 views x R x C (grid sweeps). "

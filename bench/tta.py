@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
+from src.inference import Predictor  # noqa: E402
+from src.model import log1p_to_grams  # noqa: E402
 
 BAR_RATIO = 0.8
 TOLERANCE = 1e-5
@@ -30,7 +32,6 @@ TOLERANCE = 1e-5
 @torch.no_grad()
 def predict_with_tta(model, left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
     """The naive reference: four full forwards (orig, hflip, vflip, stereo swap) -> (B, 4, 5) grams."""
-    from src.model import log1p_to_grams
 
     calls = [
         (left, right),
@@ -44,7 +45,6 @@ def predict_with_tta(model, left: torch.Tensor, right: torch.Tensor) -> np.ndarr
 
 def compare(kind: str, batch: int, repeats: int, workdir: Path) -> dict:
     """Time full / naive / none on the same random views and check that their predictions agree."""
-    from src.inference import Predictor
 
     cfg = common.make_config(kind)
     ckpt = common.save_random_checkpoint(cfg, workdir / kind / "best.pt")
@@ -52,7 +52,11 @@ def compare(kind: str, batch: int, repeats: int, workdir: Path) -> dict:
     none = copy.copy(full)  # same model object, other TTA mode
     none.tta = "none"
     left, right = common.random_views(batch, full.view_size)
-    batched, naive, single = full.predict_views(left, right), predict_with_tta(full.model, left, right), none.predict_views(left, right)
+    batched, naive, single = (
+        full.predict_views(left, right),
+        predict_with_tta(full.model, left, right),
+        none.predict_views(left, right),
+    )
     diff = float(max(np.abs(batched - naive).max(), np.abs(single[:, 0] - naive[:, 0]).max()))
     times = common.interleaved(
         {
@@ -68,7 +72,8 @@ def compare(kind: str, batch: int, repeats: int, workdir: Path) -> dict:
     return {
         "model": f"{kind} ({cfg.model.backbone}, tile {full.model.tile_size}, grid {full.grid[0]}x{full.grid[1]})",
         "images/call": batch,
-        "backbone tiles full / naive / none": f"{3 * 2 * batch * tiles} / {4 * 2 * batch * tiles} / {2 * batch * tiles}",
+        "backbone tiles full / naive / none": f"{3 * 2 * batch * tiles} / {4 * 2 * batch * tiles} / "
+        "{2 * batch * tiles}",
         "full TTA": common.spread(times["full"]),
         "naive 4x forward": common.spread(times["naive"]),
         "none": common.spread(times["none"]),
@@ -88,7 +93,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plan = [("tiny_quick", 2)] if args.quick else [("tiny", 16), ("vit_s", 4)]
     repeats = args.repeats or (1 if args.quick else 5)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [compare(kind, batch, repeats if kind != "vit_s" else max(1, min(repeats, 3)), Path(tmp)) for kind, batch in plan]
+        rows = [
+            compare(kind, batch, repeats if kind != "vit_s" else max(1, min(repeats, 3)), Path(tmp))
+            for kind, batch in plan
+        ]
     cols = [c for c in rows[0] if not c.startswith("_")]
     lines = [
         "Batched full TTA vs four separate forwards vs one view; random uint8 views, random-init weights, fp32, "
@@ -101,9 +109,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         met = r["_ratio"] <= BAR_RATIO and r["_diff"] <= TOLERANCE
         lines.append(
-            "- " + common.bar_line(
+            "- "
+            + common.bar_line(
                 f"{r['model']}: full = {r['_ratio']:.3f}x naive (bar <= {BAR_RATIO}), max abs prediction difference "
-                f"{r['_diff']:.1e} g (bar <= {TOLERANCE:g})", met
+                f"{r['_diff']:.1e} g (bar <= {TOLERANCE:g})",
+                met,
             )
         )
     lines.append("- GPU: not measured (no GPU lent to this session).")

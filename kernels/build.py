@@ -50,7 +50,7 @@ DEFAULT_TIMM_MIN = "0.9.0"
 
 # The share of infer.py's flags (InferConfig fields) that the kernel build sets; the kernel fills in the paths.
 KERNEL_FIELDS = {
-    "tta", "physics", "grid_weights", "batch_size", "amp", "num_workers", "on_bad_image", "time_budget",
+    "checkpoints", "tta", "physics", "grid_weights", "batch_size", "amp", "num_workers", "on_bad_image", "time_budget",
     "pseudo_label.epochs", "pseudo_label.weight", "pseudo_label.blend", "pseudo_label.fold",
 }  # fmt: skip
 
@@ -82,7 +82,9 @@ def resolve_owner(owner: str | None) -> str:
 def check_slug(slug: str) -> str:
     """Kernel slug; the datasets append -weights/-code, so it stays within Kaggle's 50 characters with them."""
     if not SLUG_RE.match(slug) or not 6 <= len(slug) <= 42:
-        raise BiomassError(f"--slug {slug!r}: use 6-42 lowercase letters, digits and single dashes, e.g. {DEFAULT_SLUG}")
+        raise BiomassError(
+            f"--slug {slug!r}: use 6-42 lowercase letters, digits and single dashes, e.g. {DEFAULT_SLUG}"
+        )
     return slug
 
 
@@ -111,7 +113,9 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(root: Path, kind: str) -> str:
     """MANIFEST.json: every file of the dataset with its size, and a content id the kernel checks."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ("MANIFEST.json", "dataset-metadata.json"))
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.name not in ("MANIFEST.json", "dataset-metadata.json")
+    )
     rels = [p.relative_to(root).as_posix() for p in files]
     content_id = hashlib.sha256("".join(f"{rel}\0{_sha256(p)}\n" for rel, p in zip(rels, files)).encode()).hexdigest()
     manifest = {"kind": kind, "id": content_id, "files": {rel: p.stat().st_size for rel, p in zip(rels, files)}}
@@ -130,11 +134,19 @@ def collect_checkpoints(dirs: list[str]) -> dict[str, tuple[Path, list[tuple[Pat
     for raw in dirs:
         exp_dir = Path(raw)
         if exp_dir.is_file():
-            raise BiomassError(f"--checkpoints {exp_dir}: pass the experiment directory (checkpoints/<exp>), not a file")
+            raise BiomassError(
+                f"--checkpoints {exp_dir}: pass the experiment directory (checkpoints/<exp>), not a file"
+            )
         name = exp_dir.resolve().name
         if name in experiments:
-            raise BiomassError(f"--checkpoints: two experiment directories are named {name!r}; rename one (the kernel finds them by name)")
-        experiments[name] = (exp_dir, [(p, f"{name}/{p.relative_to(exp_dir).as_posix()}") for p in find_checkpoints([exp_dir])])
+            raise BiomassError(
+                f"--checkpoints: two experiment directories are named {name!r}; rename one (the kernel finds "
+                "them by name)"
+            )
+        experiments[name] = (
+            exp_dir,
+            [(p, f"{name}/{p.relative_to(exp_dir).as_posix()}") for p in find_checkpoints([exp_dir])],
+        )
     return experiments
 
 
@@ -169,14 +181,19 @@ def oof_summary(exp_dir: Path, tta: str, physics: str) -> str | None:
         return None
     line = f"OOF weighted R2 {float(chosen['weighted_r2']):.4f} with --tta {tta} --physics {physics}"
     if best is not chosen:
-        line += f" (best in the report: {float(best['weighted_r2']):.4f} with --tta {best['tta']} --physics {best['physics']})"
+        setting = f"--tta {best['tta']} --physics {best['physics']}"
+        line += f" (best in the report: {float(best['weighted_r2']):.4f} with {setting})"
     return line
 
 
 def code_sources() -> list[Path]:
     """The files the kernel imports: infer.py and the src package (no caches, no tests)."""
     files = [REPO / "infer.py"]
-    files += sorted(p for p in (REPO / "src").rglob("*") if p.is_file() and not set(p.parts) & set(SKIP_NAMES) and p.suffix != ".pyc")
+    files += sorted(
+        p
+        for p in (REPO / "src").rglob("*")
+        if p.is_file() and not set(p.parts) & set(SKIP_NAMES) and p.suffix != ".pyc"
+    )
     return files
 
 
@@ -189,7 +206,12 @@ def render_kernel(build: dict) -> str:
 
 
 def build_into(
-    root: Path, experiments: dict[str, tuple[Path, list[tuple[Path, str]]]], owner: str, slug: str, options: KernelOptions, backbone_weights: Path | None
+    root: Path,
+    experiments: dict[str, tuple[Path, list[tuple[Path, str]]]],
+    owner: str,
+    slug: str,
+    options: KernelOptions,
+    backbone_weights: Path | None,
 ) -> dict:
     """Write weights/, code/, kernel/ and build.json under `root`; return build.json's content."""
     weights, code, kernel = root / "weights", root / "code", root / "kernel"
@@ -202,12 +224,17 @@ def build_into(
             _place(src, weights / rel)
     if backbone_weights is not None:
         if not backbone_weights.is_file():
-            raise BiomassError(f"--backbone-weights {backbone_weights}: file not found")
+            raise BiomassError(f"--ship-backbone-weights {backbone_weights}: file not found")
         if backbone_weights.name in experiments:
-            raise BiomassError(f"--backbone-weights {backbone_weights}: its name clashes with an experiment directory; rename it")
+            raise BiomassError(
+                f"--ship-backbone-weights {backbone_weights}: its name clashes with an experiment directory; rename it"
+            )
         _place(backbone_weights, weights / backbone_weights.name)
     weights_id = write_manifest(weights, "weights")
-    write_json(weights / "dataset-metadata.json", {"title": f"{title} weights", "id": ids["weights"], "licenses": [{"name": "CC0-1.0"}]})
+    write_json(
+        weights / "dataset-metadata.json",
+        {"title": f"{title} weights", "id": ids["weights"], "licenses": [{"name": "CC0-1.0"}]},
+    )
 
     for src in code_sources():
         dst = code / src.relative_to(REPO)
@@ -215,7 +242,9 @@ def build_into(
         shutil.copy2(src, dst)
     timm_wheel = pack_installed("timm", code / "wheels").relative_to(code).as_posix() if options.bundle_timm else None
     code_id = write_manifest(code, "code")
-    write_json(code / "dataset-metadata.json", {"title": f"{title} code", "id": ids["code"], "licenses": [{"name": "CC0-1.0"}]})
+    write_json(
+        code / "dataset-metadata.json", {"title": f"{title} code", "id": ids["code"], "licenses": [{"name": "CC0-1.0"}]}
+    )
 
     kernel_build = {
         "kernel": ids["kernel"],
@@ -274,7 +303,9 @@ def build(
     owner, slug = resolve_owner(owner), check_slug(slug)
     experiments = collect_checkpoints(checkpoints)
     if out.exists() and not (out / "build.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise BiomassError(f"--out {out}: exists and is not a kernels/build.py output; choose another folder (it is replaced whole)")
+        raise BiomassError(
+            f"--out {out}: exists and is not a kernels/build.py output; choose another folder (it is replaced whole)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -293,25 +324,41 @@ def build(
     for name, (exp_dir, items) in experiments.items():
         summary = oof_summary(exp_dir, options.infer.tta, options.infer.physics)
         log.info(f"{name}: {len(items)} checkpoint(s)" + (f"; {summary}" if summary else ""))
-    log.info(f"wrote {out}/{{weights,code,kernel}}: kernel {info['kernel']}, datasets {info['weights_dataset']} and {info['code_dataset']}")
+    log.info(
+        f"wrote {out}/{{weights,code,kernel}}: kernel {info['kernel']}, datasets {info['weights_dataset']} and "
+        f"{info['code_dataset']}"
+    )
     log.info(f"next: python kernels/push.py {out} --dry-run")
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python kernels/build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="experiment dirs (checkpoints/<exp>) holding grid*/fold*/best.pt")
-    parser.add_argument("--owner", default=None, help="Kaggle user name (default: KAGGLE_USERNAME or ~/.kaggle/kaggle.json)")
+    parser = argparse.ArgumentParser(
+        prog="python kernels/build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--owner", default=None, help="Kaggle user name (default: KAGGLE_USERNAME or ~/.kaggle/kaggle.json)"
+    )
     parser.add_argument("--slug", default=DEFAULT_SLUG, help="kernel slug; datasets are SLUG-weights and SLUG-code")
-    parser.add_argument("--backbone-weights", default=None, help="optional pretrained backbone file to ship too (inference does not need it)")
+    parser.add_argument(
+        "--ship-backbone-weights",
+        dest="backbone_weights",
+        default=None,
+        help="a pretrained backbone file to ship in the weights dataset too (inference does not need it)",
+    )
     parser.add_argument("--out", default="build/kaggle", help="output folder (replaced whole)")
-    parser.add_argument("--bundle-timm", action="store_true", help="ship this machine's timm as a wheel; the kernel installs it offline if Kaggle's is older")
+    parser.add_argument(
+        "--bundle-timm",
+        action="store_true",
+        help="ship this machine's timm as a wheel; the kernel installs it offline if Kaggle's is older",
+    )
     # infer.py's own flags (InferConfig), the kernel's share of them; defaults from the `kaggle` preset
     add_infer_flags(parser, only=KERNEL_FIELDS)
     add_quiet_flag(parser)
     args = parser.parse_args(argv)
-    options = KernelOptions(resolve_infer_config(args, preset="kaggle"), args.bundle_timm)
-    build(args.checkpoints, args.out, args.owner, args.slug, options, args.backbone_weights)
+    infer = resolve_infer_config(args, preset="kaggle")  # its checkpoints: the experiments to ship
+    options = KernelOptions(infer, args.bundle_timm)
+    build(infer.checkpoints, args.out, args.owner, args.slug, options, args.backbone_weights)
     return 0
 
 

@@ -39,18 +39,25 @@ class KernelError(Exception):
 
 
 def locate_input(env_var: str, name: str) -> Path:
-    """The folder named by `env_var`, else the mounted input `name` (/kaggle/input/<name> or one or two levels deeper)."""
+    """The folder named by `env_var`, else the mounted input `name` (/kaggle/input/<name> or a level or two down)."""
     if os.environ.get(env_var):
         path = Path(os.environ[env_var])
         if not path.is_dir():
             raise KernelError(f"{env_var}={path}: not a directory")
         return path
-    candidates = [KAGGLE_INPUT / name, *sorted(KAGGLE_INPUT.glob(f"*/{name}")), *sorted(KAGGLE_INPUT.glob(f"*/*/{name}"))]
+    candidates = [
+        KAGGLE_INPUT / name,
+        *sorted(KAGGLE_INPUT.glob(f"*/{name}")),
+        *sorted(KAGGLE_INPUT.glob(f"*/*/{name}")),
+    ]
     for path in candidates:
         if path.is_dir():
             return path
     have = sorted(p.name for p in KAGGLE_INPUT.iterdir()) if KAGGLE_INPUT.is_dir() else []
-    raise KernelError(f"{KAGGLE_INPUT / name} not found (inputs: {', '.join(have) or 'none'}); add it in the kernel's Data panel or set {env_var}")
+    raise KernelError(
+        f"{KAGGLE_INPUT / name} not found (inputs: {', '.join(have) or 'none'}); add it in the kernel's Data "
+        f"panel or set {env_var}"
+    )
 
 
 def _extract_archives(root: Path, tops: set[str]) -> Path:
@@ -72,7 +79,11 @@ def locate_dataset(mount: Path, kind: str, content_id: str) -> Path:
     not, the archives are unpacked here. A dataset version other than the built one is an error, never
     a silent mix of old code or weights with this kernel.
     """
-    manifests = [mount / "MANIFEST.json", *sorted(mount.glob("*/MANIFEST.json")), *sorted(mount.glob("*/*/MANIFEST.json"))]
+    manifests = [
+        mount / "MANIFEST.json",
+        *sorted(mount.glob("*/MANIFEST.json")),
+        *sorted(mount.glob("*/*/MANIFEST.json")),
+    ]
     for path in manifests:
         try:
             manifest = json.loads(path.read_text())
@@ -93,10 +104,15 @@ def locate_dataset(mount: Path, kind: str, content_id: str) -> Path:
         root = _extract_archives(root, {Path(rel).parts[0] for rel in missing})
         missing = [rel for rel in manifest["files"] if not (root / rel).is_file()]
     if missing:
-        raise KernelError(f"{path.parent}: {len(missing)} file(s) of the {kind} dataset missing, e.g. {missing[0]}; re-upload it with kernels/push.py")
+        raise KernelError(
+            f"{path.parent}: {len(missing)} file(s) of the {kind} dataset missing, e.g. {missing[0]}; re-upload "
+            "it with kernels/push.py"
+        )
     wrong = [rel for rel, size in manifest["files"].items() if size is not None and (root / rel).stat().st_size != size]
     if wrong:
-        raise KernelError(f"{root / wrong[0]}: size differs from the build's; re-upload the {kind} dataset with kernels/push.py")
+        raise KernelError(
+            f"{root / wrong[0]}: size differs from the build's; re-upload the {kind} dataset with kernels/push.py"
+        )
     return root
 
 
@@ -119,12 +135,28 @@ def ensure_timm(code: Path) -> str:
     if have is not None and _version(have) >= _version(need) and not (force and wheel):
         return f"timm {have} (>= {need} needed)"
     if not wheel:
-        raise KernelError(f"timm {have or 'missing'} here, the backbones need >= {need}; rebuild with kernels/build.py --bundle-timm")
+        raise KernelError(
+            f"timm {have or 'missing'} here, the backbones need >= {need}; rebuild with kernels/build.py --bundle-timm"
+        )
     target = Path(tempfile.mkdtemp(prefix="i2b-timm-"))
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "-q", "--target", str(target), str(code / wheel)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "-q",
+        "--target",
+        str(target),
+        str(code / wheel),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise KernelError(f"installing the bundled {wheel} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        raise KernelError(
+            f"installing the bundled {wheel} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+        )
     sys.path.insert(0, str(target))
     return f"timm from the bundled {Path(wheel).name} into {target} (the image had {have or 'none'}, >= {need} needed)"
 
@@ -141,14 +173,21 @@ def infer_config(data: Path, weights: Path, out_dir: Path) -> dict:
 
 def main() -> int:
     if not BUILD:
-        print("error: this is kernels/kernel_template.py; run the kernel.py that kernels/build.py generates", file=sys.stderr)
+        print(
+            "error: this is kernels/kernel_template.py; run the kernel.py that kernels/build.py generates",
+            file=sys.stderr,
+        )
         return 1
     # Before any import of timm/albumentations: no hub retries, no PyPI update check (the kernel is offline).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
-        code = locate_dataset(locate_input("I2B_CODE_DIR", BUILD["code_dataset"].split("/")[1]), "code", BUILD["code_id"])
-        weights = locate_dataset(locate_input("I2B_WEIGHTS_DIR", BUILD["weights_dataset"].split("/")[1]), "weights", BUILD["weights_id"])
+        code = locate_dataset(
+            locate_input("I2B_CODE_DIR", BUILD["code_dataset"].split("/")[1]), "code", BUILD["code_id"]
+        )
+        weights = locate_dataset(
+            locate_input("I2B_WEIGHTS_DIR", BUILD["weights_dataset"].split("/")[1]), "weights", BUILD["weights_id"]
+        )
         data = locate_input("I2B_DATA_DIR", BUILD["competition"])
         timm_note = ensure_timm(code)
     except KernelError as err:
@@ -162,7 +201,10 @@ def main() -> int:
 
     for module, home in ((infer, code), (sys.modules["src"], code / "src")):
         if Path(module.__file__).resolve().parent != home.resolve():  # a same-named module elsewhere won
-            print(f"error: {module.__name__} was imported from {module.__file__}, not from the code dataset {code}", file=sys.stderr)
+            print(
+                f"error: {module.__name__} was imported from {module.__file__}, not from the code dataset {code}",
+                file=sys.stderr,
+            )
             return 1
     import timm  # after ensure_timm: the bundled wheel may have been put first on sys.path
     import torch  # after the code dataset's path is set (see above)
@@ -170,11 +212,15 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}, GPU {gpu}")
     print(f"code {code} ({BUILD['code_id'][:12]}), weights {weights} ({BUILD['weights_id'][:12]}), data {data}")
-    print(f"{timm_note}; timm imported from {Path(timm.__file__).parent}; image cleaning of the checkpoints: {', '.join(BUILD['cleaning'])}")
-    config = Path(tempfile.mkdtemp(prefix="i2b-config-")) / "infer.json"  # JSON is YAML: infer.py --config reads it
-    config.write_text(json.dumps(infer_config(data, weights, out_dir), indent=1))
-    print(f"infer.py --config {config}: {json.dumps(BUILD['infer'], sort_keys=True)}", flush=True)
-    return run_cli(infer.main, ["--config", str(config)])
+    print(
+        f"{timm_note}; timm imported from {Path(timm.__file__).parent}; image cleaning of the checkpoints: "
+        f"{', '.join(BUILD['cleaning'])}"
+    )
+    with tempfile.TemporaryDirectory(prefix="i2b-config-") as tmp:
+        config = Path(tmp) / "infer.json"  # JSON is YAML: infer.py --config reads it
+        config.write_text(json.dumps(infer_config(data, weights, out_dir), indent=1))
+        print(f"infer.py --config {config}: {json.dumps(BUILD['infer'], sort_keys=True)}", flush=True)
+        return run_cli(infer.main, ["--config", str(config)])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,13 @@ from src.errors import BiomassError, run_cli  # noqa: E402
 SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")  # the CLI's dataset/kernel slug rule
 OWNER_RE = re.compile(r"^[a-z0-9]+(?:[_-][a-z0-9]+)*$")  # the CLI's owner slug rule
 # The CLI reports these with exit code 0; they are failures all the same.
-CLI_FAILURES = ("creation error", "push error", "not valid dataset sources", "not valid competition sources", "already in use")
+CLI_FAILURES = (
+    "creation error",
+    "push error",
+    "not valid dataset sources",
+    "not valid competition sources",
+    "already in use",
+)
 POLL_SECONDS = 15
 
 
@@ -66,9 +72,13 @@ def _check_ref(path: Path, field: str, ref, problems: list[str], min_len: int) -
         return
     owner, slug = ref.split("/")
     if not OWNER_RE.match(owner):
-        problems.append(f"{path}: field '{field}' owner {owner!r} is not a Kaggle user name (lowercase letters, digits, - or _)")
+        problems.append(
+            f"{path}: field '{field}' owner {owner!r} is not a Kaggle user name (lowercase letters, digits, - or _)"
+        )
     if not SLUG_RE.match(slug) or not min_len <= len(slug) <= 50:
-        problems.append(f"{path}: field '{field}' slug {slug!r} must be {min_len}-50 lowercase letters, digits and single dashes")
+        problems.append(
+            f"{path}: field '{field}' slug {slug!r} must be {min_len}-50 lowercase letters, digits and single dashes"
+        )
 
 
 def _check_dataset(folder: Path, kind: str, problems: list[str]) -> str | None:
@@ -82,8 +92,15 @@ def _check_dataset(folder: Path, kind: str, problems: list[str]) -> str | None:
     if not isinstance(title, str) or not 6 <= len(title) <= 50:
         problems.append(f"{path}: field 'title' is {title!r}; expected a string of 6-50 characters")
     licenses = meta.get("licenses")
-    if not (isinstance(licenses, list) and len(licenses) == 1 and isinstance(licenses[0], dict) and isinstance(licenses[0].get("name"), str)):
-        problems.append(f"{path}: field 'licenses' is {licenses!r}; expected exactly one, e.g. [{{\"name\": \"CC0-1.0\"}}]")
+    if not (
+        isinstance(licenses, list)
+        and len(licenses) == 1
+        and isinstance(licenses[0], dict)
+        and isinstance(licenses[0].get("name"), str)
+    ):
+        problems.append(
+            f'{path}: field \'licenses\' is {licenses!r}; expected exactly one, e.g. [{{"name": "CC0-1.0"}}]'
+        )
     manifest = _load_json(folder / "MANIFEST.json", problems)
     if manifest is not None:
         if manifest.get("kind") != kind:
@@ -91,7 +108,10 @@ def _check_dataset(folder: Path, kind: str, problems: list[str]) -> str | None:
         files = manifest.get("files")
         missing = [rel for rel in files or {} if not (folder / rel).is_file()]
         if not files or missing:
-            problems.append(f"{folder / 'MANIFEST.json'}: field 'files' names {'no file' if not files else missing[0] + ', which is missing'}; rebuild")
+            problems.append(
+                f"{folder / 'MANIFEST.json'}: field 'files' names "
+                f"{'no file' if not files else missing[0] + ', which is missing'}; rebuild"
+            )
     return meta.get("id") if isinstance(meta.get("id"), str) else None
 
 
@@ -107,7 +127,9 @@ def _check_kernel(folder: Path, dataset_ids: list[str | None], problems: list[st
     if not isinstance(title, str) or len(title) < 5:
         problems.append(f"{path}: field 'title' is {title!r}; expected a string of at least 5 characters")
     elif isinstance(ref, str) and "/" in ref and _slugify(title) != ref.split("/")[1]:
-        problems.append(f"{path}: field 'title' {title!r} resolves to slug {_slugify(title)!r}, not the id's {ref.split('/')[1]!r}")
+        problems.append(
+            f"{path}: field 'title' {title!r} resolves to slug {_slugify(title)!r}, not the id's {ref.split('/')[1]!r}"
+        )
     code_file = meta.get("code_file")
     if not isinstance(code_file, str) or not (folder / code_file).is_file():
         problems.append(f"{path}: field 'code_file' is {code_file!r}; it must name a file in {folder}")
@@ -131,7 +153,9 @@ def _check_kernel(folder: Path, dataset_ids: list[str | None], problems: list[st
         problems.append(f"{path}: field 'competition_sources' must contain {COMPETITION!r}")
     built = sorted(d for d in dataset_ids if d)
     if isinstance(meta.get("dataset_sources"), list) and sorted(meta["dataset_sources"]) != built:
-        problems.append(f"{path}: field 'dataset_sources' is {meta['dataset_sources']}; expected the built datasets {built}")
+        problems.append(
+            f"{path}: field 'dataset_sources' is {meta['dataset_sources']}; expected the built datasets {built}"
+        )
     if isinstance(code_file, str) and (folder / code_file).is_file():
         text = (folder / code_file).read_text()
         stale = [d for d in built if repr(d) not in text]
@@ -144,7 +168,9 @@ def validate_build(build_dir: str | Path) -> list[Upload]:
     """Check a kernels/build.py output offline; the uploads in push order, or one BiomassError listing the problems."""
     root = Path(build_dir)
     if not all((root / name).is_dir() for name in ("weights", "code", "kernel")):
-        raise BiomassError(f"{root}: not a kernels/build.py output (needs weights/, code/, kernel/); run python kernels/build.py first")
+        raise BiomassError(
+            f"{root}: not a kernels/build.py output (needs weights/, code/, kernel/); run python kernels/build.py first"
+        )
     problems: list[str] = []
     weights = _check_dataset(root / "weights", "weights", problems)
     code = _check_dataset(root / "code", "code", problems)
@@ -155,7 +181,11 @@ def validate_build(build_dir: str | Path) -> list[Upload]:
     if problems:
         more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise BiomassError(problems[0] + more)
-    return [Upload("weights", root / "weights", weights), Upload("code", root / "code", code), Upload("kernel", root / "kernel", kernel)]
+    return [
+        Upload("weights", root / "weights", weights),
+        Upload("code", root / "code", code),
+        Upload("kernel", root / "kernel", kernel),
+    ]
 
 
 # ---- the kaggle CLI ------------------------------------------------------------------------------------------------
@@ -207,7 +237,10 @@ def wait_ready(ref: str, min_version: int, timeout: float) -> None:
                 print(f"dataset {ref}: version {version} ready", flush=True)
                 return
         if time.time() - start > timeout:
-            raise BiomassError(f"dataset {ref}: not ready after {timeout:.0f}s; push the kernel later with `kaggle kernels push -p ...`")
+            raise BiomassError(
+                f"dataset {ref}: not ready after {timeout:.0f}s; push the kernel later with `kaggle kernels "
+                "push -p ...`"
+            )
         time.sleep(POLL_SECONDS)
 
 
@@ -231,14 +264,23 @@ def default_message(build_dir: Path) -> str:
         return "kernels/push.py upload"
 
 
-def push(build_dir: str | Path, dry_run: bool = False, message: str | None = None, skip_weights: bool = False, wait: float = 1800) -> int:
+def push(
+    build_dir: str | Path,
+    dry_run: bool = False,
+    message: str | None = None,
+    skip_weights: bool = False,
+    wait: float = 1800,
+) -> int:
     """Validate, then upload weights, code and the kernel (or print the commands with dry_run)."""
     build_dir = Path(build_dir)
     weights, code, kernel = validate_build(build_dir)
     message = message or default_message(build_dir)
     datasets = [code] if skip_weights else [weights, code]
     if dry_run:
-        print(f"{build_dir}: metadata valid. Would run (datasets: create if `kaggle datasets status` says 404, else version):")
+        print(
+            f"{build_dir}: metadata valid. Would run (datasets: create if `kaggle datasets status` says 404, "
+            "else version):"
+        )
         for upload in datasets:
             create, version = dataset_commands(upload, message)
             print(f"  {_show(create)}\n    or {_show(version)}")
@@ -251,16 +293,29 @@ def push(build_dir: str | Path, dry_run: bool = False, message: str | None = Non
     print(f"$ {_show(args)}", flush=True)
     code_, text = run_kaggle(args)
     _check_output(args, code_, text)
-    print(f"kernel {kernel.ref} pushed; follow it with `kaggle kernels status {kernel.ref}`, then submit its submission.csv on the competition page")
+    print(
+        f"kernel {kernel.ref} pushed; follow it with `kaggle kernels status {kernel.ref}`, then submit its "
+        "submission.csv on the competition page"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python kernels/push.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python kernels/push.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("build_dir", nargs="?", default="build/kaggle", help="the --out of kernels/build.py")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the commands; no network, no credentials")
-    parser.add_argument("--message", default=None, help="dataset version note (default: experiments, tta, physics, git commit)")
-    parser.add_argument("--skip-weights", action="store_true", help="upload code and kernel only (the kernel checks the weights still match)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate and print the commands; no network, no credentials"
+    )
+    parser.add_argument(
+        "--message", default=None, help="dataset version note (default: experiments, tta, physics, git commit)"
+    )
+    parser.add_argument(
+        "--skip-weights",
+        action="store_true",
+        help="upload code and kernel only (the kernel checks the weights still match)",
+    )
     parser.add_argument("--wait", type=float, default=1800, help="seconds to wait for each dataset to be processed")
     args = parser.parse_args(argv)
     return push(args.build_dir, args.dry_run, args.message, args.skip_weights, args.wait)

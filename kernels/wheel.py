@@ -37,7 +37,9 @@ def pack_installed(name: str, out_dir: str | Path) -> Path:
     try:
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError as err:
-        raise BiomassError(f"--bundle-timm: {name} is not installed here; pip install -r requirements.txt first") from err
+        raise BiomassError(
+            f"--bundle-timm: {name} is not installed here; pip install -r requirements.txt first"
+        ) from err
     files = [f for f in dist.files or [] if "__pycache__" not in f.parts and f.suffix != ".pyc"]
     if any(f.suffix in (".so", ".pyd", ".dylib") for f in files):
         raise BiomassError(f"--bundle-timm: {name} has compiled extensions; only pure-Python packages can be bundled")

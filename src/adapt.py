@@ -55,12 +55,16 @@ def pick_predictors(predictors: list[Predictor], fold: str = "best") -> list[Pre
         hits = [p for p in members if p.fold is not None and int(p.fold) == int(fold)]
         if not hits:
             have = sorted(int(p.fold) for p in members if p.fold is not None)
-            raise BiomassError(f"--pseudo-label-fold {fold}: grid {grid[0]}x{grid[1]} has no checkpoint of that fold (folds {have})")
+            raise BiomassError(
+                f"--pseudo-label-fold {fold}: grid {grid[0]}x{grid[1]} has no checkpoint of that fold (folds {have})"
+            )
         chosen.append(hits[0])
     return chosen
 
 
-def estimate_seconds(ensemble_seconds: float, n_models: int, n_flips: int, n_test: int, n_train: int, epochs: int, n_chosen: int) -> float:
+def estimate_seconds(
+    ensemble_seconds: float, n_models: int, n_flips: int, n_test: int, n_train: int, epochs: int, n_chosen: int
+) -> float:
     """Fine-tune + re-predict time, from the measured ensemble pass (seconds per image per model per flip view)."""
     per_forward = ensemble_seconds / max(1, n_test * n_models * n_flips)
     train = epochs * (n_train + n_test) * BACKWARD_FACTOR * per_forward
@@ -86,11 +90,22 @@ def training_frame(data_dir: str | Path, cfg) -> pd.DataFrame:
     if drop_path and Path(drop_path).is_file():
         wide = wide[~wide["image_id"].isin(set(load_id_list(drop_path, wide["image_id"])))]
     elif drop_path:
-        log.warning(f"the run was trained with --drop-ids {drop_path}, which is not here: fine-tuning on every training image")
+        log.warning(
+            f"the run was trained with --drop-ids {drop_path}, which is not here: fine-tuning on every training image"
+        )
     return wide.assign(sample_weight=1.0).reset_index(drop=True)
 
 
-def finetune(predictor, train: pd.DataFrame, pseudo: pd.DataFrame, epochs: int, device: torch.device, amp: bool, num_workers: int, show: bool = True):
+def finetune(
+    predictor,
+    train: pd.DataFrame,
+    pseudo: pd.DataFrame,
+    epochs: int,
+    device: torch.device,
+    amp: bool,
+    num_workers: int,
+    show: bool = True,
+):
     """A copy of `predictor` whose model was trained `epochs` more epochs on train + pseudo-labelled test images.
 
     All epochs run with the backbone unfrozen (the finetune stage of the run's own config: its lrs, augmentation,
@@ -103,7 +118,10 @@ def finetune(predictor, train: pd.DataFrame, pseudo: pd.DataFrame, epochs: int, 
     frame = pd.concat([train, pseudo], ignore_index=True)
     if show:
         grid = f"{predictor.grid[0]}x{predictor.grid[1]}"
-        log.info(f"pseudo-label fine-tune of {predictor.path} (grid {grid}): {len(train)} train + {len(pseudo)} test images, {epochs} epoch(s)")
+        log.info(
+            f"pseudo-label fine-tune of {predictor.path} (grid {grid}): {len(train)} train + {len(pseudo)} test "
+            f"images, {epochs} epoch(s)"
+        )
     result = fit(cfg, frame, None, None, device, model=model)
     return predictor.with_model(result.model)
 
@@ -142,7 +160,8 @@ def run_pseudo_label(
     )
     if cfg.time_budget is not None and estimate > 60 * cfg.time_budget:
         log.warning(
-            f"pseudo-label fine-tune skipped: estimated {estimate / 60:.1f} min > --time-budget {cfg.time_budget:g} min; "
+            f"pseudo-label fine-tune skipped: estimated {estimate / 60:.1f} min > --time-budget "
+            f"{cfg.time_budget:g} min; "
             "submitting the plain ensemble"
         )
         return values
@@ -163,11 +182,14 @@ def run_pseudo_label(
     out = np.array(values, dtype=np.float64, copy=True)
     out[ok] = blend(values[ok], adapted_values, settings.blend)
     log.info(
-        f"pseudo-label adaptation: {len(adapted)} model(s), {settings.epochs} epoch(s), blend {settings.blend:g} adapted + "
+        f"pseudo-label adaptation: {len(adapted)} model(s), {settings.epochs} epoch(s), blend "
+        f"{settings.blend:g} adapted + "
         f"{1 - settings.blend:g} ensemble, {time.time() - start:.1f}s (estimated {estimate:.1f}s)"
     )
     named = {"plain": values[ok], "adapted": adapted_values, "blend": out[ok]}
     truth = score_against_truth(cfg.data_dir, readable["image_id"], named)
     if truth:
-        log.info("test_labels.csv (synthetic truth) weighted R2: " + ", ".join(f"{k} {v:.4f}" for k, v in truth.items()))
+        log.info(
+            "test_labels.csv (synthetic truth) weighted R2: " + ", ".join(f"{k} {v:.4f}" for k, v in truth.items())
+        )
     return out

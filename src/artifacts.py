@@ -145,7 +145,9 @@ class Cleaning:
     @property
     def key(self) -> str:
         """A short name of this cleaning ('' when none): inference batches are keyed by view size + this."""
-        parts = (["stamps"] if self.clean_stamps else []) + ([f"crop{self.crop_bottom:g}"] if self.crop_bottom > 0 else [])
+        parts = (["stamps"] if self.clean_stamps else []) + (
+            [f"crop{self.crop_bottom:g}"] if self.crop_bottom > 0 else []
+        )
         return "+".join(parts)
 
     def max_reduce(self, height: int) -> int:
@@ -239,7 +241,7 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 
 
 def detection_table(data_dir: str | os.PathLike) -> pd.DataFrame:
-    """One row per image of a synthetic dataset: stamp painted (stamps.csv), detected, box IoU, orange left after cleaning."""
+    """One row per synthetic image: stamp painted (stamps.csv), detected, box IoU, orange left after cleaning."""
     data_dir = Path(data_dir)
     stamps_csv = data_dir / "stamps.csv"
     if not stamps_csv.is_file():
@@ -306,7 +308,9 @@ def plot_examples(data_dir: str | os.PathLike, table: pd.DataFrame, out: str | o
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.artifacts", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m src.artifacts", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="stamp detector recall / false positives on a synthetic dataset (stamps.csv)")
     check.add_argument("--data-dir", default="data/synthetic")

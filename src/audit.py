@@ -32,7 +32,14 @@ from src.io_utils import write_csv_atomic, write_text_atomic
 from src.report import load_runs, per_image_predictions
 from src.schema import TARGET_WEIGHTS, TARGETS
 
-CHECKS = ("oof_residual", "green_zero_grass", "zero_green_group", "identity_violation", "duplicate_labels", "duplicate_image")
+CHECKS = (
+    "oof_residual",
+    "green_zero_grass",
+    "zero_green_group",
+    "identity_violation",
+    "duplicate_labels",
+    "duplicate_image",
+)
 GRASS = re.compile(r"grass|phalaris|fescue", re.IGNORECASE)
 COLUMNS = ["image_id", "check", "score", "detail"]
 
@@ -52,7 +59,8 @@ def oof_residuals(oof: pd.DataFrame, z: float = 3.5) -> pd.DataFrame:
     frame = oof[hit]
     worst = [TARGETS[j] for j in np.argmax(np.abs(truth - pred)[hit] * np.asarray(TARGET_WEIGHTS), axis=1)]
     detail = [
-        f"weighted error {e:.1f} g (robust z {rz:.1f}); worst {name}: true {truth[i, TARGETS.index(name)]:.1f} vs pred {pred[i, TARGETS.index(name)]:.1f}"
+        f"weighted error {e:.1f} g (robust z {rz:.1f}); worst {name}: true {truth[i, TARGETS.index(name)]:.1f} "
+        f"vs pred {pred[i, TARGETS.index(name)]:.1f}"
         for e, rz, name, i in zip(err[hit], robust_z[hit], worst, np.flatnonzero(hit))
     ]
     return _rows(frame, "oof_residual", robust_z[hit], detail)
@@ -73,7 +81,10 @@ def zero_green_groups(wide: pd.DataFrame, min_share: float = 0.5, min_images: in
     size = zero.groupby(group).transform("size")
     hit = zero & (share >= min_share) & (size >= min_images)
     frame = wide[hit]
-    detail = [f"{g}: {int(round(s * n))} of {n} images have Dry_Green_g = 0" for g, s, n in zip(group[hit], share[hit], size[hit])]
+    detail = [
+        f"{g}: {int(round(s * n))} of {n} images have Dry_Green_g = 0"
+        for g, s, n in zip(group[hit], share[hit], size[hit])
+    ]
     return _rows(frame, "zero_green_group", share[hit].to_numpy(), detail)
 
 
@@ -114,17 +125,32 @@ def duplicate_images(wide: pd.DataFrame) -> pd.DataFrame:
     return _duplicates(wide, key, "duplicate_image", "same file bytes")
 
 
-def audit(wide: pd.DataFrame, oof: pd.DataFrame | None = None, z: float = 3.5, tolerance: float = 0.05, images: bool = True) -> pd.DataFrame:
+def audit(
+    wide: pd.DataFrame, oof: pd.DataFrame | None = None, z: float = 3.5, tolerance: float = 0.05, images: bool = True
+) -> pd.DataFrame:
     """Every finding, one row per (image, check), most suspicious first within a check."""
-    parts = [green_zero_grass(wide), zero_green_groups(wide), identity_violations(wide, tolerance), duplicate_labels(wide)]
+    parts = [
+        green_zero_grass(wide),
+        zero_green_groups(wide),
+        identity_violations(wide, tolerance),
+        duplicate_labels(wide),
+    ]
     if images:
         parts.append(duplicate_images(wide))
     if oof is not None:
         parts.insert(0, oof_residuals(oof, z))
-    found = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame(columns=COLUMNS)
+    found = (
+        pd.concat([p for p in parts if len(p)], ignore_index=True)
+        if any(len(p) for p in parts)
+        else pd.DataFrame(columns=COLUMNS)
+    )
     order = {c: i for i, c in enumerate(CHECKS)}
     found["_order"] = found["check"].map(order)
-    return found.sort_values(["_order", "score"], ascending=[True, False]).drop(columns="_order").reset_index(drop=True)[COLUMNS]
+    return (
+        found.sort_values(["_order", "score"], ascending=[True, False])
+        .drop(columns="_order")
+        .reset_index(drop=True)[COLUMNS]
+    )
 
 
 def load_oof(exp_dir: str | Path) -> tuple[pd.DataFrame, str]:
@@ -134,21 +160,36 @@ def load_oof(exp_dir: str | Path) -> tuple[pd.DataFrame, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m src.audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", default="data/synthetic", help="competition-layout data directory (train.csv)")
-    parser.add_argument("--oof", default=None, help="experiment directory (checkpoints/<exp>) for the OOF residual check")
+    parser.add_argument(
+        "--oof", default=None, help="experiment directory (checkpoints/<exp>) for the OOF residual check"
+    )
     parser.add_argument("--z", type=float, default=3.5, help="robust z-score above which an OOF residual is flagged")
     parser.add_argument("--tolerance", type=float, default=0.05, help="grams a label may break the identities by")
     parser.add_argument("--no-images", action="store_true", help="skip the duplicate-image check (reads every file)")
     parser.add_argument("--out", default=None, help="CSV of all findings (image_id,check,score,detail)")
-    parser.add_argument("--write-drop-ids", default=None, help="write the flagged image ids (of --drop-checks) as a --drop-ids file")
-    parser.add_argument("--drop-checks", nargs="+", default=["oof_residual", "zero_green_group"], choices=CHECKS, help="checks whose images go to --write-drop-ids")
+    parser.add_argument(
+        "--write-drop-ids", default=None, help="write the flagged image ids (of --drop-checks) as a --drop-ids file"
+    )
+    parser.add_argument(
+        "--drop-checks",
+        nargs="+",
+        default=["oof_residual", "zero_green_group"],
+        choices=CHECKS,
+        help="checks whose images go to --write-drop-ids",
+    )
     args = parser.parse_args(argv)
     wide = load_train(args.data_dir)
     oof, source = (None, "") if args.oof is None else load_oof(args.oof)
     found = audit(wide, oof, args.z, args.tolerance, images=not args.no_images)
     counts = found["check"].value_counts()
-    print(f"audited {len(wide)} training images" + (f"; OOF from {source}" if source else " (no --oof: residual check skipped)"))
+    print(
+        f"audited {len(wide)} training images"
+        + (f"; OOF from {source}" if source else " (no --oof: residual check skipped)")
+    )
     for check in CHECKS:
         if check == "oof_residual" and oof is None:
             continue
@@ -163,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         ids = list(dict.fromkeys(found.loc[found["check"].isin(args.drop_checks), "image_id"]))
         if args.oof is None and "oof_residual" in args.drop_checks:
             print("note: --drop-checks names oof_residual but no --oof was given")
-        header = f"# python -m src.audit --drop-checks {' '.join(args.drop_checks)}: {len(ids)} image(s); train with --drop-ids {args.write_drop_ids}\n"
+        checks = " ".join(args.drop_checks)
+        header = f"# python -m src.audit --drop-checks {checks}: {len(ids)} image(s); "
+        header += f"train with --drop-ids {args.write_drop_ids}\n"
         write_text_atomic(args.write_drop_ids, header + "".join(f"{i}\n" for i in ids))
         print(f"wrote {args.write_drop_ids}: {len(ids)} image id(s)")
     return 0

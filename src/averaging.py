@@ -19,7 +19,9 @@ def make_ema(model: torch.nn.Module, decay: float, saved: dict | None, last_path
     ema.module.requires_grad_(False)
     if saved is not None:
         if "ema" not in saved:
-            raise BiomassError(f"{last_path}: was trained without --ema-decay; resume with the same flags or pass --overwrite")
+            raise BiomassError(
+                f"{last_path}: was trained without --ema-decay; resume with the same flags or pass --overwrite"
+            )
         ema.module.load_state_dict(saved["ema"])
     return ema
 

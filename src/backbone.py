@@ -19,7 +19,10 @@ def check_backbone_name(name: str) -> None:
     """Unknown timm model names fail before any work starts."""
     if not timm.is_model(_base_name(name)):
         close = timm.list_models(f"*{_base_name(name).split('_')[0]}*")[:5]
-        raise BiomassError(f"unknown backbone {name!r}; use a timm model name such as {', '.join(close) or 'vit_small_patch14_reg4_dinov2'}")
+        raise BiomassError(
+            f"unknown backbone {name!r}; use a timm model name such as "
+            f"{', '.join(close) or 'vit_small_patch14_reg4_dinov2'}"
+        )
 
 
 def create_backbone(
@@ -46,7 +49,9 @@ def create_backbone(
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **common)
         except RuntimeError as err:
             if "loading state_dict" not in str(err) and "size mismatch" not in str(err):
-                raise BiomassError(f"{path}: cannot load backbone weights ({str(err).strip().splitlines()[0][:200]})") from err
+                raise BiomassError(
+                    f"{path}: cannot load backbone weights ({str(err).strip().splitlines()[0][:200]})"
+                ) from err
             raise BiomassError(f"{path}: does not fit backbone {name}: {_summarize_load_error(err)}") from err
         except Exception as err:  # unreadable/corrupt files surface as many exception types
             raise BiomassError(f"{path}: cannot load backbone weights ({type(err).__name__}: {err})") from err

@@ -64,8 +64,10 @@ def save_best(
     )
 
 
-def save_resume_state(path: Path, model, cfg: Config, stage: str, optimizer, scheduler, state: dict, ema=None, swa_top=None) -> Path:
-    """last.pt: the model, the stage's optimizer and scheduler and the loop state, enough to resume at the next epoch."""
+def save_resume_state(
+    path: Path, model, cfg: Config, stage: str, optimizer, scheduler, state: dict, ema=None, swa_top=None
+) -> Path:
+    """last.pt: the stage's optimizer and scheduler and the loop state: enough to resume at the next epoch."""
     last = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
@@ -159,7 +161,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 if f.is_file():
                     f.unlink()
         elif not resume:
-            raise BiomassError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+            raise BiomassError(
+                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
     make_dir(run_dir)
 
 
@@ -195,7 +199,8 @@ def find_checkpoints(paths: list[str | Path]) -> list[Path]:
                 hits = [path / "best.pt"]
             if not hits:
                 raise BiomassError(
-                    f"{path}: no grid*/fold*/best.pt inside; train with train.py or point --checkpoints at an experiment"
+                    f"{path}: no grid*/fold*/best.pt inside; train with train.py or point --checkpoints at an "
+                    "experiment"
                 )
             found.extend(hits)
         else:

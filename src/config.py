@@ -68,7 +68,9 @@ class DataConfig:
     jpeg_reduce: bool = _opt(True, "decode JPEGs at reduced resolution when tiles are small")
     cache_images: bool = _opt(False, "keep decoded images in RAM after the first epoch (one copy per worker)")
     # data hygiene (docs/HYGIENE.md): the cleaning is saved with the run, so inference reads images the same way
-    clean_stamps: bool = _opt(False, "detect the orange date stamp (bottom-right) and inpaint it, in training and inference")
+    clean_stamps: bool = _opt(
+        False, "detect the orange date stamp (bottom-right) and inpaint it, in training and inference"
+    )
     crop_bottom: float = _opt(
         0.0,
         "drop this bottom fraction of the image before the view split (cardboard strip)",
@@ -85,7 +87,9 @@ class ModelConfig:
     backbone: str = _opt(DEFAULT_BACKBONE, "timm model name (any ViT)")
     backbone_weights: str | None = _opt(None, "local .pth/.safetensors file, or none")
     backbone_kwargs: dict = _opt({}, "extra timm.create_model kwargs (YAML only)")
-    grid: tuple[int, int] = _opt((2, 2), "tiles per view: rows cols", check=(lambda v: min(v) >= 1, "needs rows, cols >= 1"))
+    grid: tuple[int, int] = _opt(
+        (2, 2), "tiles per view: rows cols", check=(lambda v: min(v) >= 1, "needs rows, cols >= 1")
+    )
     tile_size: int | None = _opt(None, "tile side in px (multiple of the patch); default native")
     feature: str = _opt("cls_mean", "per-tile feature", choices=FEATURES)
     fusion_dim: int = _opt(256, "width of the fused tile tokens", check=_at_least(1))
@@ -95,7 +99,9 @@ class ModelConfig:
     grad_checkpointing: bool = _opt(False, "activation checkpointing in the backbone")
     max_tiles_per_call: int = _opt(64, "backbone chunk size (memory limit)", check=_at_least(1))
     # options beyond the seed design (docs/OPTIONS.md); the defaults are the seed design
-    target_space: str = _opt("log1p", "log1p: log1p grams | raw: grams / training-fold std, SmoothL1", choices=TARGET_SPACES)
+    target_space: str = _opt(
+        "log1p", "log1p: log1p grams | raw: grams / training-fold std, SmoothL1", choices=TARGET_SPACES
+    )
     heads: str = _opt("five", "five heads, or three softplus parts with the other two derived", choices=HEAD_LAYOUTS)
     fusion: str = _opt("film", "cross-view fusion", choices=FUSIONS)
     # loss weights that live here because a weight > 0 adds a head the checkpoint must rebuild
@@ -141,7 +147,9 @@ class TrainConfig:
     seed: int = _opt(42, "seed of python, numpy, torch, albumentations")
     patience: int = _opt(6, "early-stopping patience in epochs (0 = off)", check=_at_least(0))
     max_bad_steps: int = _opt(5, "consecutive non-finite losses that stop the run", check=_at_least(1))
-    huber_beta: float = _opt(5.0, "SmoothL1 beta in grams (--target-space raw)", check=(lambda v: v >= 0, "must be >= 0 grams (0 = L1)"))
+    huber_beta: float = _opt(
+        5.0, "SmoothL1 beta in grams (--target-space raw)", check=(lambda v: v >= 0, "must be >= 0 grams (0 = L1)")
+    )
     ema_decay: float = _opt(
         0.0,
         "EMA of the weights (timm ModelEmaV3): validated, selected and saved (0 = off)",
@@ -167,7 +175,9 @@ class TrainConfig:
 class PseudoLabelConfig:
     """Test-time pseudo-label fine-tune (src/adapt.py); flags `--pseudo-label-<field>`."""
 
-    epochs: int = _opt(0, "fine-tune one model per grid on train + pseudo-labelled test images (0 = off)", check=_at_least(0))
+    epochs: int = _opt(
+        0, "fine-tune one model per grid on train + pseudo-labelled test images (0 = off)", check=_at_least(0)
+    )
     weight: float = _opt(
         1.0,
         "loss weight of a pseudo-labelled test image (a training image weighs 1)",
@@ -239,7 +249,9 @@ class InferConfig(_Configurable):
         "minutes the pseudo-label fine-tune may take; over the estimate it is skipped with a warning",
         check=(lambda v: v is None or v > 0, "must be > 0 minutes"),
     )
-    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig, metadata={"flag_prefix": "pseudo_label_"})
+    pseudo_label: PseudoLabelConfig = field(
+        default_factory=PseudoLabelConfig, metadata={"flag_prefix": "pseudo_label_"}
+    )
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------
@@ -470,7 +482,9 @@ def add_flags(
         group.add_argument(leaf.flag, **kwargs)
     if only is None:
         parser.add_argument("--config", default=None, help="YAML file with config values (flags override it)")
-        parser.add_argument("--preset", default=None, choices=sorted(presets), help="named preset (YAML and flags override it)")
+        parser.add_argument(
+            "--preset", default=None, choices=sorted(presets), help="named preset (YAML and flags override it)"
+        )
 
 
 def resolve(cls: type, args: argparse.Namespace, presets: dict[str, dict], preset: str | None = None) -> Any:

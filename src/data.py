@@ -70,7 +70,8 @@ def _check_long_rows(frame: pd.DataFrame, path: Path) -> pd.Series:
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
         raise BiomassError(
-            f"{path} line {_line(i)}, column sample_id: duplicate {frame['sample_id'].iloc[i]!r}; remove the repeated row"
+            f"{path} line {_line(i)}, column sample_id: duplicate {frame['sample_id'].iloc[i]!r}; remove the "
+            "repeated row"
         )
     image_id = frame["image_path"].map(lambda p: Path(str(p)).stem)
     expected = image_id + SAMPLE_ID_SEP + frame["target_name"]
@@ -214,7 +215,12 @@ def read_image(path: str | os.PathLike, reduce: int = 1) -> np.ndarray:
         raise BiomassError(f"{path}: empty file (0 bytes); re-download or replace the image")
     if _jpeg_is_truncated(path):
         raise BiomassError(f"{path}: truncated JPEG (no end marker); re-download or replace the image")
-    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+    flag = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }
     if reduce not in flag:
         raise ValueError(f"reduce must be one of {sorted(flag)}, got {reduce}")
     image = cv2.imread(str(path), flag[reduce])
@@ -253,7 +259,9 @@ def load_id_list(path: str | os.PathLike, known_ids) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise BiomassError(f"{path}: --drop-ids file not found; write one with python -m src.audit --write-drop-ids PATH")
+        raise BiomassError(
+            f"{path}: --drop-ids file not found; write one with python -m src.audit --write-drop-ids PATH"
+        )
     lines = path.read_text().splitlines()
     header = lines[0].split(",") if lines else []
     if "image_id" in [h.strip() for h in header]:
@@ -265,5 +273,7 @@ def load_id_list(path: str | os.PathLike, known_ids) -> list[str]:
     known = set(known_ids)
     for line_no, image_id in entries:
         if image_id not in known:
-            raise BiomassError(f"{path} line {line_no}: image id {image_id!r} is not in train.csv; remove it or fix the id")
+            raise BiomassError(
+                f"{path} line {line_no}: image id {image_id!r} is not in train.csv; remove it or fix the id"
+            )
     return list(dict.fromkeys(image_id for _, image_id in entries))

@@ -62,14 +62,20 @@ def decode_reduction(header: tuple[int, int] | None, view_size: tuple[int, int],
     return min(jpeg_reduce_factor((cleaning.kept_height(height), width), view_size), cleaning.max_reduce(height))
 
 
-def load_image(path: str, view_size: tuple[int, int], jpeg_reduce: bool = True, cleaning: Cleaning | None = None) -> np.ndarray:
+def load_image(
+    path: str, view_size: tuple[int, int], jpeg_reduce: bool = True, cleaning: Cleaning | None = None
+) -> np.ndarray:
     """Decode (reduced when views of `view_size` need less than native) and clean: the full RGB image."""
     cleaning = cleaning or Cleaning()
     return cleaning(read_image(path, reduce=decode_reduction(jpeg_header_size(path, jpeg_reduce), view_size, cleaning)))
 
 
 def load_views(
-    path: str, view_size: tuple[int, int], jpeg_reduce: bool = True, cleaning: Cleaning | None = None, image_transform=None
+    path: str,
+    view_size: tuple[int, int],
+    jpeg_reduce: bool = True,
+    cleaning: Cleaning | None = None,
+    image_transform=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The one image-reading path of training and inference: decode, clean, (augment), split into the two views.
 
@@ -191,7 +197,9 @@ class MultiSizeViewDataset(Dataset):
     and each cleaning runs once per decode. `cleanings[i]` belongs to `view_sizes[i]` (default none).
     """
 
-    def __init__(self, frame: pd.DataFrame, view_sizes, jpeg_reduce: bool = True, on_bad_image: str = "error", cleanings=None) -> None:
+    def __init__(
+        self, frame: pd.DataFrame, view_sizes, jpeg_reduce: bool = True, on_bad_image: str = "error", cleanings=None
+    ) -> None:
         self.frame = frame.reset_index(drop=True)
         view_sizes = [tuple(v) for v in view_sizes]
         cleanings = list(cleanings) if cleanings is not None else [Cleaning()] * len(view_sizes)

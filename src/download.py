@@ -34,7 +34,7 @@ def _kaggle_config_dirs() -> list[Path]:
 
 
 def find_credentials() -> str | None:
-    """Name the first Kaggle credential source the CLI would use (None if there is none); offline, no check of validity."""
+    """The first Kaggle credential source the CLI would use (None if there is none); offline, validity not checked."""
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
@@ -127,9 +127,8 @@ def last_line(text: str) -> str:
 # ---- the competition files -------------------------------------------------------------------------------------
 def competition_files_present(out: Path) -> bool:
     """train.csv, test.csv and non-empty train/ and test/ image folders are all there."""
-    return (
-        all((out / name).is_file() for name in ("train.csv", "test.csv"))
-        and all((out / name).is_dir() and any((out / name).iterdir()) for name in ("train", "test"))
+    return all((out / name).is_file() for name in ("train.csv", "test.csv")) and all(
+        (out / name).is_dir() and any((out / name).iterdir()) for name in ("train", "test")
     )
 
 
@@ -155,7 +154,10 @@ def download_competition(out: str | os.PathLike, force: bool = False) -> Path:
         raise BiomassError(f"{archive}: not a valid zip ({err}); delete it and re-run") from err
     archive.unlink()
     if not competition_files_present(out):
-        raise BiomassError(f"{out}: train.csv/test.csv/train/test missing after unzipping {archive.name}; check the competition's data page")
+        raise BiomassError(
+            f"{out}: train.csv/test.csv/train/test missing after unzipping {archive.name}; check the "
+            "competition's data page"
+        )
     print(f"{out}: competition files ready")
     return out
 

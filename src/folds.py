@@ -82,11 +82,15 @@ def load_folds(path: str | os.PathLike, wide: pd.DataFrame) -> pd.DataFrame:
     """Read a folds CSV and check it covers exactly the images of train.csv."""
     path = Path(path)
     if not path.is_file():
-        raise BiomassError(f"{path}: folds file not found; create it with `python folds.py --data-dir DIR --out {path}`")
+        raise BiomassError(
+            f"{path}: folds file not found; create it with `python folds.py --data-dir DIR --out {path}`"
+        )
     try:
         folds = pd.read_csv(path, dtype={"image_id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise BiomassError(f"{path}: not a readable CSV ({str(err).splitlines()[0]}); regenerate it with folds.py") from err
+        raise BiomassError(
+            f"{path}: not a readable CSV ({str(err).splitlines()[0]}); regenerate it with folds.py"
+        ) from err
     if list(folds.columns) != ["image_id", "fold"]:
         raise BiomassError(f"{path}: expected columns image_id,fold, got {','.join(map(str, folds.columns))}")
     fold_values = pd.to_numeric(folds["fold"], errors="coerce")
@@ -100,7 +104,8 @@ def load_folds(path: str | os.PathLike, wide: pd.DataFrame) -> pd.DataFrame:
     if out_of_range.any():
         i = int(np.flatnonzero(out_of_range.to_numpy())[0])
         raise BiomassError(
-            f"{path} line {i + 2}, column fold: {folds['fold'].iloc[i]} is out of range: {n_folds} distinct folds must be "
+            f"{path} line {i + 2}, column fold: {folds['fold'].iloc[i]} is out of range: {n_folds} distinct "
+            "folds must be "
             f"numbered 0..{n_folds - 1}; fix the value or regenerate with folds.py"
         )
     dup = folds["image_id"].duplicated()
@@ -123,7 +128,9 @@ def check_fold_index(folds: pd.DataFrame, fold: int, path: str | os.PathLike) ->
     """A requested fold must exist in the folds file."""
     available = sorted(folds["fold"].unique())
     if fold not in available:
-        raise BiomassError(f"fold {fold} is not in {path} (folds {available[0]}..{available[-1]}); pass --fold in that range")
+        raise BiomassError(
+            f"fold {fold} is not in {path} (folds {available[0]}..{available[-1]}); pass --fold in that range"
+        )
 
 
 # ---- the one fold split of training, sweeps and train.py ----------------------------------------------------------
@@ -157,8 +164,10 @@ def split_fold(table: pd.DataFrame, fold: int, data_cfg: DataConfig) -> FoldSpli
     return FoldSplit(int(fold), train, val, note)
 
 
-def drop_training_ids(train_frame: pd.DataFrame, val_frame: pd.DataFrame, path: str | None, known_ids) -> tuple[pd.DataFrame, str]:
-    """`--drop-ids FILE`: the listed images leave the training set; validation keeps and scores them (said in the note)."""
+def drop_training_ids(
+    train_frame: pd.DataFrame, val_frame: pd.DataFrame, path: str | None, known_ids
+) -> tuple[pd.DataFrame, str]:
+    """`--drop-ids FILE`: the listed images leave the training set; validation keeps and scores them (see the note)."""
     if not path:
         return train_frame, ""
     drop = set(load_id_list(path, known_ids))

@@ -17,14 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from src.artifacts import Cleaning
 from src.checkpoint import load_checkpoint
 from src.config import TTA_CHOICES, Config
 from src.dataset import MultiSizeViewDataset, input_key
 from src.errors import BiomassError
-from src.logs import get_logger
+from src.logs import get_logger, progress
 from src.model import FLIP_VARIANTS, build_model
 from src.runtime import autocast, worker_init
 from src.schema import TARGETS
@@ -39,15 +38,21 @@ TTA_VIEWS = ("orig", "hflip", "vflip", "swap")
 class Predictor:
     """A trained checkpoint ready to predict: the only inference API (infer.py, OOF, kernel, TTA)."""
 
-    def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu", tta: str = "full", amp: bool = False) -> None:
+    def __init__(
+        self, checkpoint: str | Path, device: torch.device | str = "cpu", tta: str = "full", amp: bool = False
+    ) -> None:
         if tta not in TTA_MODES:  # InferConfig checks --tta; this guards the Python API
             raise BiomassError(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
         self.path = Path(checkpoint)
         ckpt = load_checkpoint(self.path)
         if "target_stats" not in ckpt:  # last.pt carries optimizer state for --resume, not what inference needs
-            raise BiomassError(f"{self.path}: a resume state (last.pt), not a best.pt; pass best.pt or the experiment directory")
+            raise BiomassError(
+                f"{self.path}: a resume state (last.pt), not a best.pt; pass best.pt or the experiment directory"
+            )
         if list(ckpt.get("targets", [])) != list(TARGETS):
-            raise BiomassError(f"{self.path}: target order {ckpt.get('targets')} differs from {list(TARGETS)}; re-train it")
+            raise BiomassError(
+                f"{self.path}: target order {ckpt.get('targets')} differs from {list(TARGETS)}; re-train it"
+            )
         self.cfg = Config.from_dict(ckpt["config"], source=str(self.path))
         self.device = torch.device(device)
         self.model = build_model(self.cfg.model, load_backbone_weights=False)
@@ -55,7 +60,9 @@ class Predictor:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            detail = (lines[1] if len(lines) > 1 else lines[0])[:200]  # line 0 is "Error(s) in loading state_dict for ..."
+            detail = (lines[1] if len(lines) > 1 else lines[0])[
+                :200
+            ]  # line 0 is "Error(s) in loading state_dict for ..."
             raise BiomassError(f"{self.path}: weights do not fit its own config ({detail}); re-train it") from err
         self.model.to(self.device).eval()
         self.tta = tta
@@ -68,7 +75,7 @@ class Predictor:
         self.input_key = input_key(self.view_size, self.cleaning)
 
     def with_model(self, model: torch.nn.Module) -> Predictor:
-        """This predictor (config, statistics, TTA) with other weights of the same architecture: test-time fine-tuning."""
+        """This predictor (config, statistics, TTA) with other weights of the same model: test-time fine-tuning."""
         other = copy.copy(self)
         other.model = model.to(self.device).eval()
         return other
@@ -99,7 +106,7 @@ class Predictor:
 
 def load_predictors(paths: list[Path], device, tta: str, amp: bool) -> list[Predictor]:
     """Load every checkpoint (each one checks its target order, so any set of them can be averaged)."""
-    with tqdm(paths, desc="loading models", leave=False) as bar:  # closed (line cleared) before an error is printed
+    with progress(paths, desc="loading models", leave=False) as bar:  # closed (line cleared) before an error is printed
         return [Predictor(p, device, tta, amp) for p in bar]
 
 
@@ -119,7 +126,9 @@ def grid_weight_map(predictors: list[Predictor], grid_weights: list[str] | None)
             raise BiomassError(f"--grid-weights item {item!r}: the weight must be a finite number >= 0, e.g. 2x2=0.5")
     unknown = [g for g in weights if g not in grids]
     if unknown:
-        raise BiomassError(f"--grid-weights names grid {unknown[0][0]}x{unknown[0][1]}, but no checkpoint has it (have {grids})")
+        raise BiomassError(
+            f"--grid-weights names grid {unknown[0][0]}x{unknown[0][1]}, but no checkpoint has it (have {grids})"
+        )
     total = sum(weights.values())
     if total <= 0:
         raise BiomassError("--grid-weights must sum to a positive number")
@@ -158,12 +167,14 @@ def predict_ensemble(
     for p in predictors:
         by_grid[p.grid].append(p)
     weights = grid_weights or {g: 1.0 / len(by_grid) for g in by_grid}
-    dataset = MultiSizeViewDataset(frame, [p.view_size for p in predictors], jpeg_reduce, on_bad_image, [p.cleaning for p in predictors])
+    dataset = MultiSizeViewDataset(
+        frame, [p.view_size for p in predictors], jpeg_reduce, on_bad_image, [p.cleaning for p in predictors]
+    )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init)
     out = np.zeros((len(frame), n_views, len(TARGETS)))
     ok = np.ones(len(frame), dtype=bool)
     start = time.time()
-    for batch in tqdm(loader, desc="predicting", disable=not show):
+    for batch in progress(loader, desc="predicting", disable=not show):
         idx = batch["index"].numpy()
         ok[idx] = batch["ok"].numpy()
         acc = np.zeros((len(idx), n_views, len(TARGETS)))

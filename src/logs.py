@@ -2,8 +2,8 @@
 
 Every module logs through `get_logger(__name__)` into the project logger `i2b`. Its console handler writes
 to whatever `sys.stdout` is at that moment (so pytest's capture and redirections see it), warnings prefixed
-`warning: `; `--quiet` keeps only warnings and errors. `log_file(path)` adds a file handler for the length
-of a job: `train.log` in a fold directory, `infer.log` beside a submission. tqdm bars stay for progress.
+`warning: `; `--quiet` keeps only warnings and errors and hides the `progress` bars (tqdm). `log_file(path)`
+adds a file handler for the length of a job: `train.log` in a fold directory, `infer.log` beside a submission.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from tqdm import tqdm
 
 PROJECT = "i2b"
 FILE_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
@@ -42,6 +44,7 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 _console = _ConsoleHandler()
+_console.quiet = False  # --quiet: warnings and errors only, no progress bars
 _console.setFormatter(_ConsoleFormatter("%(message)s"))
 _project = logging.getLogger(PROJECT)
 # the project's own logger only (libraries' loggers are left alone); set up once, when the first module asks
@@ -58,14 +61,20 @@ def get_logger(module: str) -> logging.Logger:
 
 def add_quiet_flag(parser: argparse.ArgumentParser) -> None:
     """`--quiet`, one definition for every script (run_cli reads it before main runs)."""
-    parser.add_argument("--quiet", action="store_true", help="print only warnings and errors (log files keep everything)")
+    parser.add_argument(
+        "--quiet", action="store_true", help="print only warnings and errors (log files keep everything)"
+    )
 
 
 def set_quiet(quiet: bool) -> None:
-    """Console shows only warnings and errors; progress bars go too. Log files are unaffected."""
+    """Console shows only warnings and errors, `progress` bars go too; log files are unaffected."""
     _console.setLevel(logging.WARNING if quiet else logging.NOTSET)
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+    _console.quiet = quiet
+
+
+def progress(iterable=None, disable: bool = False, **kwargs) -> tqdm:
+    """A tqdm bar on stderr, unless the caller or `--quiet` turns it off (the project's only bar maker)."""
+    return tqdm(iterable, disable=disable or _console.quiet, **kwargs)
 
 
 class _LogFileHandler(logging.Handler):

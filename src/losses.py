@@ -110,7 +110,7 @@ def total_loss(out: dict, batch: dict, cfg: Config, model, device: torch.device,
 def aux_regression_labels(
     train_frame: pd.DataFrame, val_frame: pd.DataFrame | None, model_cfg
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Copies of the frames with `<name>_z` columns (metadata standardized by the training fold) for the heads in use."""
+    """Copies of the frames with `<name>_z` columns (metadata standardized by the training fold)."""
     names = [name for name, weight in AUX_REGRESSION.items() if getattr(model_cfg, weight) > 0]
     if not names:
         return train_frame, val_frame

@@ -39,7 +39,10 @@ def per_target_r2(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 
 def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """The competition metric plus the R^2 of each target, as one flat dict."""
-    return {"weighted_r2": weighted_r2(y_true, y_pred), **{f"r2_{k}": v for k, v in per_target_r2(y_true, y_pred).items()}}
+    return {
+        "weighted_r2": weighted_r2(y_true, y_pred),
+        **{f"r2_{k}": v for k, v in per_target_r2(y_true, y_pred).items()},
+    }
 
 
 def weighted_r2_long(truth: pd.DataFrame, pred: pd.DataFrame) -> float:
@@ -48,7 +51,9 @@ def weighted_r2_long(truth: pd.DataFrame, pred: pd.DataFrame) -> float:
         raise ValueError(f"prediction repeats sample_id {pred['sample_id'][pred['sample_id'].duplicated()].iloc[0]}")
     missing = ~truth["sample_id"].isin(pred["sample_id"])
     if missing.any():
-        raise ValueError(f"{int(missing.sum())} truth rows have no prediction, first {truth['sample_id'][missing].iloc[0]}")
+        raise ValueError(
+            f"{int(missing.sum())} truth rows have no prediction, first {truth['sample_id'][missing].iloc[0]}"
+        )
     merged = truth[["sample_id", "target"]].merge(pred[["sample_id", "target"]], on="sample_id", suffixes=("", "_pred"))
     name = merged["sample_id"].str.split(SAMPLE_ID_SEP).str[-1]
     weight_of = dict(zip(TARGETS, TARGET_WEIGHTS))

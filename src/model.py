@@ -31,7 +31,13 @@ HEAD_TARGETS = {"five": (0, 1, 2, 3, 4), "green-dead-clover": (0, 1, 2), "clover
 assert tuple(HEAD_TARGETS) == HEAD_LAYOUTS  # the config's --heads choices are exactly these layouts
 NATIVE_VIEW_PX = 1000
 # position/view embeddings and special tokens are not decayed (timm's convention); weights otherwise are
-NO_DECAY = {"pos_embed", "tile_pos", "view_embed", "cls_token", "reg_token"}  # a 2000x1000 image holds two 1000x1000 views
+NO_DECAY = {
+    "pos_embed",
+    "tile_pos",
+    "view_embed",
+    "cls_token",
+    "reg_token",
+}  # a 2000x1000 image holds two 1000x1000 views
 
 
 # geometric variants of a view pair: identity, hflip, vflip, both (the same flip on both views); the frozen
@@ -56,7 +62,9 @@ def tile_views(images: torch.Tensor, grid: tuple[int, int], tile: int) -> torch.
     rows, cols = grid
     batch = images.shape[0]
     if images.shape[-2:] != (rows * tile, cols * tile):
-        images = F.interpolate(images, size=(rows * tile, cols * tile), mode="bilinear", antialias=True, align_corners=False)
+        images = F.interpolate(
+            images, size=(rows * tile, cols * tile), mode="bilinear", antialias=True, align_corners=False
+        )
     tiles = images.reshape(batch, 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)
     return tiles.reshape(batch, rows * cols, 3, tile, tile)
 
@@ -138,11 +146,18 @@ class BiomassModel(nn.Module):
         tile = cfg.tile_size or default_tile_size(self.grid, probe_patch_size(cfg))
         weights = cfg.backbone_weights if load_backbone_weights else None
         self.backbone = create_backbone(
-            cfg.backbone, tile_size=tile, weights=weights, grad_checkpointing=cfg.grad_checkpointing, **cfg.backbone_kwargs
+            cfg.backbone,
+            tile_size=tile,
+            weights=weights,
+            grad_checkpointing=cfg.grad_checkpointing,
+            **cfg.backbone_kwargs,
         )
         self.patch = patch_size(self.backbone)
         if tile % self.patch:
-            raise BiomassError(f"tile size {tile} is not a multiple of {cfg.backbone}'s patch size {self.patch}; use e.g. {tile // self.patch * self.patch or self.patch}")
+            raise BiomassError(
+                f"tile size {tile} is not a multiple of {cfg.backbone}'s patch size {self.patch}; use e.g. "
+                f"{tile // self.patch * self.patch or self.patch}"
+            )
         self.tile_size = tile
         mean, std = norm_constants(self.backbone)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -169,7 +184,9 @@ class BiomassModel(nn.Module):
         self.aux_heads = nn.ModuleDict(
             {name: nn.Linear(dim, n) for name, n in AUX_CLASSES.items()} if cfg.use_aux_heads else {}
         )
-        self.aux_regression = nn.ModuleDict({name: nn.Linear(dim, 1) for name, w in AUX_REGRESSION.items() if getattr(cfg, w) > 0})
+        self.aux_regression = nn.ModuleDict(
+            {name: nn.Linear(dim, 1) for name, w in AUX_REGRESSION.items() if getattr(cfg, w) > 0}
+        )
         # --aux-bins N: one Linear for all five targets' N-way interval classification (training only)
         self.aux_bin_head = nn.Linear(dim, len(TARGETS) * cfg.aux_bins) if cfg.aux_bins > 0 else None
         # per-target scale of raw-space targets (the training fold's std); saved in the state_dict only in raw space
@@ -274,7 +291,11 @@ class BiomassModel(nn.Module):
         With three heads GDM and Total are re-added from the parts, so the identities hold bit for bit.
         """
         targets = targets.float()
-        grams = log1p_to_grams(targets) if self.cfg.target_space == "log1p" else (targets * self.target_scale).clamp_min(0.0)
+        grams = (
+            log1p_to_grams(targets)
+            if self.cfg.target_space == "log1p"
+            else (targets * self.target_scale).clamp_min(0.0)
+        )
         if self.cfg.heads != "five":
             grams = assemble_targets(grams[..., 0], grams[..., 1], grams[..., 2])
         return grams
@@ -343,7 +364,12 @@ class BiomassModel(nn.Module):
         return self
 
     def param_groups(
-        self, lr: float, backbone_lr: float, weight_decay: float, include_backbone: bool = True, layer_decay: float = 1.0
+        self,
+        lr: float,
+        backbone_lr: float,
+        weight_decay: float,
+        include_backbone: bool = True,
+        layer_decay: float = 1.0,
     ) -> list[dict]:
         """AdamW groups: backbone vs the rest, each split into decayed weights and undecayed bias/norm/embeddings.
 
@@ -360,11 +386,13 @@ class BiomassModel(nn.Module):
             decay = param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY
             part = "head"
             if is_backbone:
-                part = f"backbone_layer{layers[name[len('backbone.'):]]}" if layers else "backbone"
+                part = f"backbone_layer{layers[name[len('backbone.') :]]}" if layers else "backbone"
             groups.setdefault((part, decay), []).append(param)
         out = []
         for (part, decay), params in groups.items():
-            scale = layer_decay ** (top - int(part[len("backbone_layer") :])) if part.startswith("backbone_layer") else 1.0
+            scale = (
+                layer_decay ** (top - int(part[len("backbone_layer") :])) if part.startswith("backbone_layer") else 1.0
+            )
             out.append(
                 {
                     "name": f"{part}{'' if decay else '_no_decay'}",

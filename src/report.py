@@ -57,7 +57,9 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame | None:
     try:
         return pd.read_csv(path, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise BiomassError(f"{path}: not a readable CSV ({str(err).splitlines()[0]}); re-run the step that wrote it") from err
+        raise BiomassError(
+            f"{path}: not a readable CSV ({str(err).splitlines()[0]}); re-run the step that wrote it"
+        ) from err
 
 
 def load_runs(exp_dir: str | Path) -> list[FoldRun]:
@@ -77,13 +79,19 @@ def load_runs(exp_dir: str | Path) -> list[FoldRun]:
         if oof is not None:
             missing = [c for c in ("image_id", *TARGETS, *TRUE_COLUMNS) if c not in oof.columns]
             if missing:
-                raise BiomassError(f"{d / 'oof.csv'}: missing column(s) {', '.join(missing)}; re-train this fold with train.py")
+                raise BiomassError(
+                    f"{d / 'oof.csv'}: missing column(s) {', '.join(missing)}; re-train this fold with train.py"
+                )
         command = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else None
         runs.append(FoldRun(grid, int(d.name[4:]), d, oof, _read_csv(d / "metrics.csv"), config or {}, command))
     if not runs:
-        raise BiomassError(f"{exp_dir}: no grid*/fold*/ directories inside; train with `python train.py --fold all --exp NAME`")
+        raise BiomassError(
+            f"{exp_dir}: no grid*/fold*/ directories inside; train with `python train.py --fold all --exp NAME`"
+        )
     if not any(r.oof is not None for r in runs):
-        raise BiomassError(f"{exp_dir}: no fold has an oof.csv yet (training writes it after the first validated epoch)")
+        raise BiomassError(
+            f"{exp_dir}: no fold has an oof.csv yet (training writes it after the first validated epoch)"
+        )
     return sorted(runs, key=lambda r: (_grid_key(r.grid), r.fold))
 
 
@@ -128,7 +136,15 @@ def fold_table(runs: list[FoldRun]) -> pd.DataFrame:
     if len(grids) > 1:
         pooled = pd.concat([r.oof for r in runs if r.oof is not None], ignore_index=True)
         rows.append({"scope": "pooled", "grid": "all", "fold": "pooled", "best_epoch": None, **oof_score(pooled)})
-        rows.append({"scope": "grid_mean", "grid": "mean", "fold": "pooled", "best_epoch": None, **oof_score(grid_mean_oof(runs))})
+        rows.append(
+            {
+                "scope": "grid_mean",
+                "grid": "mean",
+                "fold": "pooled",
+                "best_epoch": None,
+                **oof_score(grid_mean_oof(runs)),
+            }
+        )
     table = pd.DataFrame(rows)
     table["best_epoch"] = table["best_epoch"].astype("Int64")
     return table
@@ -152,7 +168,9 @@ def ensemble_table(exp_dir: Path) -> pd.DataFrame | None:
         return None
     missing = [c for c in ("tta", "physics", "weighted_r2", *R2_COLUMNS) if c not in report.columns]
     if missing:
-        raise BiomassError(f"{exp_dir / 'oof_report.csv'}: missing column(s) {', '.join(missing)}; re-run infer.py --oof")
+        raise BiomassError(
+            f"{exp_dir / 'oof_report.csv'}: missing column(s) {', '.join(missing)}; re-run infer.py --oof"
+        )
     return report.sort_values("weighted_r2", ascending=False).reset_index(drop=True)
 
 
@@ -177,7 +195,9 @@ def resolve_data_dir(runs: list[FoldRun], data_dir: str | Path | None) -> tuple[
     """--data-dir if given (it must exist), else the training config's data_dir when it exists; else a note."""
     if data_dir is not None:
         if not (Path(data_dir) / "train.csv").is_file():
-            raise BiomassError(f"{Path(data_dir) / 'train.csv'}: not found; pass --data-dir DIR holding the competition files")
+            raise BiomassError(
+                f"{Path(data_dir) / 'train.csv'}: not found; pass --data-dir DIR holding the competition files"
+            )
         return Path(data_dir), ""
     configured = next((r.config.get("data", {}).get("data_dir") for r in runs if r.config.get("data")), None)
     if configured and (Path(configured) / "train.csv").is_file():
@@ -195,7 +215,8 @@ def breakdown_table(pred: pd.DataFrame, wide: pd.DataFrame) -> pd.DataFrame:
     unknown = merged[meta_cols[0]].isna()
     if unknown.any():
         raise BiomassError(
-            f"{int(unknown.sum())} OOF image(s) are not in train.csv (first {merged.loc[unknown, 'image_id'].iloc[0]}); "
+            f"{int(unknown.sum())} OOF image(s) are not in train.csv (first "
+            f"{merged.loc[unknown, 'image_id'].iloc[0]}); "
             "pass the --data-dir the experiment was trained on"
         )
     rows = []
@@ -303,7 +324,9 @@ def plot_fold_bars(table: pd.DataFrame, path: Path) -> Path:
     fold_ids = sorted(folds["fold"].astype(int).unique())
     width = 0.8 / max(1, len(grids))
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(fold_ids) * max(1, len(grids)) + 2.5), 4.2), constrained_layout=True)
+    fig, ax = plt.subplots(
+        figsize=(max(5.0, 1.3 * len(fold_ids) * max(1, len(grids)) + 2.5), 4.2), constrained_layout=True
+    )
     for g, grid in enumerate(grids):
         part = folds[folds["grid"] == grid].set_index(folds[folds["grid"] == grid]["fold"].astype(int))
         xs = [i + (g - (len(grids) - 1) / 2) * width for i in range(len(fold_ids))]
@@ -312,7 +335,9 @@ def plot_fold_bars(table: pd.DataFrame, path: Path) -> Path:
         ax.bar_label(bars, labels=[f"{v:.3f}" if np.isfinite(v) else "" for v in vals], fontsize=8, padding=2)
         pooled = table[(table["scope"] == "grid") & (table["grid"] == grid)]
         if len(pooled):
-            ax.axhline(float(pooled["weighted_r2"].iloc[0]), color=cmap(g % 10), ls="--", lw=1, label=f"grid {grid} pooled")
+            ax.axhline(
+                float(pooled["weighted_r2"].iloc[0]), color=cmap(g % 10), ls="--", lw=1, label=f"grid {grid} pooled"
+            )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(fold_ids)), [f"fold {f}" for f in fold_ids])
     ax.set_ylabel("weighted R²")
@@ -328,7 +353,7 @@ def plot_fold_bars(table: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_learning_curves(runs: list[FoldRun], path: Path) -> Path:
-    """Train loss and val weighted R^2 per epoch for every fold; dotted line = start of the finetune stage (unfrozen)."""
+    """Train loss and val weighted R^2 per epoch for every fold; dotted line = start of the finetune stage."""
     plt = _plt()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.4), constrained_layout=True)
     cmap = plt.get_cmap("tab10")
@@ -348,7 +373,9 @@ def plot_learning_curves(runs: list[FoldRun], path: Path) -> Path:
             if m["weighted_r2"].notna().any():
                 best = m.loc[m["weighted_r2"].idxmax()]
                 ax_val.plot(best["epoch"], best["weighted_r2"], marker="*", ms=12, color=color, ls="")
-        finetune = m["stage"].isin(["finetune", 2, "2"]) if "stage" in m else pd.Series(False, index=m.index)  # 2: older runs
+        finetune = (
+            m["stage"].isin(["finetune", 2, "2"]) if "stage" in m else pd.Series(False, index=m.index)
+        )  # 2: older runs
         starts = m.loc[finetune, "epoch"]
         if len(starts):
             boundaries.add(float(starts.min()) - 0.5)
@@ -385,7 +412,10 @@ def to_markdown(frame: pd.DataFrame, digits: dict[str, int] | None = None, defau
     """A pipe table (no tabulate dependency); floats rounded per column."""
     digits = digits or {}
     cols = list(frame.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---:" if _numeric(frame[c]) else "---" for c in cols) + "|"]
+    lines = [
+        "| " + " | ".join(map(str, cols)) + " |",
+        "|" + "|".join("---:" if _numeric(frame[c]) else "---" for c in cols) + "|",
+    ]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(_fmt(row[c], digits.get(c, default_digits)) for c in cols) + " |")
     return "\n".join(lines)
@@ -410,7 +440,11 @@ def make_report(exp_dir: str | Path, data_dir: str | Path | None = None, show: b
     table = fold_table(runs)
     write_csv_atomic(table, out / "folds.csv")
     ens = ensemble_table(exp_dir)
-    notes = [f"fold {r.fold} of grid {r.grid} has no oof.csv (training stopped before a validated epoch)" for r in runs if r.oof is None]
+    notes = [
+        f"fold {r.fold} of grid {r.grid} has no oof.csv (training stopped before a validated epoch)"
+        for r in runs
+        if r.oof is None
+    ]
     ens_stale = ens is not None and _stale(exp_dir / "oof_report.csv", runs)
     pred, pred_source = per_image_predictions(exp_dir, runs)
     data_path, data_note = resolve_data_dir(runs, data_dir)
@@ -425,7 +459,9 @@ def make_report(exp_dir: str | Path, data_dir: str | Path | None = None, show: b
     plot_learning_curves(runs, out / PLOTS[3])
 
     headline = headline_table(table, ens)
-    text = _report_markdown(exp_dir, runs, table, ens, ens_stale, headline, pred_source, breakdown, data_path, data_note, notes)
+    text = _report_markdown(
+        exp_dir, runs, table, ens, ens_stale, headline, pred_source, breakdown, data_path, data_note, notes
+    )
     write_text_atomic(out / "REPORT.md", text)
     if show:
         print(_short_r2(headline).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -439,21 +475,37 @@ def headline_table(table: pd.DataFrame, ens: pd.DataFrame | None) -> pd.DataFram
     """The few rows worth reading first: each grid pooled, all pooled / grid mean, the ensemble settings."""
     rows = []
     for _, r in table[table["scope"] != "fold"].iterrows():
-        label = {"grid": f"grid {r['grid']} (oof.csv, folds pooled)", "pooled": "all grids (oof.csv rows pooled)",
-                 "grid_mean": "mean over grids (oof.csv)"}[r["scope"]]
-        rows.append({"model": label, "images": int(r["images"]), "weighted_r2": r["weighted_r2"], **{c: r[c] for c in R2_COLUMNS}})
+        label = {
+            "grid": f"grid {r['grid']} (oof.csv, folds pooled)",
+            "pooled": "all grids (oof.csv rows pooled)",
+            "grid_mean": "mean over grids (oof.csv)",
+        }[r["scope"]]
+        rows.append(
+            {
+                "model": label,
+                "images": int(r["images"]),
+                "weighted_r2": r["weighted_r2"],
+                **{c: r[c] for c in R2_COLUMNS},
+            }
+        )
     if ens is not None:
         best = ens.iloc[0]
         default = default_setting_row(ens)
         for name, r in (("ensemble, best setting", best), ("ensemble, infer.py default", default)):
             rows.append(
-                {"model": f"{name} (tta={r['tta']}, physics={r['physics']})", "images": int(r.get("images", 0) or 0),
-                 "weighted_r2": r["weighted_r2"], **{c: r[c] for c in R2_COLUMNS}}
+                {
+                    "model": f"{name} (tta={r['tta']}, physics={r['physics']})",
+                    "images": int(r.get("images", 0) or 0),
+                    "weighted_r2": r["weighted_r2"],
+                    **{c: r[c] for c in R2_COLUMNS},
+                }
             )
     return pd.DataFrame(rows)
 
 
-def _report_markdown(exp_dir, runs, table, ens, ens_stale, headline, pred_source, breakdown, data_path, data_note, notes) -> str:
+def _report_markdown(
+    exp_dir, runs, table, ens, ens_stale, headline, pred_source, breakdown, data_path, data_note, notes
+) -> str:
     name = exp_dir.name
     fold_rows = _short_r2(table[table["scope"] == "fold"].drop(columns=["scope"]))
     summary_rows = _short_r2(table[table["scope"] != "fold"].drop(columns=["scope", "best_epoch"]))
@@ -494,8 +546,16 @@ def _report_markdown(exp_dir, runs, table, ens, ens_stale, headline, pred_source
         ]
     else:
         if ens_stale:
-            lines += ["> warning: `oof_report.csv` is older than some `best.pt`; re-run `infer.py --oof` before trusting it.", ""]
-        lines += [to_markdown(_short_r2(ens)), "", "Rows sorted by the metric; tta none/flip/full x physics none/seed/project.", ""]
+            lines += [
+                "> warning: `oof_report.csv` is older than some `best.pt`; re-run `infer.py --oof` before trusting it.",
+                "",
+            ]
+        lines += [
+            to_markdown(_short_r2(ens)),
+            "",
+            "Rows sorted by the metric; tta none/flip/full x physics none/seed/project.",
+            "",
+        ]
     lines += ["## Breakdowns", "", f"Predictions: {pred_source}.", ""]
     if breakdown is None:
         lines += [data_note, ""]
@@ -526,8 +586,16 @@ def _report_markdown(exp_dir, runs, table, ens, ens_stale, headline, pred_source
         "",
     ]
     lines += _stress_markdown(exp_dir, runs)
-    lines += ["## Configuration", "", f"Resolved `config.yaml` of {runs[0].grid}/fold{runs[0].fold}:", "", "```yaml",
-              yaml.safe_dump(runs[0].config, sort_keys=False).rstrip(), "```", ""]
+    lines += [
+        "## Configuration",
+        "",
+        f"Resolved `config.yaml` of {runs[0].grid}/fold{runs[0].fold}:",
+        "",
+        "```yaml",
+        yaml.safe_dump(runs[0].config, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     first = _flatten(runs[0].config)
     diffs = []
     for r in runs[1:]:
@@ -567,11 +635,15 @@ def stress_commands(exp_dir: str | Path, runs: list[FoldRun] | None = None) -> l
     one_per_grid = {r.grid: r for r in runs}
     for scheme, suffix in STRESS_SCHEMES.items():
         folds_out = folds_path.with_name(f"folds_{suffix}.csv")
-        commands.append(f"python folds.py --data-dir {shlex.quote(str(data_dir))} --scheme {scheme} --out {shlex.quote(str(folds_out))}")
+        commands.append(
+            f"python folds.py --data-dir {shlex.quote(str(data_dir))} --scheme {scheme} --out "
+            f"{shlex.quote(str(folds_out))}"
+        )
         for r in one_per_grid.values():
             cfg_path = r.path / "config.yaml"
             commands.append(
-                f"python train.py --fold all --config {shlex.quote(str(cfg_path))} --folds {shlex.quote(str(folds_out))} "
+                f"python train.py --fold all --config {shlex.quote(str(cfg_path))} --folds "
+                f"{shlex.quote(str(folds_out))} "
                 f"--exp {exp_dir.name}_{suffix} --overwrite"
             )
     siblings = " ".join(shlex.quote(str(exp_dir.parent / f"{exp_dir.name}_{s}")) for s in STRESS_SCHEMES.values())
@@ -610,9 +682,10 @@ def _joined(values: Iterable) -> str:
 
 # options beyond the seed design (docs/OPTIONS.md, docs/HYGIENE.md): shown in the compare table when not default
 OPTION_KEYS = (
-    ("model", "target_space"), ("model", "heads"), ("model", "fusion"), ("model", "aux_ndvi_weight"), ("model", "aux_height_weight"),
-    ("model", "aux_bins"), ("model", "feature"), ("train", "ema_decay"), ("train", "swa_top_k"), ("train", "freeze_blocks"),
-    ("train", "layer_decay"), ("data", "clean_stamps"), ("data", "crop_bottom"), ("data", "aug_artifacts"), ("data", "drop_ids"),
+    ("model", "target_space"), ("model", "heads"), ("model", "fusion"), ("model", "aux_ndvi_weight"),
+    ("model", "aux_height_weight"), ("model", "aux_bins"), ("model", "feature"), ("train", "ema_decay"),
+    ("train", "swa_top_k"), ("train", "freeze_blocks"), ("train", "layer_decay"), ("data", "clean_stamps"),
+    ("data", "crop_bottom"), ("data", "aug_artifacts"), ("data", "drop_ids"),
 )  # fmt: skip
 
 
@@ -634,7 +707,8 @@ def key_config(runs: list[FoldRun]) -> dict:
         return _joined(r.config.get(section, {}).get(name) for r in runs)
 
     aux = _joined(
-        "/".join(f"{r.config.get('train', {}).get(f'aux_{k}_weight', '')}" for k in ("state", "month", "species")) for r in runs
+        "/".join(f"{r.config.get('train', {}).get(f'aux_{k}_weight', '')}" for k in ("state", "month", "species"))
+        for r in runs
     )
     folds_files = _joined(Path(str(r.config.get("data", {}).get("folds", "?"))).name for r in runs)
     n_folds = len({r.fold for r in runs})
@@ -642,7 +716,9 @@ def key_config(runs: list[FoldRun]) -> dict:
         "grids": _joined(r.grid for r in runs),
         "tile_size": get("model", "tile_size"),
         "backbone": get("model", "backbone"),
-        "epochs/freeze": _joined(f"{r.config.get('train', {}).get('epochs')}/{r.config.get('train', {}).get('freeze_epochs')}" for r in runs),
+        "epochs/freeze": _joined(
+            f"{r.config.get('train', {}).get('epochs')}/{r.config.get('train', {}).get('freeze_epochs')}" for r in runs
+        ),
         "mixup_prob": get("train", "mixup_prob"),
         "stereo_swap_prob": get("train", "stereo_swap_prob"),
         "aux s/m/sp": aux,
@@ -657,7 +733,10 @@ def experiment_metric(exp_dir: Path, runs: list[FoldRun], source: str) -> dict:
     if source == "ensemble":
         report = ensemble_table(exp_dir)
         if report is None:
-            raise BiomassError(f"{exp_dir}: no oof_report.csv; run `python infer.py --oof --checkpoints {exp_dir}` or use --source pooled")
+            raise BiomassError(
+                f"{exp_dir}: no oof_report.csv; run `python infer.py --oof --checkpoints {exp_dir}` or use "
+                "--source pooled"
+            )
         row = default_setting_row(report)
         stale = " STALE" if _stale(exp_dir / "oof_report.csv", runs) else ""
         return {
@@ -671,7 +750,7 @@ def experiment_metric(exp_dir: Path, runs: list[FoldRun], source: str) -> dict:
 
 
 def compare_table(exp_dirs: list[str | Path], baseline: str | None = None, source: str = "auto") -> pd.DataFrame:
-    """One row per experiment: key config, OOF metric, per-target R^2, train time; sorted by the metric, delta to baseline.
+    """One row per experiment: key config, OOF metric, per-target R^2, train time; sorted, delta to the baseline.
 
     source='auto' uses the ensemble (oof_report.csv) only when every experiment has one, so rows stay comparable.
     """
@@ -686,8 +765,12 @@ def compare_table(exp_dirs: list[str | Path], baseline: str | None = None, sourc
         source = "ensemble" if all((d / "oof_report.csv").is_file() for d in dirs) else "pooled"
     rows = []
     for name, d, runs in zip(names, dirs, loaded):
-        seconds = sum(float(r.metrics["seconds"].sum()) for r in runs if r.metrics is not None and "seconds" in r.metrics)
-        rows.append({"experiment": name, **key_config(runs), **experiment_metric(d, runs, source), "train_s": round(seconds, 1)})
+        seconds = sum(
+            float(r.metrics["seconds"].sum()) for r in runs if r.metrics is not None and "seconds" in r.metrics
+        )
+        rows.append(
+            {"experiment": name, **key_config(runs), **experiment_metric(d, runs, source), "train_s": round(seconds, 1)}
+        )
     table = pd.DataFrame(rows)
     base = baseline if baseline is not None else names[0]
     match = [i for i, (n, d) in enumerate(zip(names, dirs)) if base in (n, str(d), d.name)]
@@ -707,7 +790,13 @@ def compare_markdown(table: pd.DataFrame) -> str:
     return to_markdown(shown, {"train_s": 1})
 
 
-def run_compare(exp_dirs: list[str | Path], baseline: str | None = None, out: str | Path | None = None, source: str = "auto", show: bool = True) -> pd.DataFrame:
+def run_compare(
+    exp_dirs: list[str | Path],
+    baseline: str | None = None,
+    out: str | Path | None = None,
+    source: str = "auto",
+    show: bool = True,
+) -> pd.DataFrame:
     """compare_table -> <out>/compare.csv + compare.md (atomic); out defaults to <parent of the first exp>/compare."""
     if len(exp_dirs) < 1:
         raise BiomassError("--compare needs at least one experiment directory")
@@ -732,17 +821,35 @@ def run_compare(exp_dirs: list[str | Path], baseline: str | None = None, out: st
 # ---- command line -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(
-        prog="report.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="report.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1],
     )
     parser.add_argument("exp", nargs="?", help="experiment directory (checkpoints/<exp>) to report on")
-    parser.add_argument("--data-dir", default=None, help="competition-layout data for the breakdowns (default: the run's data_dir)")
-    parser.add_argument("--compare", nargs="+", metavar="EXP", default=None, help="experiment directories to compare in one table")
-    parser.add_argument("--baseline", default=None, help="experiment name (or path) the delta column is relative to (default: the first)")
-    parser.add_argument("--out", default=None, help="directory for compare.md/.csv (default: <parent of the first EXP>/compare)")
-    parser.add_argument("--source", default="auto", choices=["auto", "pooled", "ensemble"],
-                        help="compare metric: pooled oof.csv rows, the oof_report.csv ensemble, or auto (ensemble if all have it)")
-    parser.add_argument("--stress", metavar="EXP", default=None, help="print the leave-state/month-out commands for EXP and exit")
+    parser.add_argument(
+        "--data-dir", default=None, help="competition-layout data for the breakdowns (default: the run's data_dir)"
+    )
+    parser.add_argument(
+        "--compare", nargs="+", metavar="EXP", default=None, help="experiment directories to compare in one table"
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="experiment name (or path) the delta column is relative to (default: the first)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="directory for compare.md/.csv (default: <parent of the first EXP>/compare)"
+    )
+    parser.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "pooled", "ensemble"],
+        help="compare metric: pooled oof.csv rows, the oof_report.csv ensemble, or auto (ensemble if all have it)",
+    )
+    parser.add_argument(
+        "--stress", metavar="EXP", default=None, help="print the leave-state/month-out commands for EXP and exit"
+    )
     args = parser.parse_args(argv)
     chosen = sum(x is not None for x in (args.exp, args.compare, args.stress))
     if chosen != 1:

@@ -59,7 +59,9 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
         test_long = read_csv_checked(data_dir / "test.csv", TEST_COLUMNS, "pass --data-dir")
         sample = load_sample_submission(data_dir)
         if sample is not None and set(sample["sample_id"]) != set(test_long["sample_id"]):
-            raise BiomassError(f"{data_dir / 'sample_submission.csv'}: ids differ from test.csv; re-download the competition files")
+            raise BiomassError(
+                f"{data_dir / 'sample_submission.csv'}: ids differ from test.csv; re-download the competition files"
+            )
         predictors = load_predictors(find_checkpoints(cfg.checkpoints), resolve_device(cfg.device), cfg.tta, cfg.amp)
         weights = grid_weight_map(predictors, cfg.grid_weights)
         pred = predict_ensemble(predictors, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers)
@@ -104,7 +106,9 @@ def run_oof(cfg: InferConfig) -> pd.DataFrame:
         report = pd.DataFrame(rows).sort_values("weighted_r2", ascending=False).reset_index(drop=True)
         write_csv_atomic(report, exp_dir / "oof_report.csv")
         best = apply_physics(per_view[scored].mean(axis=1), "project")
-        ens = pd.DataFrame({"image_id": wide.loc[scored, "image_id"].to_numpy(), "fold": wide.loc[scored, "fold"].to_numpy()})
+        ens = pd.DataFrame(
+            {"image_id": wide.loc[scored, "image_id"].to_numpy(), "fold": wide.loc[scored, "fold"].to_numpy()}
+        )
         for j, name in enumerate(TARGETS):
             ens[name] = best[:, j]
             ens[f"true_{name}"] = truth[:, j]
@@ -126,8 +130,12 @@ def _oof_per_view(predictors: list[Predictor], wide: pd.DataFrame, cfg: InferCon
     for fold, members in sorted(by_fold.items()):
         mask = (wide["fold"] == fold).to_numpy()
         if not mask.any():
-            raise BiomassError(f"fold {fold} of the checkpoints has no images in the folds file; pass the folds used in training")
+            raise BiomassError(
+                f"fold {fold} of the checkpoints has no images in the folds file; pass the folds used in training"
+            )
         frame = wide[mask].reset_index(drop=True)
         weights = grid_weight_map(members, None)
-        per_view[mask] = predict_ensemble(members, frame, cfg.batch_size, weights, num_workers=cfg.num_workers, show=False).per_view
+        per_view[mask] = predict_ensemble(
+            members, frame, cfg.batch_size, weights, num_workers=cfg.num_workers, show=False
+        ).per_view
     return per_view

@@ -1,6 +1,6 @@
 """Hyper-parameter sweeps of the frozen-backbone stage on one shared feature cache per fold.
 
-    python sweep.py --exp NAME --preset tiny --fold 0 --lr 5e-4 1e-3 2e-3 --dropout 0.1 0.2 0.3 --hidden-ratio 0.25 0.5 1.0
+    python sweep.py --exp NAME --preset tiny --fold 0 --lr 5e-4 1e-3 2e-3 --dropout 0.1 0.2 --hidden-ratio 0.25 0.5
 
 Every flag of train.py sets the fixed part of the config; the flags below take several values and the
 sweep runs their cartesian product. Only the frozen-stage heads train (epochs = freeze_epochs; `--epochs N`
@@ -96,7 +96,9 @@ def run_id_of(cfg: Config) -> str:
     # only values that differ from the defaults: a config field added later (at its default) keeps the ids
     defaults = Config().to_dict()
     data = {
-        section: {k: v for k, v in values.items() if defaults.get(section, {}).get(k, object()) != v} if isinstance(values, dict) else values
+        section: {k: v for k, v in values.items() if defaults.get(section, {}).get(k, object()) != v}
+        if isinstance(values, dict)
+        else values
         for section, values in data.items()
     }
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
@@ -136,7 +138,9 @@ def read_sweep(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype={"run_id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise BiomassError(f"{path}: not a readable sweep CSV ({str(err).splitlines()[0]}); move it away to start over") from err
+        raise BiomassError(
+            f"{path}: not a readable sweep CSV ({str(err).splitlines()[0]}); move it away to start over"
+        ) from err
     if not {"run_id", "fold", "weighted_r2"} <= set(frame.columns):
         raise BiomassError(f"{path}: not a sweep.csv (needs run_id, fold, weighted_r2); move it away to start over")
     return frame
@@ -145,7 +149,10 @@ def read_sweep(path: Path) -> pd.DataFrame:
 def _check_stage1(base: Config) -> None:
     tc = base.train
     if tc.epochs != tc.freeze_epochs or tc.epochs < 1:
-        raise BiomassError(f"a sweep trains the frozen stage only: epochs ({tc.epochs}) must equal freeze_epochs ({tc.freeze_epochs}) >= 1")
+        raise BiomassError(
+            f"a sweep trains the frozen stage only: epochs ({tc.epochs}) must equal freeze_epochs "
+            f"({tc.freeze_epochs}) >= 1"
+        )
     if not tc.cache_features:
         raise BiomassError("a sweep needs --cache-features (the shared feature cache is the point of it)")
 
@@ -185,7 +192,10 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
         del model
         cache_seconds = time.time() - start
         if show:
-            log.info(f"fold {k}: feature cache of {len(train_frame)} train + {len(val_frame)} val images in {cache_seconds:.1f}s")
+            log.info(
+                f"fold {k}: feature cache of {len(train_frame)} train + {len(val_frame)} val images in "
+                f"{cache_seconds:.1f}s"
+            )
         for run in todo:
             start = time.time()
             result = fit(run.cfg, train_frame, val_frame, None, device, fold=int(k), cache=cache)
@@ -208,7 +218,9 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
             count += 1
             if show:
                 varied = " ".join(f"{n}={_value_text(run.values[n])}" for n in grid)
-                log.info(f"[{count}/{total}] fold {k} {run.run_id} {varied} -> wR2 {result.best_metric:.4f} ({seconds:.1f}s)")
+                log.info(
+                    f"[{count}/{total}] fold {k} {run.run_id} {varied} -> wR2 {result.best_metric:.4f} ({seconds:.1f}s)"
+                )
     table = sweep_table(done, runs, list(grid), folds)
     write_text_atomic(path.with_name("sweep.md"), f"# Sweep `{base.exp}`\n\n{sweep_markdown(table)}\n")
     if show:
@@ -240,8 +252,11 @@ def sweep_markdown(table: pd.DataFrame) -> str:
 # ---- command line -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="sweep.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve",
+        prog="sweep.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        conflict_handler="resolve",
     )
     add_config_flags(parser)  # the fixed part; the sweepable flags below replace their single-value versions
     add_quiet_flag(parser)
@@ -249,7 +264,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group = parser.add_argument_group("swept values (several values each: the sweep runs their product)")
     for name in SWEEP_FIELDS:
         flag = "--" + name.replace("_", "-")
-        helptext = "5 floats per run (Green Dead Clover GDM Total); repeat groups of 5" if name == "target_weights" else "one or more values"
+        helptext = (
+            "5 floats per run (Green Dead Clover GDM Total); repeat groups of 5"
+            if name == "target_weights"
+            else "one or more values"
+        )
         group.add_argument(flag, dest=f"sweep_{name}", nargs="+", default=None, metavar="V", help=helptext)
     return parser.parse_args(argv)
 
@@ -274,7 +293,9 @@ def base_config(args: argparse.Namespace) -> Config:
     cfg = resolve_config(args)
     epochs, freeze = getattr(args, "train.epochs"), getattr(args, "train.freeze_epochs")
     if epochs is not None and freeze is not None and int(epochs) != int(freeze):
-        raise BiomassError("a sweep trains the frozen stage only: give --epochs N (it sets freeze_epochs too), not both")
+        raise BiomassError(
+            "a sweep trains the frozen stage only: give --epochs N (it sets freeze_epochs too), not both"
+        )
     if epochs is not None:
         cfg.train.freeze_epochs = cfg.train.epochs
     else:

@@ -19,10 +19,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from src.errors import BiomassError, run_cli
 from src.io_utils import atomic_path, write_csv_atomic, write_text_atomic
+from src.logs import progress
 from src.schema import STATES, TARGETS, TEST_COLUMNS, TRAIN_COLUMNS, species_group
 
 # ---- calibration: aggregates of the real train.csv (357 images) ----
@@ -325,10 +325,10 @@ def generate(out_dir, n_train: int, n_test: int, seed: int = 0, size: tuple[int,
     workers = max(1, min(workers, os.cpu_count() or 1, len(jobs)))
     bar = dict(total=len(jobs), desc="synthetic images", unit="img")
     if workers == 1:
-        results = [_render_job(j) for j in tqdm(jobs, **bar)]
+        results = [_render_job(j) for j in progress(jobs, **bar)]
     else:  # spawn: forking a process that already holds torch threads can deadlock
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-            results = list(tqdm(pool.imap(_render_job, jobs, chunksize=1), **bar))
+            results = list(progress(pool.imap(_render_job, jobs, chunksize=1), **bar))
     stamps = sorted((os.path.relpath(p, out), *box) for p, box in results if box is not None)
     write_csv_atomic(pd.DataFrame(stamps, columns=["image_path", "x0", "y0", "x1", "y1"]), out / "stamps.csv")
     train, test = to_long(splits["train"], "train"), to_long(splits["test"], "test")

@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from src.averaging import average_state_dicts, keep_top_k, make_ema
 from src.checkpoint import (
@@ -36,7 +35,7 @@ from src.errors import BiomassError
 from src.feature_cache import feature_cache
 from src.folds import load_fold_table, split_fold
 from src.io_utils import write_csv_atomic
-from src.logs import get_logger, log_file
+from src.logs import get_logger, log_file, progress
 from src.losses import aux_bin_labels, aux_regression_labels, mixup, total_loss
 from src.metric import score
 from src.model import BiomassModel, build_model
@@ -103,13 +102,13 @@ def batch_loss(model, batch, cfg: Config, device, cached: bool, mix) -> torch.Te
 def train_one_epoch(
     model, loader, optimizer, scheduler, cfg: Config, device, cached: bool, dist_info: DistInfo, epoch: int, ema=None
 ) -> dict:
-    """One pass over the loader with mixup, accumulation, clipping and non-finite-loss skipping (+ EMA update per step)."""
+    """One pass over the loader: mixup, accumulation, clipping, non-finite-loss skipping, EMA update per step."""
     model.train()
     rng = np.random.default_rng((cfg.train.seed, epoch, dist_info.rank, 7))
     total, count, bad_in_row, bad_total = 0.0, 0, 0, 0
     optimizer.zero_grad(set_to_none=True)
     accum = max(1, cfg.train.accum)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not dist_info.is_main)
+    bar = progress(loader, desc=f"epoch {epoch}", leave=False, disable=not dist_info.is_main)
     for step, batch in enumerate(bar):
         mix = None
         if cfg.train.mixup_prob > 0 and rng.random() < cfg.train.mixup_prob and len(batch["targets"]) > 1:
@@ -192,14 +191,20 @@ class Stage:
         self.cached = frozen and tc.cache_features
         self.val_set = None
         if self.cached:
-            cache = cache if cache is not None else feature_cache(model, train_frame, val_frame, cfg, device, dist_info.is_main)
+            cache = (
+                cache
+                if cache is not None
+                else feature_cache(model, train_frame, val_frame, cfg, device, dist_info.is_main)
+            )
             self.train_set = FeatureCacheDataset(cache["train"], train_frame, tc.stereo_swap_prob, tc.seed)
             if val_frame is not None:
                 self.val_set = FeatureCacheDataset(cache["val"], val_frame, 0.0, tc.seed)
         else:
             # photometric augmentation only when the backbone sees the pixels (or the cache is off)
             transform = build_transform(model.view_size, train=True, strength=tc.augment)
-            self.train_set = image_dataset(train_frame, model.view_size, cfg.data, transform, tc.stereo_swap_prob, train=True)
+            self.train_set = image_dataset(
+                train_frame, model.view_size, cfg.data, transform, tc.stereo_swap_prob, train=True
+            )
             if val_frame is not None:
                 self.val_set = image_dataset(val_frame, model.view_size, cfg.data)
         self.model = model
@@ -207,7 +212,9 @@ class Stage:
             # re-wrapped per stage: DDP registers the parameters that require grad at construction
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
-        groups = model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay, include_backbone=not frozen, layer_decay=tc.layer_decay)
+        groups = model.param_groups(
+            tc.lr, tc.backbone_lr, tc.weight_decay, include_backbone=not frozen, layer_decay=tc.layer_decay
+        )
         self.optimizer = torch.optim.AdamW(groups)
         steps = math.ceil(len(self.train_loader(0)) / max(1, tc.accum)) * self.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(steps, tc.warmup_frac))
@@ -221,7 +228,9 @@ class Stage:
     def train_loader(self, epoch: int) -> DataLoader:
         """A loader whose order and augmentation depend only on (seed, epoch): resumes repeat epochs exactly."""
         tc, info = self.cfg.train, self.dist_info
-        sampler = DistributedSampler(self.train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=tc.seed)
+        sampler = DistributedSampler(
+            self.train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=tc.seed
+        )
         sampler.set_epoch(epoch)
         if isinstance(self.train_set, FeatureCacheDataset):
             self.train_set.set_epoch(epoch)
@@ -333,7 +342,9 @@ def fit(
                         write_csv_atomic(oof, run_dir / "oof.csv")
                 write_csv_atomic(pd.DataFrame(state.history), run_dir / "metrics.csv")
                 swa_top = top_k if tc.swa_top_k > 0 else None
-                save_resume_state(last_path, model, cfg, name, stage.optimizer, stage.scheduler, state.__dict__, ema, swa_top)
+                save_resume_state(
+                    last_path, model, cfg, name, stage.optimizer, stage.scheduler, state.__dict__, ema, swa_top
+                )
         barrier(dist_info)
         if name == FINETUNE and tc.patience > 0 and state.bad_epochs >= tc.patience:
             if dist_info.is_main:
@@ -341,13 +352,17 @@ def fit(
             break
     swa_metric = None
     if tc.swa_top_k > 0 and val_frame is not None and len(top_k) >= 2:
-        swa_metric, swa_oof = _finish_swa(top_k, evaluated, val_frame, cfg, stats, state, run_dir, device, dist_info, fold)
+        swa_metric, swa_oof = _finish_swa(
+            top_k, evaluated, val_frame, cfg, stats, state, run_dir, device, dist_info, fold
+        )
         if swa_oof is not None:
             oof = swa_oof
     return FitResult(state.best_metric, state.best_epoch, state.history, oof, run_dir, swa_metric, evaluated)
 
 
-def _start_stage(name: str, model, train_frame, val_frame, cfg: Config, device, dist_info, cache, saved, state: FitState) -> Stage:
+def _start_stage(
+    name: str, model, train_frame, val_frame, cfg: Config, device, dist_info, cache, saved, state: FitState
+) -> Stage:
     """Build a stage; a resumed run in the same stage gets its optimizer and scheduler back."""
     seed_everything(cfg.train.seed + STAGE_SEED[name])
     stage = Stage(name, model, train_frame, val_frame, cfg, device, dist_info, cache if name == FROZEN else None)
@@ -373,7 +388,9 @@ def _image_val_loader(model: BiomassModel, val_frame: pd.DataFrame, cfg: Config,
     """Validation images (no cache: any backbone weights), a strided shard per rank."""
     dataset = image_dataset(val_frame, model.view_size, cfg.data)
     subset = torch.utils.data.Subset(dataset, list(range(dist_info.rank, len(dataset), dist_info.world)))
-    return DataLoader(subset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, worker_init_fn=worker_init)
+    return DataLoader(
+        subset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, worker_init_fn=worker_init
+    )
 
 
 def _finish_swa(top_k, evaluated, val_frame, cfg: Config, stats, state: FitState, run_dir, device, dist_info, fold):
@@ -393,7 +410,9 @@ def _finish_swa(top_k, evaluated, val_frame, cfg: Config, stats, state: FitState
     oof = _oof_frame(val_frame.iloc[idx], preds, fold) if wins else None
     if dist_info.is_main:
         verdict = "replaces best.pt" if wins else "best.pt kept"
-        log.info(f"swa of epochs {epochs}: val weighted R2 {metric:.4f} vs best epoch {state.best_metric:.4f}: {verdict}")
+        log.info(
+            f"swa of epochs {epochs}: val weighted R2 {metric:.4f} vs best epoch {state.best_metric:.4f}: {verdict}"
+        )
         if run_dir is not None:
             save_best(run_dir / "swa.pt", swa, cfg, stats, state.best_epoch, metric, fold, swa_epochs=epochs)
             if wins:

@@ -26,7 +26,13 @@ def build_transform(view_size: tuple[int, int], train: bool, strength: str = "de
     if strength == "default":
         # mild geometry: a biomass label is for the whole quadrat, so crops must keep most of it
         ops += [
-            A.Affine(scale=(0.95, 1.05), translate_percent=(-0.03, 0.03), rotate=(-10, 10), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            A.Affine(
+                scale=(0.95, 1.05),
+                translate_percent=(-0.03, 0.03),
+                rotate=(-10, 10),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=0.5,
+            ),
             A.RandomResizedCrop(size=(height, width), scale=(0.85, 1.0), ratio=(0.9, 1.1), p=0.3),
         ]
     ops.append(resize)
@@ -38,7 +44,9 @@ def build_transform(view_size: tuple[int, int], train: bool, strength: str = "de
         ops += [
             A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
             A.GaussianBlur(blur_limit=(3, 5), p=0.1),
-            A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.12), hole_width_range=(0.05, 0.12), p=0.2),
+            A.CoarseDropout(
+                num_holes_range=(1, 4), hole_height_range=(0.05, 0.12), hole_width_range=(0.05, 0.12), p=0.2
+            ),
         ]
     assert strength in AUGMENT_STRENGTHS, strength  # the config refuses any other value when it is resolved
     return A.Compose(ops, additional_targets={"image2": "image"})

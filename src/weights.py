@@ -22,7 +22,9 @@ def export_weights(name: str, out_dir: str | os.PathLike) -> Path:
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:  # hub errors come in many types; all mean "no weights here"
-        raise BiomassError(f"cannot download {name} ({type(err).__name__}); run this on a machine with internet") from err
+        raise BiomassError(
+            f"cannot download {name} ({type(err).__name__}); run this on a machine with internet"
+        ) from err
     out = Path(out_dir) / f"{name}.safetensors"
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))

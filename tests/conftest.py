@@ -17,16 +17,38 @@ REAL_TRAIN_CSV = REPO.parent / "shared" / "data" / "csiro" / "train.csv"
 
 # Small enough for 2 cores: 40 train images in 4 months-groups, 6 test images, 400x200 pixels.
 N_TRAIN, N_TEST, SIZE = 40, 6, (400, 200)
-TINY_FLAGS = ["--preset", "tiny", "--tile-size", "28", "--epochs", "2", "--freeze-epochs", "1", "--batch-size", "8", "--seed", "0"]
+TINY_FLAGS = [
+    "--preset",
+    "tiny",
+    "--tile-size",
+    "28",
+    "--epochs",
+    "2",
+    "--freeze-epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--seed",
+    "0",
+]
 
 
-def run_script(*args: str, cwd: Path = REPO, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, cwd: Path = REPO, check: bool = True, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run a repo script as a user would; on failure show its output."""
     proc = subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -77,8 +99,20 @@ def trained_exp(synthetic_dir: Path, folds_csv: Path, tmp_path_factory) -> Path:
     for grid in (("2", "2"), ("1", "2")):
         for fold in ("0", "1"):
             run_script(
-                "train.py", "--fold", fold, "--grid", *grid, "--data-dir", str(synthetic_dir), "--folds", str(folds_csv),
-                "--out-dir", str(out), "--exp", "tiny", *TINY_FLAGS,
+                "train.py",
+                "--fold",
+                fold,
+                "--grid",
+                *grid,
+                "--data-dir",
+                str(synthetic_dir),
+                "--folds",
+                str(folds_csv),
+                "--out-dir",
+                str(out),
+                "--exp",
+                "tiny",
+                *TINY_FLAGS,
             )
     return out / "tiny"
 
@@ -107,7 +141,8 @@ def clean_exp(stamp_dir: Path, tmp_path_factory) -> tuple[Path, str]:
     val_ids = folds.loc[folds["fold"] == 0, "image_id"].tolist()
     (root / "drop.txt").write_text(f"{train_ids[0]}\n{train_ids[1]}\n{val_ids[0]}\n")
     proc = run_script(
-        "train.py", "--fold", "0", "--data-dir", str(stamp_dir), "--folds", str(root / "folds.csv"), "--out-dir", str(root / "ck"),
+        "train.py", "--fold", "0", "--data-dir", str(stamp_dir), "--folds", str(root / "folds.csv"),
+        "--out-dir", str(root / "ck"),
         "--exp", "clean", *TINY_FLAGS, "--clean-stamps", "--crop-bottom", "0.05", "--drop-ids", str(root / "drop.txt"),
     )  # fmt: skip
     return root / "ck" / "clean", proc.stdout

@@ -1,4 +1,4 @@
-"""Test-time adaptation: pseudo-label fine-tuning in infer.py (mechanics, blend arithmetic, budget, untouched inputs)."""
+"""Test-time adaptation: pseudo-label fine-tuning in infer.py (mechanics, blend, budget, untouched inputs)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,17 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int, str]]:
 
 
 def infer(data_dir: Path, checkpoints: Path, out: Path, *extra: str) -> pd.DataFrame:
-    argv = ["--data-dir", str(data_dir), "--checkpoints", str(checkpoints), "--out", str(out), "--device", "cpu", *extra]
+    argv = [
+        "--data-dir",
+        str(data_dir),
+        "--checkpoints",
+        str(checkpoints),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     assert run_cli(infer_script.main, argv) == 0
     return pd.read_csv(out)
 
@@ -78,7 +88,9 @@ def test_pick_predictors_best_fold_per_grid_or_a_given_fold():
     preds = [p((2, 2), 0, 0.5), p((2, 2), 1, 0.7), p((1, 2), 0, 0.6), p((1, 2), 1, None)]
     assert [(c.grid, c.fold) for c in adapt.pick_predictors(preds)] == [((1, 2), 0), ((2, 2), 1)]
     assert [(c.grid, c.fold) for c in adapt.pick_predictors(preds, "1")] == [((1, 2), 1), ((2, 2), 1)]
-    with pytest.raises(BiomassError, match=r"--pseudo-label-fold 3: grid 1x2 has no checkpoint of that fold \(folds \[0, 1\]\)"):
+    with pytest.raises(
+        BiomassError, match=r"--pseudo-label-fold 3: grid 1x2 has no checkpoint of that fold \(folds \[0, 1\]\)"
+    ):
         adapt.pick_predictors(preds, "3")
 
 
@@ -88,7 +100,9 @@ def test_estimate_is_measured_seconds_per_forward_times_the_fine_tunes_passes():
 
 
 def test_pseudo_label_frame_keeps_readable_images_with_weight_and_unknown_aux_labels():
-    images = pd.DataFrame({"image_id": ["a", "b", "c"], "path": ["a.jpg", "b.jpg", "c.jpg"], "image_path": ["x", "y", "z"]})
+    images = pd.DataFrame(
+        {"image_id": ["a", "b", "c"], "path": ["a.jpg", "b.jpg", "c.jpg"], "image_path": ["x", "y", "z"]}
+    )
     values = np.arange(15, dtype=float).reshape(3, 5)
     frame = adapt.pseudo_label_frame(images, values, np.array([True, False, True]), 0.5)
     assert frame["image_id"].tolist() == ["a", "c"]
@@ -103,9 +117,16 @@ def test_sample_weights_scale_each_images_loss_term():
     full = target_loss(pred, target, weights)
     expected = ((torch.log1p(torch.tensor(1.0)) - torch.log1p(torch.tensor(3.0))) ** 2) / 2  # mean over 2 images
     assert float(full) == pytest.approx(float(expected))
-    assert float(target_loss(pred, target, weights, sample_weight=torch.tensor([0.5, 1.0]))) == pytest.approx(float(expected) / 2)
+    assert float(target_loss(pred, target, weights, sample_weight=torch.tensor([0.5, 1.0]))) == pytest.approx(
+        float(expected) / 2
+    )
     assert float(target_loss(pred, target, weights, sample_weight=torch.tensor([0.0, 1.0]))) == 0.0
-    batch = {"left": torch.zeros(2, 3, 2, 2), "right": torch.zeros(2, 3, 2, 2), "targets": target, "weight": torch.tensor([0.5, 1.0])}
+    batch = {
+        "left": torch.zeros(2, 3, 2, 2),
+        "right": torch.zeros(2, 3, 2, 2),
+        "targets": target,
+        "weight": torch.tensor([0.5, 1.0]),
+    }
     mixed = mixup(batch, 0.25, torch.tensor([1, 0]))
     np.testing.assert_allclose(mixed["weight"].numpy(), [0.25 * 0.5 + 0.75 * 1.0, 0.25 * 1.0 + 0.75 * 0.5])
 
@@ -121,14 +142,22 @@ def test_finetune_trains_all_epochs_unfrozen_on_train_plus_pseudo_and_saves_noth
     cfg = Config()
     cfg.train.epochs, cfg.train.freeze_epochs, cfg.train.swa_top_k = 12, 3, 3
     model = torch.nn.Linear(2, 2)
-    predictor = SimpleNamespace(cfg=cfg, model=model, path=Path("best.pt"), grid=(2, 2), with_model=lambda m: ("adapted", m))
+    predictor = SimpleNamespace(
+        cfg=cfg, model=model, path=Path("best.pt"), grid=(2, 2), with_model=lambda m: ("adapted", m)
+    )
     train = pd.DataFrame({"image_id": ["t1", "t2"], "sample_weight": 1.0})
     pseudo = pd.DataFrame({"image_id": ["x1"], "sample_weight": 0.3})
     result = adapt.finetune(predictor, train, pseudo, 2, torch.device("cpu"), amp=False, num_workers=0, show=False)
-    assert seen["frame"]["image_id"].tolist() == ["t1", "t2", "x1"] and seen["frame"]["sample_weight"].tolist() == [1.0, 1.0, 0.3]
+    assert seen["frame"]["image_id"].tolist() == ["t1", "t2", "x1"] and seen["frame"]["sample_weight"].tolist() == [
+        1.0,
+        1.0,
+        0.3,
+    ]
     assert (seen["cfg"].train.epochs, seen["cfg"].train.freeze_epochs, seen["cfg"].train.swa_top_k) == (2, 0, 0)
     assert seen["val_frame"] is None and seen["run_dir"] is None
-    assert seen["model"] is not model and result[0] == "adapted"  # a copy is trained: the ensemble's model stays as it was
+    assert (
+        seen["model"] is not model and result[0] == "adapted"
+    )  # a copy is trained: the ensemble's model stays as it was
     assert cfg.train.epochs == 12  # the predictor's own config is untouched
 
 
@@ -139,7 +168,9 @@ def test_oof_and_pseudo_labels_do_not_mix(synthetic_dir: Path, trained_exp: Path
 
 
 # ---- end to end through infer.py ------------------------------------------------------------------------------
-def test_time_budget_skips_the_fine_tune_and_submits_the_plain_ensemble(synthetic_dir, one_grid, plain, tmp_path, capsys, monkeypatch):
+def test_time_budget_skips_the_fine_tune_and_submits_the_plain_ensemble(
+    synthetic_dir, one_grid, plain, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(adapt, "finetune", lambda *a, **k: pytest.fail("fine-tuned despite the time budget"))
     sub = infer(synthetic_dir, one_grid, tmp_path / "sub.csv", "--pseudo-label-epochs", "50", "--time-budget", "0.0001")
     assert "pseudo-label fine-tune skipped: estimated" in capsys.readouterr().out

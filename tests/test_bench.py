@@ -15,12 +15,12 @@ import torch
 
 from bench import common
 
-BENCHES = ("frozen_cache", "tta", "backbone_flops", "data_pipeline", "infer_e2e", "scaling", "amp", "sweep")
+BENCHES = ("frozen_cache", "tta", "backbone_flops", "data_pipeline", "infer_e2e", "scaling", "amp", "sweep_speed")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def bench_env(tmp_path_factory):
-    """Temp data cache; one torch thread (these are checks, not timings, and 1 thread does not spin-wait on a busy box)."""
+    """Temp data cache; one torch thread (checks, not timings; 1 thread does not spin-wait on a busy box)."""
     old_cache, old_threads = os.environ.get("BENCH_CACHE_DIR"), torch.get_num_threads()
     os.environ["BENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("bench_cache"))
     torch.set_num_threads(1)
@@ -89,7 +89,10 @@ def test_bf16_feature_cache_close_to_fp32():
     cos = torch.nn.functional.cosine_similarity(feats[True], feats[False], dim=-1)
     assert float(cos.min()) > 1 - 1e-3
     with torch.no_grad():
-        grams = {amp: log1p_to_grams(model.head_from_features(f[:, 0, 0], f[:, 0, 1])["targets"]).numpy() for amp, f in feats.items()}
+        grams = {
+            amp: log1p_to_grams(model.head_from_features(f[:, 0, 0], f[:, 0, 1])["targets"]).numpy()
+            for amp, f in feats.items()
+        }
     np.testing.assert_allclose(grams[True], grams[False], rtol=AMP_RTOL_BACKBONE_ONLY, atol=0)
 
 
@@ -107,7 +110,9 @@ def test_reduced_decode_views_close_to_full_decode():
     frame = common.train_frame(3, (512, 256))
     view = (56, 56)
     assert jpeg_reduce_factor((256, 512), view) == 4  # the test really exercises a reduced decode
-    full, fast = (ViewPairDataset(frame, view, build_transform(view, train=False), jpeg_reduce=r) for r in (False, True))
+    full, fast = (
+        ViewPairDataset(frame, view, build_transform(view, train=False), jpeg_reduce=r) for r in (False, True)
+    )
     for i in range(len(frame)):
         for side in ("left", "right"):
             a, b = full[i][side], fast[i][side]

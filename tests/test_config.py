@@ -12,9 +12,14 @@ from src.config import (
     DEFAULT_BACKBONE,
     PRESETS,
     Config,
+    InferConfig,
     add_config_flags,
+    add_infer_flags,
+    check_config,
+    leaves,
     load_yaml,
     resolve_config,
+    resolve_infer_config,
 )
 from src.errors import BiomassError
 from src.io_utils import save_config
@@ -129,3 +134,89 @@ def test_save_config_writes_yaml_that_round_trips(tmp_path: Path):
     assert Config.from_dict(loaded, str(path)) == cfg
     # the saved file is itself a valid --config
     assert _resolve("--config", str(path)) == cfg
+
+
+# ---- InferConfig: infer.py's flags, YAML and checks come from one dataclass --------------------------------------
+def _resolve_infer(*argv: str, preset: str | None = None) -> InferConfig:
+    parser = argparse.ArgumentParser()
+    add_infer_flags(parser)
+    return resolve_infer_config(parser.parse_args(list(argv)), preset)
+
+
+def test_infer_flags_are_generated_from_the_dataclass():
+    parser = argparse.ArgumentParser()
+    add_infer_flags(parser)
+    flags = {a for action in parser._actions for a in action.option_strings}
+    expected = {leaf.flag for leaf in leaves(InferConfig())}
+    assert expected <= flags and {"--pseudo-label-epochs", "--pseudo-label-fold", "--time-budget", "--tta"} <= expected
+    cfg = _resolve_infer(
+        "--tta", "flip", "--checkpoints", "a", "b", "--grid-weights", "2x2=1", "--pseudo-label-epochs", "2"
+    )
+    assert (cfg.tta, cfg.checkpoints, cfg.grid_weights, cfg.pseudo_label.epochs) == ("flip", ["a", "b"], ["2x2=1"], 2)
+    assert cfg.pseudo_label.enabled and _resolve_infer() == InferConfig()
+
+
+def test_infer_config_precedence_defaults_preset_yaml_flags(tmp_path: Path):
+    assert (InferConfig().amp, InferConfig().on_bad_image) == (False, "error")
+    kaggle = _resolve_infer(preset="kaggle")
+    assert (kaggle.amp, kaggle.on_bad_image) == (True, "fallback")
+    config = _yaml(tmp_path, {"physics": "seed", "pseudo_label": {"blend": 0.5}, "amp": False})
+    cfg = _resolve_infer("--config", config, preset="kaggle")
+    assert (cfg.physics, cfg.pseudo_label.blend, cfg.amp, cfg.on_bad_image) == ("seed", 0.5, False, "fallback")
+    cfg = _resolve_infer("--config", config, "--physics", "none", "--amp", preset="kaggle")
+    assert (cfg.physics, cfg.amp) == ("none", True)
+    # the saved config is a valid --config and round-trips
+    path = save_config(cfg, tmp_path / "submission.yaml")
+    assert _resolve_infer("--config", str(path)) == cfg == InferConfig.from_dict(load_yaml(path))
+
+
+def test_infer_yaml_unknown_keys_and_bad_values_raise(tmp_path: Path):
+    with pytest.raises(BiomassError, match="unknown key pseudo_label.epoch; valid keys: blend, epochs, fold, weight"):
+        _resolve_infer("--config", _yaml(tmp_path, {"pseudo_label": {"epoch": 1}}))
+    with pytest.raises(BiomassError, match="unknown key 'tta_mode'"):
+        _resolve_infer("--config", _yaml(tmp_path, {"tta_mode": "full"}, "top.yaml"))
+    with pytest.raises(BiomassError, match="unknown --physics 'projected'; choose one of none, seed, project"):
+        _resolve_infer("--config", _yaml(tmp_path, {"physics": "projected"}, "phys.yaml"))
+    with pytest.raises(BiomassError, match="--batch-size 0: must be >= 1"):
+        _resolve_infer("--batch-size", "0")
+    with pytest.raises(BiomassError, match="--device 'gpu'|--device gpu: must be cpu, cuda, cuda:N or auto"):
+        _resolve_infer("--device", "gpu")
+
+
+CHOICE_FIELDS = [
+    (cls.__name__, leaf) for cls in (Config, InferConfig) for leaf in leaves(cls()) if leaf.meta.get("choices")
+]
+
+
+@pytest.mark.parametrize("owner,leaf", CHOICE_FIELDS, ids=[f"{o}:{leaf.dotted}" for o, leaf in CHOICE_FIELDS])
+def test_every_choice_field_is_checked_when_resolved_with_the_allowed_values_named(owner, leaf):
+    cls = Config if owner == "Config" else InferConfig
+    data: dict = {}
+    target = data
+    for part in leaf.path[:-1]:
+        target = target.setdefault(part, {})
+    target[leaf.path[-1]] = "bogus"
+    with pytest.raises(BiomassError) as err:
+        cls.from_dict(data, "test.yaml")
+    message = str(err.value)
+    assert f"unknown {leaf.flag} 'bogus'; choose one of {', '.join(leaf.meta['choices'])}" in message
+    assert "\n" not in message
+    # and a hand-built config (Python API) is refused by the same check
+    cfg = cls()
+    obj = cfg
+    for part in leaf.path[:-1]:
+        obj = getattr(obj, part)
+    setattr(obj, leaf.path[-1], "bogus")
+    with pytest.raises(BiomassError, match=f"unknown {leaf.flag} 'bogus'"):
+        check_config(cfg)
+
+
+def test_ranges_are_checked_once_when_resolved():
+    with pytest.raises(BiomassError, match="--crop-bottom 0.7: must be a fraction in"):
+        _resolve("--crop-bottom", "0.7")
+    with pytest.raises(BiomassError, match="--aug-artifacts 2.0: must be a probability"):
+        _resolve("--aug-artifacts", "2")
+    with pytest.raises(BiomassError, match="--aux-bins 1: needs at least 2 bins"):
+        _resolve("--aux-bins", "1")
+    with pytest.raises(BiomassError, match="--grid 0 2: needs rows, cols >= 1"):
+        _resolve("--grid", "0", "2")

@@ -126,7 +126,7 @@ def out_dir(tmp_path: Path) -> Path:
 
 
 def assert_previous_intact(out: Path) -> None:
-    """The earlier submission survives; the only new file is infer.log, whose last line is the error (when it got that far)."""
+    """The earlier submission survives; the only new file is infer.log, ending with the error (when it got that far)."""
     files = snapshot(out)
     log = files.pop("infer.log", None)
     assert files == {"submission.csv": PREVIOUS}
@@ -255,7 +255,8 @@ TRAIN_CSV_CASES = [
     Case("negative target", "is not a finite non-negative number of grams", _set("train.csv", 11, "target", "-3.5")),
     Case("NaN target", "is not a finite non-negative number of grams", _set("train.csv", 11, "target", "nan")),
     Case("empty target", "is not a finite non-negative number of grams", _set("train.csv", 11, "target", "")),
-    Case("non-numeric target", "is not a finite non-negative number of grams", _set("train.csv", 11, "target", "12,5g")),
+    Case("non-numeric target", "is not a finite non-negative number of grams",
+         _set("train.csv", 11, "target", "12,5g")),
     Case("duplicate sample_id", "column sample_id: duplicate", _duplicate("train.csv")),
     Case("bad date", "is not a YYYY/M/D date", _set("train.csv", 9, "Sampling_Date", "15/9/2015")),
     Case("header only", "no data rows", _header_only("train.csv")),
@@ -277,11 +278,13 @@ TEST_CSV_CASES = [
     Case("unknown target_name", "column target_name: unknown value", _set("test.csv", 2, "target_name", "Dry_Total")),
     Case("4 of 5 targets", "targets (missing", _partial("test.csv")),
     Case("duplicate sample_id", "column sample_id: duplicate", _duplicate("test.csv")),
-    Case("sample_id not image__target", "does not match image_path/target_name", _set("test.csv", 0, "sample_id", "ID1__GDM_g")),
+    Case("sample_id not image__target", "does not match image_path/target_name",
+         _set("test.csv", 0, "sample_id", "ID1__GDM_g")),
     Case("header only", "no data rows", _header_only("test.csv")),
     Case("zero-byte test.csv", "not a readable CSV", _zero_bytes("test.csv")),
     Case("sample_submission ids differ", "sample_submission.csv: ids differ from test.csv", _sample_ids_differ),
-    Case("sample_submission columns", "missing column(s)", _rename_column("sample_submission.csv", "target", "prediction")),
+    Case("sample_submission columns", "missing column(s)",
+         _rename_column("sample_submission.csv", "target", "prediction")),
 ]  # fmt: skip
 
 
@@ -577,7 +580,7 @@ def test_grid_weights_for_a_grid_without_checkpoints(synthetic_dir: Path, traine
 
 @pytest.fixture()
 def fold_copy(trained_exp: Path, tmp_path: Path) -> Path:
-    """A copy of a trained fold directory under tmp_path/ckpt/tiny/grid2x2/fold0 (train.py's --out-dir = tmp_path/ckpt)."""
+    """A copy of a trained fold directory: tmp_path/ckpt/tiny/grid2x2/fold0 (train.py's --out-dir = tmp_path/ckpt)."""
     return Path(shutil.copytree(trained_exp / "grid2x2" / "fold0", tmp_path / "ckpt" / "tiny" / "grid2x2" / "fold0"))
 
 
@@ -844,7 +847,8 @@ def test_script_prints_one_line_and_a_traceback_only_with_debug(tmp_path: Path):
     plain = run_script(*argv, check=False, env=ONE_THREAD)
     assert plain.returncode == 1
     assert user_lines(plain.stderr) == [
-        f"error: {tmp_path / 'nowhere' / 'train.csv'}: file not found; pass --data-dir DIR holding the competition files (make data)"
+        f"error: {tmp_path / 'nowhere' / 'train.csv'}: file not found; pass --data-dir DIR holding the "
+        "competition files (make data)"
     ]
     assert "Traceback" not in plain.stderr
 

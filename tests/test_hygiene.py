@@ -168,7 +168,9 @@ def test_drop_ids_file_formats_and_errors(tmp_path: Path):
     csv.write_text("check,image_id\nx,ID1\n")
     assert load_id_list(csv, known) == ["ID1"]
     txt.write_text("ID2\nID9\n")
-    with pytest.raises(BiomassError, match=r"drop.txt line 2: image id 'ID9' is not in train.csv; remove it or fix the id"):
+    with pytest.raises(
+        BiomassError, match=r"drop.txt line 2: image id 'ID9' is not in train.csv; remove it or fix the id"
+    ):
         load_id_list(txt, known)
     with pytest.raises(BiomassError, match="--drop-ids file not found"):
         load_id_list(tmp_path / "nope.txt", known)
@@ -181,7 +183,10 @@ def test_drop_training_ids_keeps_validation_whole(tmp_path: Path):
     path.write_text("b\nd\n")
     kept, note = drop_training_ids(train, val, str(path), ["a", "b", "c", "d", "e"])
     assert kept["image_id"].tolist() == ["a", "c"]
-    assert "1 of 3 training images left out" in note and "1 listed image(s) are in this fold's validation set and are still scored" in note
+    assert (
+        "1 of 3 training images left out" in note
+        and "1 listed image(s) are in this fold's validation set and are still scored" in note
+    )
     assert drop_training_ids(train, val, None, [])[0] is train
     path.write_text("a\nb\nc\n")
     with pytest.raises(BiomassError, match="drops every training image"):
@@ -209,9 +214,19 @@ def test_train_py_with_drop_ids_and_clean_stamps(clean_exp: tuple[Path, str], st
     assert len(pd.read_csv(sub)) == 5 * 12
 
 
-# ---- the audit ---------------------------------------------------------------------------------------------------------
+# ---- the audit --------------------------------------------------------------------------------------------------
 def _wide(rows: list[tuple]) -> pd.DataFrame:
-    cols = ["image_id", "Sampling_Date", "State", "Species", "Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g", "GDM_g", "Dry_Total_g"]
+    cols = [
+        "image_id",
+        "Sampling_Date",
+        "State",
+        "Species",
+        "Dry_Green_g",
+        "Dry_Dead_g",
+        "Dry_Clover_g",
+        "GDM_g",
+        "Dry_Total_g",
+    ]
     frame = pd.DataFrame(rows, columns=cols)
     frame["path"] = "missing.jpg"
     return frame
@@ -230,7 +245,8 @@ def test_audit_checks_flag_exactly_the_planted_images():
     found = audit.audit(wide, images=False)
     by_check = found.groupby("check")["image_id"].apply(sorted).to_dict()
     assert by_check == {
-        "green_zero_grass": ["g0"], "zero_green_group": ["z1", "z2"], "identity_violation": ["i1"], "duplicate_labels": ["d1", "d2"],
+        "green_zero_grass": ["g0"], "zero_green_group": ["z1", "z2"], "identity_violation": ["i1"],
+        "duplicate_labels": ["d1", "d2"],
     }  # fmt: skip
     assert found.loc[found["check"] == "identity_violation", "score"].item() == pytest.approx(0.31)
     assert "2 of 3 images have Dry_Green_g = 0" in found.loc[found["image_id"] == "z1", "detail"].item()
@@ -256,9 +272,24 @@ def test_audit_duplicate_image_bytes(stamp_data: Path, tmp_path: Path):
     assert sorted(found["image_id"]) == sorted(wide["image_id"].iloc[:2])
 
 
-def test_audit_cli_writes_findings_and_a_drop_ids_file_train_py_accepts(trained_exp: Path, synthetic_dir: Path, tmp_path: Path, capsys):
+def test_audit_cli_writes_findings_and_a_drop_ids_file_train_py_accepts(
+    trained_exp: Path, synthetic_dir: Path, tmp_path: Path, capsys
+):
     out, drop = tmp_path / "audit.csv", tmp_path / "drop.txt"
-    argv = ["--data-dir", str(synthetic_dir), "--oof", str(trained_exp), "--z", "2", "--out", str(out), "--write-drop-ids", str(drop), "--drop-checks", "oof_residual"]
+    argv = [
+        "--data-dir",
+        str(synthetic_dir),
+        "--oof",
+        str(trained_exp),
+        "--z",
+        "2",
+        "--out",
+        str(out),
+        "--write-drop-ids",
+        str(drop),
+        "--drop-checks",
+        "oof_residual",
+    ]
     assert run_cli(audit.main, argv) == 0
     printed = capsys.readouterr().out
     found = pd.read_csv(out)

@@ -317,7 +317,10 @@ def test_bad_image_error_stops_and_keeps_previous_submission(data_with_bad_image
     assert (
         line == f"error: {data / 'test' / bad_id}.jpg: truncated JPEG (no end marker); re-download or replace the image"
     )
-    assert sorted(p.name for p in out.parent.iterdir()) == ["infer.log", "submission.csv"]  # the log ends with the error
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "infer.log",
+        "submission.csv",
+    ]  # the log ends with the error
     assert (out.parent / "infer.log").read_text().strip().splitlines()[-1].endswith(line)
     assert out.read_bytes() == b"sample_id,target\nprevious,1.0\n"
 

@@ -59,7 +59,9 @@ def _clean_env(home: Path, **extra: str) -> dict:
 def kernel_build(trained_exp: Path, tmp_path_factory) -> Path:
     """`python kernels/build.py` on the session's tiny experiment, run as a user would."""
     out = tmp_path_factory.mktemp("build") / "kaggle"
-    run_script("kernels/build.py", "--checkpoints", str(trained_exp), "--owner", OWNER, "--slug", SLUG, "--out", str(out))
+    run_script(
+        "kernels/build.py", "--checkpoints", str(trained_exp), "--owner", OWNER, "--slug", SLUG, "--out", str(out)
+    )
     return out
 
 
@@ -92,7 +94,12 @@ def _run_kernel(kernel_py: Path, dirs: dict[str, Path], tmp: Path) -> tuple[subp
     wrapper.write_text(WRAPPER)
     env = _clean_env(tmp / "home", **{k: str(v) for k, v in dirs.items()})
     proc = subprocess.run(
-        [sys.executable, str(wrapper), str(kernel_py), str(report)], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(wrapper), str(kernel_py), str(report)],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return proc, json.loads(report.read_text()) if report.is_file() else {}
 
@@ -102,7 +109,9 @@ def test_build_writes_three_uploads_with_consistent_metadata(kernel_build: Path,
     weights, code, kernel = (kernel_build / name for name in ("weights", "code", "kernel"))
     expected = sorted(p.relative_to(trained_exp.parent).as_posix() for p in trained_exp.glob("grid*/fold*/best.pt"))
     assert len(expected) == 4
-    assert sorted(p.relative_to(weights).as_posix() for p in weights.rglob("*.pt")) == expected  # best.pt only, no last.pt
+    assert (
+        sorted(p.relative_to(weights).as_posix() for p in weights.rglob("*.pt")) == expected
+    )  # best.pt only, no last.pt
     for rel in expected:
         assert (weights / rel).read_bytes() == (trained_exp.parent / rel).read_bytes()
 
@@ -153,7 +162,14 @@ def test_build_errors_are_one_line(trained_exp: Path, tmp_path: Path, monkeypatc
     # a failing build leaves the previous one untouched and no temp folder behind
     assert run_cli(kbuild.main, ["--checkpoints", str(trained_exp), "--out", str(out), "--slug", SLUG]) == 0
     before = (out / "build.json").read_text()
-    bad = ["--checkpoints", str(trained_exp), "--out", str(out), "--backbone-weights", str(tmp_path / "missing.pth")]
+    bad = [
+        "--checkpoints",
+        str(trained_exp),
+        "--out",
+        str(out),
+        "--ship-backbone-weights",
+        str(tmp_path / "missing.pth"),
+    ]
     assert run_cli(kbuild.main, bad) == 1
     assert "missing.pth: file not found" in capsys.readouterr().err
     assert (out / "build.json").read_text() == before and sorted(p.name for p in out.parent.iterdir()) == ["kaggle"]
@@ -167,23 +183,40 @@ def test_build_errors_are_one_line(trained_exp: Path, tmp_path: Path, monkeypatc
 
 
 # ---- the kernel, offline, in a mock /kaggle --------------------------------------------------------------------------
-def test_kernel_offline_writes_the_same_submission_as_infer(kernel_build, mock_kaggle, synthetic_dir, trained_exp, tmp_path):
+def test_kernel_offline_writes_the_same_submission_as_infer(
+    kernel_build, mock_kaggle, synthetic_dir, trained_exp, tmp_path
+):
     proc, report = _run_kernel(kernel_build / "kernel" / "kernel.py", mock_kaggle, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     submission = mock_kaggle["I2B_OUT_DIR"] / "submission.csv"
-    config = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("infer.py --config")).split(": ", 1)[1])
-    assert (config["tta"], config["physics"], config["on_bad_image"], config["device"], config["amp"]) == ("full", "project", "fallback", "auto", True)
+    config = json.loads(
+        next(ln for ln in proc.stdout.splitlines() if ln.startswith("infer.py --config")).split(": ", 1)[1]
+    )
+    assert (config["tta"], config["physics"], config["on_bad_image"], config["device"], config["amp"]) == (
+        "full",
+        "project",
+        "fallback",
+        "auto",
+        True,
+    )
     assert InferConfig.from_dict(load_yaml(mock_kaggle["I2B_OUT_DIR"] / "submission.yaml")).amp is True
 
     # the code came from the code dataset copy, never from the repo; the kernel set the offline flags itself
     code = mock_kaggle["I2B_CODE_DIR"]
-    assert {k: report["modules"][k] for k in ("infer", "src")} == {"infer": str(code / "infer.py"), "src": str(code / "src" / "__init__.py")}
-    assert "timm 1." in proc.stdout and "needed); timm imported from" in proc.stdout  # the image's own timm, no wheel built
+    assert {k: report["modules"][k] for k in ("infer", "src")} == {
+        "infer": str(code / "infer.py"),
+        "src": str(code / "src" / "__init__.py"),
+    }
+    assert (
+        "timm 1." in proc.stdout and "needed); timm imported from" in proc.stdout
+    )  # the image's own timm, no wheel built
     assert not [p for p in report["sys_path"] if p and Path(p).resolve() == REPO]
     assert report["env"] == {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
     local = tmp_path / "local.csv"
-    run_script("infer.py", "--data-dir", str(synthetic_dir), "--checkpoints", str(trained_exp), "--out", str(local), "--amp")
+    run_script(
+        "infer.py", "--data-dir", str(synthetic_dir), "--checkpoints", str(trained_exp), "--out", str(local), "--amp"
+    )
     assert submission.read_bytes() == local.read_bytes()
 
 
@@ -197,11 +230,16 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
         "--pseudo-label-epochs", "1", "--pseudo-label-blend", "0.5", "--time-budget", "30", "--bundle-timm",
     )  # fmt: skip
     wheels = sorted((out / "code" / "wheels").glob("timm-*-py3-none-any.whl"))
-    assert len(wheels) == 1 and f"wheels/{wheels[0].name}" in json.loads((out / "code" / "MANIFEST.json").read_text())["files"]
+    assert (
+        len(wheels) == 1
+        and f"wheels/{wheels[0].name}" in json.loads((out / "code" / "MANIFEST.json").read_text())["files"]
+    )
     info = json.loads((out / "build.json").read_text())
     assert info["infer"]["pseudo_label"] == {"epochs": 1, "weight": 1.0, "blend": 0.5, "fold": "best"}
     assert info["infer"]["time_budget"] == 30.0
-    assert info["timm"] == {"min_version": "0.9.0", "wheel": f"wheels/{wheels[0].name}"} and info["cleaning"] == ["stamps+crop0.05"]
+    assert info["timm"] == {"min_version": "0.9.0", "wheel": f"wheels/{wheels[0].name}"} and info["cleaning"] == [
+        "stamps+crop0.05"
+    ]
 
     root = tmp_path / "kaggle"
     dirs = {"I2B_WEIGHTS_DIR": root / "input" / f"{SLUG}-weights", "I2B_CODE_DIR": root / "input" / f"{SLUG}-code",
@@ -211,10 +249,16 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
     dirs["I2B_OUT_DIR"].mkdir()
     proc, report = _run_kernel(out / "kernel" / "kernel.py", {**dirs, "I2B_FORCE_TIMM_WHEEL": "1"}, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"timm from the bundled {wheels[0].name}" in proc.stdout and "image cleaning of the checkpoints: stamps+crop0.05" in proc.stdout
+    assert (
+        f"timm from the bundled {wheels[0].name}" in proc.stdout
+        and "image cleaning of the checkpoints: stamps+crop0.05" in proc.stdout
+    )
     assert "/i2b-timm-" in report["modules"]["timm"] and str(REPO) not in report["modules"]["timm"]
     assert "pseudo-label adaptation: 1 model(s), 1 epoch(s), blend 0.5" in proc.stdout
-    assert '"pseudo_label": {"blend": 0.5, "epochs": 1, "fold": "best", "weight": 1.0}' in proc.stdout and '"time_budget": 30.0' in proc.stdout
+    assert (
+        '"pseudo_label": {"blend": 0.5, "epochs": 1, "fold": "best", "weight": 1.0}' in proc.stdout
+        and '"time_budget": 30.0' in proc.stdout
+    )
 
     local = tmp_path / "local.csv"
     run_script(
@@ -229,7 +273,9 @@ def test_kernel_without_a_new_enough_timm_names_the_fix(kernel_build, tmp_path, 
     build = json.loads((kernel_build / "build.json").read_text())
     assert build["timm"]["wheel"] is None
     monkeypatch.setattr(kernel_template, "BUILD", {**build, "timm": {"min_version": "99.0.0", "wheel": None}})
-    with pytest.raises(kernel_template.KernelError, match=r"the backbones need >= 99.0.0; rebuild with kernels/build.py --bundle-timm"):
+    with pytest.raises(
+        kernel_template.KernelError, match=r"the backbones need >= 99.0.0; rebuild with kernels/build.py --bundle-timm"
+    ):
         kernel_template.ensure_timm(tmp_path)
     assert kbuild.timm_min_version(["vit_small_patch16_dinov3.lvd1689m", "vit_base_patch14_reg4_dinov2"]) == "1.0.20"
 
@@ -247,7 +293,9 @@ def test_kernel_exits_nonzero_with_one_line(kernel_build, mock_kaggle, tmp_path)
     empty.mkdir()
     out = tmp_path / "working"
     out.mkdir()
-    proc, _ = _run_kernel(kernel_build / "kernel" / "kernel.py", {**mock_kaggle, "I2B_DATA_DIR": empty, "I2B_OUT_DIR": out}, tmp_path)
+    proc, _ = _run_kernel(
+        kernel_build / "kernel" / "kernel.py", {**mock_kaggle, "I2B_DATA_DIR": empty, "I2B_OUT_DIR": out}, tmp_path
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "test.csv" in last and not (out / "submission.csv").exists()
@@ -278,7 +326,11 @@ def test_kernel_finds_datasets_left_zipped_or_nested(kernel_build: Path, tmp_pat
 def test_push_dry_run_needs_no_credentials(kernel_build: Path, tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "kernels" / "push.py"), str(kernel_build), "--dry-run"],
-        cwd=tmp_path, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     for name in ("weights", "code"):
@@ -290,7 +342,11 @@ def test_push_dry_run_needs_no_credentials(kernel_build: Path, tmp_path: Path):
 def test_push_without_credentials_stops_before_any_command(kernel_build: Path, tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "kernels" / "push.py"), str(kernel_build)],
-        cwd=tmp_path, env=_clean_env(tmp_path), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {download.CREDENTIALS_HELP}"]
@@ -303,7 +359,11 @@ def test_push_without_credentials_stops_before_any_command(kernel_build: Path, t
         ("kernel/kernel-metadata.json", {"enable_internet": True}, "kernel-metadata.json: field 'enable_internet'"),
         ("kernel/kernel-metadata.json", {"id": "tester/Bad_Slug"}, "kernel-metadata.json: field 'id'"),
         ("kernel/kernel-metadata.json", {"title": "Something Else"}, "kernel-metadata.json: field 'title'"),
-        ("kernel/kernel-metadata.json", {"dataset_sources": [IDS["weights"]]}, "kernel-metadata.json: field 'dataset_sources'"),
+        (
+            "kernel/kernel-metadata.json",
+            {"dataset_sources": [IDS["weights"]]},
+            "kernel-metadata.json: field 'dataset_sources'",
+        ),
         ("kernel/kernel-metadata.json", {"code_file": "nope.py"}, "kernel-metadata.json: field 'code_file'"),
         ("weights/dataset-metadata.json", {"id": "no-owner-here"}, "dataset-metadata.json: field 'id'"),
         ("code/dataset-metadata.json", {"licenses": []}, "dataset-metadata.json: field 'licenses'"),
@@ -379,7 +439,8 @@ def test_download_reports_cli_failure_and_unzips(tmp_path: Path, monkeypatch, ca
         "import sys, zipfile, pathlib\n"
         "if sys.argv[-1].endswith('fail'):\n"
         "    print('Downloading...', flush=True)\n"
-        "    sys.exit(print('403 Client Error: Forbidden for url: https://www.kaggle.com/api/v1/x', file=sys.stderr) or 1)\n"
+        "    sys.exit(print('403 Client Error: Forbidden for url: https://www.kaggle.com/api/v1/x', "
+        "file=sys.stderr) or 1)\n"
         "out = pathlib.Path(sys.argv[sys.argv.index('-p') + 1])\n"
         "with zipfile.ZipFile(out / 'csiro-biomass.zip', 'w') as zf:\n"
         "    for name in ('train.csv', 'test.csv', 'sample_submission.csv', 'train/a.jpg', 'test/b.jpg'):\n"

@@ -53,7 +53,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on 2 sh
 
 def config(synthetic_dir: Path, folds_csv: Path, *extra: str):
     """The config train.py resolves from TINY_FLAGS + extra flags (the real parser)."""
-    argv = ["--fold", str(FOLD), *TINY_FLAGS, "--data-dir", str(synthetic_dir), "--folds", str(folds_csv), "--device", "cpu", *extra]
+    argv = [
+        "--fold",
+        str(FOLD),
+        *TINY_FLAGS,
+        "--data-dir",
+        str(synthetic_dir),
+        "--folds",
+        str(folds_csv),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return resolve_config(train_script.parse_args(argv))
 
 
@@ -88,7 +99,9 @@ def feature_batch(model, batch: int = 6, seed: int = 0) -> dict[str, torch.Tenso
         "species": torch.zeros(batch, dtype=torch.long),
         "ndvi": torch.tensor([0.5, -1.0, float("nan"), 2.0, 0.0, 1.5])[:batch],
         "height": torch.tensor([-0.5, 1.0, 0.3, float("nan"), 0.2, -2.0])[:batch],
-        "bins": torch.tensor([[0, 1, 2, 3, 0], [3, 3, 3, 3, 3], [1, -1, 0, 2, 1], [2, 0, 1, 1, 2], [0, 0, 0, 0, 0], [1, 2, 3, 0, 1]])[:batch],
+        "bins": torch.tensor(
+            [[0, 1, 2, 3, 0], [3, 3, 3, 3, 3], [1, -1, 0, 2, 1], [2, 0, 1, 1, 2], [0, 0, 0, 0, 0], [1, 2, 3, 0, 1]]
+        )[:batch],
     }
 
 
@@ -162,13 +175,16 @@ def test_raw_space_loss_equals_a_hand_computation():
     by_hand = np.mean(np.sum(w * smooth, axis=1)) / w.sum()
     loss = target_loss(pred, grams, TARGET_WEIGHTS, space="raw", scale=scale, beta=5.0)
     assert float(loss) == pytest.approx(by_hand, rel=1e-6)
-    # rows: 0.1*0.01 + 0.1*0.08 + 0.1*0.0125 + 0.2*0.275 + 0.5*1.1 = 0.61525; 0.1*0.95 + 0.1*0.32 + 0.2*0.03125 + 0.5*0.14
+    # rows: 0.1*0.01 + 0.1*0.08 + 0.1*0.0125 + 0.2*0.275 + 0.5*1.1 = 0.61525;
+    #       0.1*0.95 + 0.1*0.32 + 0.2*0.03125 + 0.5*0.14
     assert by_hand == pytest.approx((0.61525 + 0.20325) / 2, rel=1e-6)
     torch_smooth = F.smooth_l1_loss(pred * scale, grams, beta=5.0, reduction="none") / scale
     assert float((torch_smooth * torch.tensor(w)).sum(1).mean() / w.sum()) == pytest.approx(by_hand, rel=1e-6)
     # beta 0: weighted L1 in grams / scale
     l1 = np.mean(np.sum(w * e / scale.numpy(), axis=1)) / w.sum()
-    assert float(target_loss(pred, grams, TARGET_WEIGHTS, space="raw", scale=scale, beta=0.0)) == pytest.approx(l1, rel=1e-6)
+    assert float(target_loss(pred, grams, TARGET_WEIGHTS, space="raw", scale=scale, beta=0.0)) == pytest.approx(
+        l1, rel=1e-6
+    )
 
 
 def test_raw_space_model_trains_on_the_training_fold_scale(synthetic_dir, folds_csv):
@@ -183,7 +199,9 @@ def test_raw_space_model_trains_on_the_training_fold_scale(synthetic_dir, folds_
         loss = training.batch_loss(model, batch, cfg, CPU, True, None)
     scale = torch.tensor(stats["scale"], dtype=torch.float32)
     torch.testing.assert_close(model.to_grams(out["targets"]), (out["targets"] * scale).clamp_min(0))
-    expected = target_loss(out["targets"], batch["targets"], cfg.train.target_weights, space="raw", scale=scale, beta=cfg.train.huber_beta)
+    expected = target_loss(
+        out["targets"], batch["targets"], cfg.train.target_weights, space="raw", scale=scale, beta=cfg.train.huber_beta
+    )
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert "target_scale" in model.state_dict()  # a raw checkpoint carries its scale; log1p ones do not
     assert "target_scale" not in model_of(config(synthetic_dir, folds_csv)).state_dict()
@@ -191,7 +209,9 @@ def test_raw_space_model_trains_on_the_training_fold_scale(synthetic_dir, folds_
 
 # ---- --fusion ----------------------------------------------------------------------------------------------------
 def test_fusion_variants_build_and_differ(synthetic_dir, folds_csv):
-    models = {f: model_of(config(synthetic_dir, folds_csv, "--fusion", f)).eval() for f in ("film", "concat", "cross-attn")}
+    models = {
+        f: model_of(config(synthetic_dir, folds_csv, "--fusion", f)).eval() for f in ("film", "concat", "cross-attn")
+    }
     modules = {f: {name.split(".")[0] for name, _ in m.named_parameters()} for f, m in models.items()}
     assert {"film_from_right", "film_from_left"} <= modules["film"] and "fuse" in modules["concat"]
     assert {"cross_from_right", "cross_from_left"} <= modules["cross-attn"]
@@ -215,17 +235,26 @@ def test_cross_attention_is_the_identity_at_init_and_learns_cross_view_effects(s
     batch = feature_batch(film)
     with torch.no_grad():
         # FiLM and cross-attention are both exactly the identity at init: same shared weights, same outputs
-        torch.testing.assert_close(cross(batch["left"], batch["right"], features=True)["targets"],
-                                   film(batch["left"], batch["right"], features=True)["targets"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            cross(batch["left"], batch["right"], features=True)["targets"],
+            film(batch["left"], batch["right"], features=True)["targets"],
+            rtol=0,
+            atol=1e-6,
+        )
         tokens, context = torch.randn(3, 4, 64), torch.randn(3, 4, 64)
         block = cross.cross_from_right
         assert torch.equal(block(tokens, context), tokens)
         block.attn.out_proj.weight.normal_(0, 0.5)
         moved = block(tokens, context)
         assert not torch.allclose(moved, tokens, atol=1e-3)
-        assert not torch.allclose(block(tokens, context.flip(0)), moved, atol=1e-3)  # the tokens now read the other view
-        assert not torch.allclose(cross(batch["left"], batch["right"], features=True)["targets"],
-                                  film(batch["left"], batch["right"], features=True)["targets"], atol=1e-4)
+        assert not torch.allclose(
+            block(tokens, context.flip(0)), moved, atol=1e-3
+        )  # the tokens now read the other view
+        assert not torch.allclose(
+            cross(batch["left"], batch["right"], features=True)["targets"],
+            film(batch["left"], batch["right"], features=True)["targets"],
+            atol=1e-4,
+        )
 
 
 # ---- --freeze-blocks and --layer-decay ---------------------------------------------------------------------------
@@ -239,8 +268,12 @@ def test_frozen_blocks_get_no_gradients_in_stage_2_and_later_blocks_do(synthetic
     model(left, left.flip(-1))["targets"].sum().backward()
     frozen = [n for n, p in model.backbone.named_parameters() if p.grad is None]
     trained = [n for n, p in model.backbone.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    assert frozen and all(n.startswith(("blocks.0.", "patch_embed", "cls_token", "reg_token", "pos_embed")) for n in frozen)
-    assert {n for n in frozen if n.startswith("blocks.0.")} == {n for n, _ in model.backbone.blocks[0].named_parameters(prefix="blocks.0")}
+    assert frozen and all(
+        n.startswith(("blocks.0.", "patch_embed", "cls_token", "reg_token", "pos_embed")) for n in frozen
+    )
+    assert {n for n in frozen if n.startswith("blocks.0.")} == {
+        n for n, _ in model.backbone.blocks[0].named_parameters(prefix="blocks.0")
+    }
     assert any(n.startswith("blocks.1.") for n in trained) and any(n.startswith("norm.") for n in trained)
     groups = model.param_groups(1e-3, 1e-4, 0.01, include_backbone=True)
     in_groups = {id(p) for g in groups for p in g["params"]}
@@ -264,7 +297,15 @@ def test_layer_decay_gives_backbone_lr_times_decay_to_the_depth_below_the_top(sy
     groups = model.param_groups(lr=1e-3, backbone_lr=8e-4, weight_decay=0.01, include_backbone=True, layer_decay=0.5)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     # depth 2: stem (patch/pos embedding, tokens) = layer 0, block i = layer i + 1, final norm with the top block
-    expected = {"patch_embed": 2e-4, "cls_token": 2e-4, "reg_token": 2e-4, "pos_embed": 2e-4, "blocks.0": 4e-4, "blocks.1": 8e-4, "norm": 8e-4}
+    expected = {
+        "patch_embed": 2e-4,
+        "cls_token": 2e-4,
+        "reg_token": 2e-4,
+        "pos_embed": 2e-4,
+        "blocks.0": 4e-4,
+        "blocks.1": 8e-4,
+        "norm": 8e-4,
+    }
     for name, param in model.backbone.named_parameters():
         key = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
         assert lr_of[id(param)] == pytest.approx(expected[key]), name
@@ -293,7 +334,9 @@ def test_ema_weights_are_validated_selected_and_saved(synthetic_dir, folds_csv, 
         assert torch.equal(best["model"][key], last["ema"][key])
     changed = [k for k in raw if not torch.equal(raw[k], init[k])]
     assert changed and all(not torch.equal(best["model"][k], raw[k]) for k in changed)
-    assert all(torch.equal(best["model"][k], raw[k]) for k in raw if k.startswith("backbone."))  # frozen: EMA of a constant
+    assert all(
+        torch.equal(best["model"][k], raw[k]) for k in raw if k.startswith("backbone.")
+    )  # frozen: EMA of a constant
     # the recorded validation score is the EMA weights' score, not the raw weights'
     ema_score = val_score(tmp_path / "best.pt", val)
     torch.save({**best, "model": raw}, tmp_path / "raw.pt")
@@ -313,7 +356,10 @@ def test_keep_top_k_and_average_state_dicts_by_hand():
         keep_top_k(top, metric, epoch, linear, 2)
     assert [(t["epoch"], t["metric"]) for t in top] == [(5, 0.6), (1, 0.5)]
     assert torch.equal(top[1]["model"]["weight"], torch.full((1, 2), 1.0))
-    states = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(9)}]
+    states = [
+        {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)},
+        {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(9)},
+    ]
     avg = average_state_dicts(states)
     assert torch.equal(avg["w"], torch.tensor([2.0, 4.0])) and int(avg["n"]) == 3
 
@@ -338,9 +384,13 @@ def test_swa_averages_the_k_best_epochs(synthetic_dir, folds_csv, tmp_path, monk
         if value.is_floating_point():
             torch.testing.assert_close(value, (seen[best_two[0]][key] + seen[best_two[1]][key]) / 2, rtol=0, atol=1e-7)
     assert not torch.equal(swa["model"]["heads.0.net.3.weight"], seen[best_two[0]]["heads.0.net.3.weight"])
-    assert result.swa_metric == pytest.approx(swa["val_metric"]) and swa["val_metric"] == pytest.approx(val_score(tmp_path / "swa.pt", val), abs=1e-4)
+    assert result.swa_metric == pytest.approx(swa["val_metric"]) and swa["val_metric"] == pytest.approx(
+        val_score(tmp_path / "swa.pt", val), abs=1e-4
+    )
     best = torch.load(tmp_path / "best.pt", weights_only=True)
-    if result.swa_metric >= metrics["weighted_r2"].max():  # the average replaces best.pt only when it scores at least as well
+    if (
+        result.swa_metric >= metrics["weighted_r2"].max()
+    ):  # the average replaces best.pt only when it scores at least as well
         assert best.get("swa_epochs") == best_two and result.best_metric == pytest.approx(result.swa_metric)
     else:
         assert "swa_epochs" not in best and best["val_metric"] == pytest.approx(metrics["weighted_r2"].max())
@@ -365,12 +415,30 @@ def _ce(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def test_aux_heads_add_hand_computed_loss_terms_and_leave_targets_alone(synthetic_dir, folds_csv):
     base_cfg = config(synthetic_dir, folds_csv, *NO_AUX, "--no-use-aux-heads")
-    aux_cfg = config(synthetic_dir, folds_csv, *NO_AUX, "--no-use-aux-heads", "--aux-ndvi-weight", "0.3",
-                     "--aux-height-weight", "0.2", "--aux-bins", "4", "--aux-bins-weight", "0.5")
+    aux_cfg = config(
+        synthetic_dir,
+        folds_csv,
+        *NO_AUX,
+        "--no-use-aux-heads",
+        "--aux-ndvi-weight",
+        "0.3",
+        "--aux-height-weight",
+        "0.2",
+        "--aux-bins",
+        "4",
+        "--aux-bins-weight",
+        "0.5",
+    )
     base, aux = model_of(base_cfg).eval(), model_of(aux_cfg, seed=1).eval()
     missing, _ = aux.load_state_dict(base.state_dict(), strict=False)
-    assert sorted(missing) == ["aux_bin_head.bias", "aux_bin_head.weight", "aux_regression.height.bias",
-                               "aux_regression.height.weight", "aux_regression.ndvi.bias", "aux_regression.ndvi.weight"]
+    assert sorted(missing) == [
+        "aux_bin_head.bias",
+        "aux_bin_head.weight",
+        "aux_regression.height.bias",
+        "aux_regression.height.weight",
+        "aux_regression.ndvi.bias",
+        "aux_regression.ndvi.weight",
+    ]
     batch = feature_batch(base)
     with torch.no_grad():
         out_base = base(batch["left"], batch["right"], features=True)
@@ -382,7 +450,9 @@ def test_aux_heads_add_hand_computed_loss_terms_and_leave_targets_alone(syntheti
         lam, perm = 0.3, torch.tensor([1, 2, 3, 4, 5, 0])
         loss_mix = float(training.batch_loss(aux, batch, aux_cfg, CPU, True, (lam, perm)))
         loss_base_mix = float(training.batch_loss(base, batch, base_cfg, CPU, True, (lam, perm)))
-    assert loss_base == pytest.approx(float(target_loss(out_base["targets"], batch["targets"], TARGET_WEIGHTS)), rel=1e-6)
+    assert loss_base == pytest.approx(
+        float(target_loss(out_base["targets"], batch["targets"], TARGET_WEIGHTS)), rel=1e-6
+    )
 
     def mse(pred, label):
         keep = np.isfinite(label)
@@ -412,7 +482,9 @@ def test_aux_bins_labels_come_from_the_training_fold_and_edges_are_saved(synthet
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     np.testing.assert_allclose(best["target_stats"]["bin_edges"], edges)
     assert best["model"]["aux_bin_head.weight"].shape == (15, cfg.model.fusion_dim)
-    predictor = Predictor(tmp_path / "best.pt", tta="none")  # inference rebuilds the head from the config and ignores it
+    predictor = Predictor(
+        tmp_path / "best.pt", tta="none"
+    )  # inference rebuilds the head from the config and ignores it
     assert predictor.model.cfg.aux_bins == 3
     for bad in ("1", "-2"):
         with pytest.raises(BiomassError, match="needs at least 2 bins"):
@@ -466,16 +538,53 @@ def test_bad_option_values_fail_when_the_config_is_resolved(synthetic_dir, folds
 
 # ---- DINOv3 (patch 16) and grid 1x1, end to end ----------------------------------------------------------------------
 def test_tiny_dinov3_preset_end_to_end_through_train_and_infer(synthetic_dir, folds_csv, tmp_path):
-    flags = ["--preset", "tiny-dinov3", "--tile-size", "32", "--epochs", "2", "--freeze-epochs", "1", "--batch-size", "8", "--seed", "0"]
-    run_script("train.py", "--fold", "0", "--data-dir", str(synthetic_dir), "--folds", str(folds_csv), "--out-dir", str(tmp_path),
-               "--exp", "v3", *flags, env=ONE_THREAD)
+    flags = [
+        "--preset",
+        "tiny-dinov3",
+        "--tile-size",
+        "32",
+        "--epochs",
+        "2",
+        "--freeze-epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--seed",
+        "0",
+    ]
+    run_script(
+        "train.py",
+        "--fold",
+        "0",
+        "--data-dir",
+        str(synthetic_dir),
+        "--folds",
+        str(folds_csv),
+        "--out-dir",
+        str(tmp_path),
+        "--exp",
+        "v3",
+        *flags,
+        env=ONE_THREAD,
+    )
     run_dir = tmp_path / "v3" / "grid2x2" / "fold0"
     predictor = Predictor(run_dir / "best.pt", tta="none")
     assert predictor.cfg.model.backbone == "vit_small_patch16_dinov3" and predictor.model.patch == 16
     assert predictor.model.tile_size == 32 and predictor.model.backbone.num_prefix_tokens == 5
     assert np.isfinite(pd.read_csv(run_dir / "metrics.csv")["weighted_r2"]).all()
     out = tmp_path / "submission.csv"
-    run_script("infer.py", "--checkpoints", str(tmp_path / "v3"), "--data-dir", str(synthetic_dir), "--out", str(out), "--tta", "flip", env=ONE_THREAD)
+    run_script(
+        "infer.py",
+        "--checkpoints",
+        str(tmp_path / "v3"),
+        "--data-dir",
+        str(synthetic_dir),
+        "--out",
+        str(out),
+        "--tta",
+        "flip",
+        env=ONE_THREAD,
+    )
     sub = pd.read_csv(out)
     assert len(sub) == 6 * 5 and np.isfinite(sub["target"]).all() and (sub["target"] >= 0).all()
     # 28 px is a multiple of 14 but not of the patch 16 read from the model: refused, naming the fix
@@ -497,18 +606,65 @@ def test_dinov3_gradient_checkpointing_keeps_the_gradients(synthetic_dir, folds_
 
 def test_grid_1x1_top_private_bundle_end_to_end(synthetic_dir, folds_csv, tmp_path):
     """Raw space, three-head derivation, EMA, NDVI/height aux, grid 1x1: train.py's and infer.py's own main()."""
-    flags = [*TINY_FLAGS, "--grid", "1", "1", "--target-space", "raw", "--heads", "green-dead-clover", "--ema-decay", "0.5",
-             "--aux-ndvi-weight", "0.1", "--aux-height-weight", "0.1"]
-    assert train_script.main(["--fold", "0", "--data-dir", str(synthetic_dir), "--folds", str(folds_csv), "--out-dir", str(tmp_path),
-                              "--exp", "bundle", *flags]) == 0
+    flags = [
+        *TINY_FLAGS,
+        "--grid",
+        "1",
+        "1",
+        "--target-space",
+        "raw",
+        "--heads",
+        "green-dead-clover",
+        "--ema-decay",
+        "0.5",
+        "--aux-ndvi-weight",
+        "0.1",
+        "--aux-height-weight",
+        "0.1",
+    ]
+    assert (
+        train_script.main(
+            [
+                "--fold",
+                "0",
+                "--data-dir",
+                str(synthetic_dir),
+                "--folds",
+                str(folds_csv),
+                "--out-dir",
+                str(tmp_path),
+                "--exp",
+                "bundle",
+                *flags,
+            ]
+        )
+        == 0
+    )
     best = tmp_path / "bundle" / "grid1x1" / "fold0" / "best.pt"
     predictor = Predictor(best, tta="none")
     assert predictor.grid == (1, 1) and predictor.view_size == (28, 28)
     assert {"film_from_left", "aux_regression"} <= {n.split(".")[0] for n, _ in predictor.model.named_parameters()}
     out = tmp_path / "sub.csv"
-    assert _script("infer").main(["--checkpoints", str(tmp_path / "bundle"), "--data-dir", str(synthetic_dir), "--out", str(out),
-                                  "--physics", "none", "--tta", "none"]) == 0
-    wide = pd.read_csv(out).assign(image=lambda d: d["sample_id"].str.split("__").str[0], t=lambda d: d["sample_id"].str.split("__").str[1])
+    assert (
+        _script("infer").main(
+            [
+                "--checkpoints",
+                str(tmp_path / "bundle"),
+                "--data-dir",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--physics",
+                "none",
+                "--tta",
+                "none",
+            ]
+        )
+        == 0
+    )
+    wide = pd.read_csv(out).assign(
+        image=lambda d: d["sample_id"].str.split("__").str[0], t=lambda d: d["sample_id"].str.split("__").str[1]
+    )
     grams = wide.pivot(index="image", columns="t", values="target")[list(TARGETS)].to_numpy()
     assert grams.shape == (6, 5) and (grams >= 0).all()
     # with --physics none the identities hold from the heads alone (to 4 decimals of the written file)
@@ -521,8 +677,21 @@ def test_ablation_quick_writes_table_and_csv(synthetic_dir, folds_csv, tmp_path)
     from bench import ablate
 
     doc, csv = tmp_path / "ABLATION.md", tmp_path / "ablation.csv"
-    ablate.main(["--quick", "--data-dir", str(synthetic_dir), "--folds", str(folds_csv), "--out-dir", str(tmp_path / "ck"),
-                 "--doc", str(doc), "--csv", str(csv)])
+    ablate.main(
+        [
+            "--quick",
+            "--data-dir",
+            str(synthetic_dir),
+            "--folds",
+            str(folds_csv),
+            "--out-dir",
+            str(tmp_path / "ck"),
+            "--doc",
+            str(doc),
+            "--csv",
+            str(csv),
+        ]
+    )
     table = pd.read_csv(csv)
     assert set(table["experiment"]) == {"default", "top-private"}
     assert table.loc[table["baseline"], "experiment"].tolist() == ["default"]

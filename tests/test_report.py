@@ -74,7 +74,9 @@ def test_per_fold_metric_equals_hand_computed(reported: Path, exp_copy: Path):
 
 def test_breakdown_rows_sum_to_oof_images(reported: Path, exp_copy: Path):
     breakdown = pd.read_csv(reported / "breakdown.csv")
-    images = pd.concat([pd.read_csv(r.path / "oof.csv", dtype={"image_id": str}) for r in load_runs(exp_copy)])["image_id"].nunique()
+    images = pd.concat([pd.read_csv(r.path / "oof.csv", dtype={"image_id": str}) for r in load_runs(exp_copy)])[
+        "image_id"
+    ].nunique()
     assert set(breakdown["by"]) == {"State", "month", "Species group"}
     for _, part in breakdown.groupby("by"):
         assert part["images"].sum() == images
@@ -88,8 +90,10 @@ def test_report_without_data_skips_breakdowns_and_uses_ensemble_report(exp_copy:
         cfg = yaml.safe_load(cfg_path.read_text())
         cfg["data"]["data_dir"] = str(tmp_path / "gone")
         cfg_path.write_text(yaml.safe_dump(cfg))
-    rows = [{"tta": t, "physics": p, "images": 10, "weighted_r2": v, **{f"r2_{n}": v for n in TARGETS}}
-            for t, p, v in (("full", "project", 0.5), ("none", "none", 0.6))]
+    rows = [
+        {"tta": t, "physics": p, "images": 10, "weighted_r2": v, **{f"r2_{n}": v for n in TARGETS}}
+        for t, p, v in (("full", "project", 0.5), ("none", "none", 0.6))
+    ]
     pd.DataFrame(rows).to_csv(exp / "oof_report.csv", index=False)
     text = make_report(exp, show=False).read_text()
     assert "Breakdowns skipped" in text and not (exp / "report" / "breakdown.csv").exists()
@@ -111,8 +115,10 @@ def test_compare_sorts_and_deltas(exp_copy: Path, tmp_path: Path):
     table = pd.read_csv(out / "compare.csv")
     assert list(table["experiment"]) == ["tiny", "worse"]  # sorted by the metric, best first
     assert table["weighted_r2"].is_monotonic_decreasing
-    pooled = {e: weighted_r2_by_hand(pd.concat([pd.read_csv(p) for p in sorted(d.glob("grid*/fold*/oof.csv"))]))
-              for e, d in (("tiny", exp_copy), ("worse", worse))}
+    pooled = {
+        e: weighted_r2_by_hand(pd.concat([pd.read_csv(p) for p in sorted(d.glob("grid*/fold*/oof.csv"))]))
+        for e, d in (("tiny", exp_copy), ("worse", worse))
+    }
     for _, row in table.iterrows():
         assert abs(row["weighted_r2"] - pooled[row["experiment"]]) < 1e-6
         assert abs(row["delta"] - (pooled[row["experiment"]] - pooled["worse"])) < 1e-9

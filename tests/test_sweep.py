@@ -14,7 +14,20 @@ from src.errors import BiomassError
 
 def base_args(synthetic_dir: Path, folds_csv: Path, out: Path, *extra: str) -> list[str]:
     flags = [f for f in TINY_FLAGS if f not in ("--epochs", "2", "--freeze-epochs", "1")]
-    return ["--exp", "sw", "--out-dir", str(out), "--data-dir", str(synthetic_dir), "--folds", str(folds_csv), *flags, "--epochs", "1", *extra]
+    return [
+        "--exp",
+        "sw",
+        "--out-dir",
+        str(out),
+        "--data-dir",
+        str(synthetic_dir),
+        "--folds",
+        str(folds_csv),
+        *flags,
+        "--epochs",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.fixture()
@@ -77,7 +90,20 @@ def test_sweep_run_equals_plain_fit(synthetic_dir, folds_csv, tmp_path):
 
 
 def test_flags_and_ids():
-    args = sweep.parse_args(["--exp", "x", "--preset", "tiny", "--epochs", "4", "--target-weights", *"1 1 1 1 1 .1 .1 .1 .2 .5".split(), "--lr", "1e-3"])
+    args = sweep.parse_args(
+        [
+            "--exp",
+            "x",
+            "--preset",
+            "tiny",
+            "--epochs",
+            "4",
+            "--target-weights",
+            *"1 1 1 1 1 .1 .1 .1 .2 .5".split(),
+            "--lr",
+            "1e-3",
+        ]
+    )
     base = sweep.base_config(args)
     assert base.train.epochs == base.train.freeze_epochs == 4
     grid = sweep.grid_from_args(args)
@@ -100,7 +126,14 @@ def test_flags_and_ids():
     assert sweep.run_id_of(newer) != sweep.run_id_of(plain)
     real_to_dict = Config.to_dict
     with pytest.MonkeyPatch.context() as mp:  # as if `aug_artifacts` did not exist yet when the run was made
-        mp.setattr(Config, "to_dict", lambda self: {**real_to_dict(self), "data": {k: v for k, v in real_to_dict(self)["data"].items() if k != "aug_artifacts"}})
+        mp.setattr(
+            Config,
+            "to_dict",
+            lambda self: {
+                **real_to_dict(self),
+                "data": {k: v for k, v in real_to_dict(self)["data"].items() if k != "aug_artifacts"},
+            },
+        )
         before = sweep.run_id_of(plain)
     assert before == sweep.run_id_of(plain)
     default = sweep.base_config(sweep.parse_args(["--exp", "x", "--preset", "tiny"]))

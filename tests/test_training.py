@@ -60,7 +60,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on 2 sh
 
 def tiny_config(synthetic_dir: Path, folds_csv: Path, *extra: str, fold: int = EVEN_FOLD):
     """The config train.py builds from TINY_FLAGS (+ extra flags), through the real parser."""
-    argv = ["--fold", str(fold), *TINY_FLAGS, "--data-dir", str(synthetic_dir), "--folds", str(folds_csv), "--device", "cpu", *extra]
+    argv = [
+        "--fold",
+        str(fold),
+        *TINY_FLAGS,
+        "--data-dir",
+        str(synthetic_dir),
+        "--folds",
+        str(folds_csv),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return resolve_config(train_script.parse_args(argv))
 
 
@@ -127,7 +138,9 @@ def test_fold_dir_contents(trained_exp: Path, folds_csv: Path, grid: str, fold: 
 
 
 @pytest.mark.parametrize("grid,fold", FOLD_DIRS)
-def test_reloaded_best_checkpoint_reproduces_val_metric(trained_exp: Path, synthetic_dir: Path, folds_csv: Path, grid: str, fold: int):
+def test_reloaded_best_checkpoint_reproduces_val_metric(
+    trained_exp: Path, synthetic_dir: Path, folds_csv: Path, grid: str, fold: int
+):
     """argus test_pipeline: the inference path on the held-out images scores what training recorded."""
     run_dir = trained_exp / grid / f"fold{fold}"
     predictor = Predictor(run_dir / "best.pt", "cpu", tta="none")
@@ -143,8 +156,23 @@ def test_existing_fold_dir_needs_resume_or_overwrite(trained_exp: Path, syntheti
     run_dir = trained_exp / "grid2x2" / "fold0"
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     proc = run_script(
-        "train.py", "--fold", "0", "--grid", "2", "2", "--data-dir", str(synthetic_dir), "--folds", str(folds_csv),
-        "--out-dir", str(trained_exp.parent), "--exp", trained_exp.name, *TINY_FLAGS, check=False, env=ONE_THREAD,
+        "train.py",
+        "--fold",
+        "0",
+        "--grid",
+        "2",
+        "2",
+        "--data-dir",
+        str(synthetic_dir),
+        "--folds",
+        str(folds_csv),
+        "--out-dir",
+        str(trained_exp.parent),
+        "--exp",
+        trained_exp.name,
+        *TINY_FLAGS,
+        check=False,
+        env=ONE_THREAD,
     )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -156,8 +184,14 @@ def test_existing_fold_dir_needs_resume_or_overwrite(trained_exp: Path, syntheti
 def _bad_inputs(tmp_path: Path, synthetic_dir: Path, folds_csv: Path) -> dict[str, tuple[list[str], str]]:
     base = ["--data-dir", str(synthetic_dir), "--folds", str(folds_csv)]
     return {
-        "missing data dir": (["--fold", "0", "--data-dir", str(tmp_path / "no_data"), "--folds", str(folds_csv)], str(tmp_path / "no_data")),
-        "missing folds file": (["--fold", "0", "--data-dir", str(synthetic_dir), "--folds", str(tmp_path / "no_folds.csv")], "no_folds.csv"),
+        "missing data dir": (
+            ["--fold", "0", "--data-dir", str(tmp_path / "no_data"), "--folds", str(folds_csv)],
+            str(tmp_path / "no_data"),
+        ),
+        "missing folds file": (
+            ["--fold", "0", "--data-dir", str(synthetic_dir), "--folds", str(tmp_path / "no_folds.csv")],
+            "no_folds.csv",
+        ),
         "fold out of range": (["--fold", "7", *base], "fold 7"),
         "unknown backbone": (["--fold", "0", *base, "--backbone", "not_a_vit_at_all"], "not_a_vit_at_all"),
     }
@@ -206,7 +240,9 @@ def uninterrupted(synthetic_dir: Path, folds_csv: Path, tmp_path_factory) -> Pat
 
 
 @pytest.mark.parametrize("crash_epoch", [1, 2], ids=["at-stage-boundary", "mid-stage-2"])
-def test_resume_after_crash_matches_uninterrupted(uninterrupted: Path, synthetic_dir, folds_csv, tmp_path, monkeypatch, crash_epoch):
+def test_resume_after_crash_matches_uninterrupted(
+    uninterrupted: Path, synthetic_dir, folds_csv, tmp_path, monkeypatch, crash_epoch
+):
     """Crash at the start of `crash_epoch`, resume from last.pt: same weights as the uninterrupted run.
 
     Crashing in stage 2 also restores the optimizer and scheduler; crashing at epoch 1 rebuilds stage 2.
@@ -242,14 +278,30 @@ def test_resume_after_sigkill(synthetic_dir: Path, folds_csv: Path, tmp_path: Pa
     """Kill -9 a real train.py after its first epoch, --resume it: same last.pt as an uninterrupted run."""
     epochs = 5
     args = [
-        "train.py", "--fold", str(EVEN_FOLD), "--data-dir", str(synthetic_dir), "--folds", str(folds_csv), "--exp", "kill",
-        *TINY_FLAGS, "--epochs", str(epochs), "--patience", "0", "--device", "cpu",
+        "train.py",
+        "--fold",
+        str(EVEN_FOLD),
+        "--data-dir",
+        str(synthetic_dir),
+        "--folds",
+        str(folds_csv),
+        "--exp",
+        "kill",
+        *TINY_FLAGS,
+        "--epochs",
+        str(epochs),
+        "--patience",
+        "0",
+        "--device",
+        "cpu",
     ]
     env = {**os.environ, **ONE_THREAD}
     victim = tmp_path / "victim"
     fold_dir = victim / "kill" / "grid2x2" / f"fold{EVEN_FOLD}"
     with open(tmp_path / "victim.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, *args, "--out-dir", str(victim)], cwd=REPO, stdout=log, stderr=log, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, *args, "--out-dir", str(victim)], cwd=REPO, stdout=log, stderr=log, env=env
+        )
         try:
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None:
@@ -257,7 +309,10 @@ def test_resume_after_sigkill(synthetic_dir: Path, folds_csv: Path, tmp_path: Pa
                 if (fold_dir / "last.pt").is_file() and metrics.is_file() and len(pd.read_csv(metrics)) >= 1:
                     break
                 time.sleep(0.02)
-            assert proc.poll() is None, f"train.py ended (rc {proc.returncode}) before it could be killed:\n" + (tmp_path / "victim.log").read_text()[-2000:]
+            assert proc.poll() is None, (
+                f"train.py ended (rc {proc.returncode}) before it could be killed:\n"
+                + (tmp_path / "victim.log").read_text()[-2000:]
+            )
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             if proc.poll() is None:
@@ -286,13 +341,38 @@ def test_ddp_two_ranks_match_single_process(synthetic_dir: Path, folds_csv: Path
     (the last one 1 + 1 images), so each step's gradient equals the single-process one.
     """
     common = [
-        "train.py", "--fold", str(EVEN_FOLD), "--data-dir", str(synthetic_dir), "--folds", str(folds_csv), "--exp", "ddp",
-        *TINY_FLAGS, "--mixup-prob", "0", "--augment", "none", "--stereo-swap-prob", "0", "--device", "cpu",
+        "train.py",
+        "--fold",
+        str(EVEN_FOLD),
+        "--data-dir",
+        str(synthetic_dir),
+        "--folds",
+        str(folds_csv),
+        "--exp",
+        "ddp",
+        *TINY_FLAGS,
+        "--mixup-prob",
+        "0",
+        "--augment",
+        "none",
+        "--stereo-swap-prob",
+        "0",
+        "--device",
+        "cpu",
     ]
     run_script(*common, "--out-dir", str(tmp_path / "single"), "--batch-size", "8", env=ONE_THREAD)
     run_script(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        *common, "--out-dir", str(tmp_path / "ddp"), "--batch-size", "4", env=ONE_THREAD,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *common,
+        "--out-dir",
+        str(tmp_path / "ddp"),
+        "--batch-size",
+        "4",
+        env=ONE_THREAD,
     )
     single = tmp_path / "single" / "ddp" / "grid2x2" / f"fold{EVEN_FOLD}"
     ddp = tmp_path / "ddp" / "ddp" / "grid2x2" / f"fold{EVEN_FOLD}"
@@ -302,7 +382,9 @@ def test_ddp_two_ranks_match_single_process(synthetic_dir: Path, folds_csv: Path
     a, b = weights_of(ddp / "last.pt"), weights_of(single / "last.pt")
     assert_same_weights(a, b, 1e-3)
     diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
-    assert float(torch.quantile(diffs, 0.99)) <= 1e-5, f"99th percentile weight difference {float(torch.quantile(diffs, 0.99)):.2e}"
+    assert float(torch.quantile(diffs, 0.99)) <= 1e-5, (
+        f"99th percentile weight difference {float(torch.quantile(diffs, 0.99)):.2e}"
+    )
     ours, ref = pd.read_csv(ddp / "metrics.csv"), pd.read_csv(single / "metrics.csv")
     assert list(ours["epoch"]) == list(ref["epoch"]) == [0, 1]
     np.testing.assert_allclose(ours["weighted_r2"], ref["weighted_r2"], atol=1e-3)
@@ -320,7 +402,9 @@ def test_cached_and_uncached_stage1_first_step_agree(synthetic_dir: Path, folds_
     feats = compute_feature_cache(model, frame, cfg, CPU, variants=FLIP_VARIANTS[:1], show=False)
     assert feats.shape == (8, 1, 2, 4, model.feature_dim)
     cached = next(iter(torch.utils.data.DataLoader(FeatureCacheDataset(feats, frame, 0.0, 0), batch_size=8)))
-    eval_views = ViewPairDataset(frame, model.view_size, build_transform(model.view_size, train=False), 0.0, cfg.data.jpeg_reduce)
+    eval_views = ViewPairDataset(
+        frame, model.view_size, build_transform(model.view_size, train=False), 0.0, cfg.data.jpeg_reduce
+    )
     images = next(iter(torch.utils.data.DataLoader(eval_views, batch_size=8)))
     assert torch.equal(cached["targets"], images["targets"])
 
@@ -386,7 +470,9 @@ def test_mixup_uses_one_lambda_and_permutation_for_views_and_targets():
     # dyadic values: the identities hold bit for bit after mixing
     t = out["targets"]
     assert torch.equal(t[:, 3], t[:, 0] + t[:, 2]) and torch.equal(t[:, 4], t[:, 0] + t[:, 1] + t[:, 2])
-    assert torch.equal(out["state"], batch["state"]) and torch.equal(batch["left"], left)  # labels kept, input untouched
+    assert torch.equal(out["state"], batch["state"]) and torch.equal(
+        batch["left"], left
+    )  # labels kept, input untouched
 
     # float (cached feature) views are mixed as they are; random grams keep the identities to rounding
     gen = torch.Generator().manual_seed(0)
@@ -512,7 +598,7 @@ def test_consecutive_non_finite_losses_stop_the_run(synthetic_dir: Path, folds_c
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns that CUDA autocast is off on a CPU-only machine
 def test_autocast_dtype_per_gpu_generation(monkeypatch):
-    """fp16 for inference on a T4/P100 (bf16 only emulated there), bf16 for training (no loss scaling), bf16 on Ampere+."""
+    """fp16 inference on a T4/P100 (bf16 only emulated there), bf16 training (no loss scaling), bf16 on Ampere+."""
     from src.runtime import autocast
 
     cuda = torch.device("cuda")

@@ -9,7 +9,7 @@ cache seconds come from the sweep.csv it writes. The data is the demo's: 240 syn
 into the bench cache unless --data-dir / --folds point at existing ones.
 Bar (issue 10): the 27-run sweep finishes in minutes on 2 cores (here: under 10 minutes of wall time).
 
-    python bench/sweep.py [--quick] [--epochs 10] [--data-dir DIR --folds CSV]
+    python bench/sweep_speed.py [--quick] [--epochs 10] [--data-dir DIR --folds CSV]
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the repo root (not bench/) on the import path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd  # noqa: E402
+
 from bench import common  # noqa: E402
+from src.data import load_train  # noqa: E402
+from src.folds import make_folds, save_folds  # noqa: E402
 
 BAR_S = 600.0  # "finishes in minutes": under 10 minutes of wall time
 IMAGE_SIZE = (1000, 500)  # the demo data size
@@ -36,8 +40,6 @@ HEADER = re.compile(r"(\d+) run\(s\) x (\d+) fold\(s\) = (\d+); (\d+) already in
 
 def demo_data(n_images: int, size: tuple[int, int], n_folds: int, fold_seed: int) -> tuple[Path, Path]:
     """The synthetic train set (common.synthetic_dataset) and its group_month folds CSV, made once."""
-    from src.data import load_train
-    from src.folds import make_folds, save_folds
 
     data = common.synthetic_dataset(n_images, size, seed=0)
     folds = data / f"folds_group_month_{n_folds}_s{fold_seed}.csv"
@@ -64,12 +66,15 @@ def run_sweep(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import pandas as pd
 
     p = common.parser(__doc__.splitlines()[0], repeats=1)
-    p.add_argument("--epochs", type=int, default=10, help="frozen-stage epochs per run (default 10; the tiny preset's own is 1)")
+    p.add_argument(
+        "--epochs", type=int, default=10, help="frozen-stage epochs per run (default 10; the tiny preset's own is 1)"
+    )
     p.add_argument("--fold", default="0", help="sweep.py --fold (default 0)")
-    p.add_argument("--data-dir", default=None, help="existing competition-layout data (default: generate the demo's 240 images)")
+    p.add_argument(
+        "--data-dir", default=None, help="existing competition-layout data (default: generate the demo's 240 images)"
+    )
     p.add_argument("--folds", default=None, help="folds CSV of --data-dir (required with it)")
     args = p.parse_args(argv)
     common.setup(args)
@@ -87,20 +92,44 @@ def main(argv: list[str] | None = None) -> dict:
         n_runs *= len(values)
     swept = [x for flag, values in grid.items() for x in (flag, *values)]
     with tempfile.TemporaryDirectory() as tmp:
-        sweep_argv = ["--exp", "sweep_bench", "--out-dir", tmp, "--preset", "tiny", "--fold", args.fold, "--data-dir", str(data),
-                      "--folds", str(folds), "--epochs", str(epochs), "--num-workers", "0", *extra, *swept]
+        sweep_argv = [
+            "--exp",
+            "sweep_bench",
+            "--out-dir",
+            tmp,
+            "--preset",
+            "tiny",
+            "--fold",
+            args.fold,
+            "--data-dir",
+            str(data),
+            "--folds",
+            str(folds),
+            "--epochs",
+            str(epochs),
+            "--num-workers",
+            "0",
+            *extra,
+            *swept,
+        ]
         first = run_sweep(sweep_argv)
         again = run_sweep(sweep_argv)  # resume: every (run, fold) is in sweep.csv
         rows = pd.read_csv(Path(tmp) / "sweep_bench" / "sweep.csv", dtype={"run_id": str})
         table_md = (Path(tmp) / "sweep_bench" / "sweep.md").read_text()
     if first["runs"] != n_runs or first["skipped"] != 0 or len(rows) != first["total"]:
-        raise RuntimeError(f"expected {n_runs} new runs, got {first['runs']} ({first['skipped']} skipped), {len(rows)} rows")
+        raise RuntimeError(
+            f"expected {n_runs} new runs, got {first['runs']} ({first['skipped']} skipped), {len(rows)} rows"
+        )
     if again["skipped"] != again["total"]:
         raise RuntimeError(f"resume re-ran runs: {again['skipped']} of {again['total']} skipped")
     cache_s = float(rows.groupby("fold")["cache_seconds"].first().sum())
     run_s = rows["seconds"].astype(float)
     overhead = first["wall"] - cache_s - float(run_s.sum())
-    n_train = first["output"].split("feature cache of ", 1)[1].split(" train")[0] if "feature cache of " in first["output"] else "?"
+    n_train = (
+        first["output"].split("feature cache of ", 1)[1].split(" train")[0]
+        if "feature cache of " in first["output"]
+        else "?"
+    )
     best = rows.sort_values("weighted_r2", ascending=False).iloc[0]
     # the same product without the shared cache: every run builds its own cache (train.py's stage 1) and
     # pays the process start; derived from this run's figures, not measured
@@ -108,18 +137,31 @@ def main(argv: list[str] | None = None) -> dict:
     naive = first["total"] * (cache_s / first["folds"] + float(run_s.median()) + per_process)
     values_text = "; ".join(f"{flag[2:]} {' '.join(v)}" for flag, v in grid.items())
     table_rows = [
-        {"step": f"python sweep.py: {first['runs']} runs x {first['folds']} fold ({values_text}), {epochs} epochs each",
-         "wall s": f"{first['wall']:.1f}", "detail": f"feature cache {cache_s:.1f} s ({n_train} train images x 4 flips + val); "
-         f"runs {run_s.sum():.1f} s (median {run_s.median():.2f}, min {run_s.min():.2f}, max {run_s.max():.2f} s per run); "
-         f"rest (imports, data check, table) {overhead:.1f} s"},
-        {"step": "the same command again (resume)", "wall s": f"{again['wall']:.1f}",
-         "detail": f"{again['skipped']} of {again['total']} (run, fold) already in sweep.csv: nothing trained"},
-        {"step": "without the shared cache (derived, not run)", "wall s": f"{naive:.0f}",
-         "detail": f"{first['total']} x (cache {cache_s / first['folds']:.1f} + run {run_s.median():.2f} + process {per_process:.1f} s)"},
+        {
+            "step": f"python sweep.py: {first['runs']} runs x {first['folds']} fold ({values_text}), {epochs} "
+            "epochs each",
+            "wall s": f"{first['wall']:.1f}",
+            "detail": f"feature cache {cache_s:.1f} s ({n_train} train images x 4 flips + val); "
+            f"runs {run_s.sum():.1f} s (median {run_s.median():.2f}, min {run_s.min():.2f}, max "
+            f"{run_s.max():.2f} s per run); "
+            f"rest (imports, data check, table) {overhead:.1f} s",
+        },
+        {
+            "step": "the same command again (resume)",
+            "wall s": f"{again['wall']:.1f}",
+            "detail": f"{again['skipped']} of {again['total']} (run, fold) already in sweep.csv: nothing trained",
+        },
+        {
+            "step": "without the shared cache (derived, not run)",
+            "wall s": f"{naive:.0f}",
+            "detail": f"{first['total']} x (cache {cache_s / first['folds']:.1f} + run {run_s.median():.2f} + "
+            "process {per_process:.1f} s)",
+        },
     ]
     lines = [
         f"Tiny preset frozen stage (`--preset tiny --epochs {epochs}`: epochs = freeze_epochs), fold {args.fold} of "
-        f"`{folds.name}`, data `{data.name}` ({'given' if args.data_dir else 'generated by the bench'}), num_workers 0, CPU, "
+        f"`{folds.name}`, data `{data.name}` ({'given' if args.data_dir else 'generated by the bench'}), "
+        "num_workers 0, CPU, "
         "one child process per command; seconds per run and of the cache from the sweep.csv it wrote. "
         f"Command: `python sweep.py {' '.join(a if a != tmp else '<tmp>' for a in sweep_argv)}`.",
         "",
@@ -134,11 +176,16 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         "</details>",
         "",
-        "- " + common.bar_line(
+        "- "
+        + common.bar_line(
             f"{first['total']}-run sweep in {first['wall']:.0f} s = {first['wall'] / 60:.1f} min wall on this machine "
-            f"(bar: minutes, < {BAR_S / 60:.0f} min); resume of the finished sweep {again['wall']:.1f} s", first["wall"] < BAR_S),
+            f"(bar: minutes, < {BAR_S / 60:.0f} min); resume of the finished sweep {again['wall']:.1f} s",
+            first["wall"] < BAR_S,
+        ),
     ]
-    common.report(args, argv, f"Sweep: {first['total']}-run tiny-preset sweep on one feature cache", "\n".join(lines), info)
+    common.report(
+        args, argv, f"Sweep: {first['total']}-run tiny-preset sweep on one feature cache", "\n".join(lines), info
+    )
     return {"first": first, "again": again, "rows": rows}
 
 
