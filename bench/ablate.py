@@ -34,10 +34,10 @@ from src.errors import BiomassError  # noqa: E402
 from src.folds import load_folds  # noqa: E402
 from src.io_utils import write_csv_atomic, write_text_atomic  # noqa: E402
 from src.report import (  # noqa: E402
-    compare_table,  # noqa: E402
+    compare_table,
     load_runs,
     oof_score,
-    to_markdown,  # noqa: E402
+    to_markdown,
 )
 from src.schema import SHORT_NAMES, TARGETS  # noqa: E402
 from src.training import train_fold  # noqa: E402

@@ -27,14 +27,14 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from bench.backbone_flops import analytic_vit_flops, build_encoder, encoder_throughput  # noqa: E402
 from src.data import jpeg_reduce_factor  # noqa: E402
-from src.dataset import (
-    MultiSizeViewDataset,  # noqa: E402
-    ViewPairDataset,  # noqa: E402
+from src.dataset import (  # noqa: E402
+    MultiSizeViewDataset,
+    ViewPairDataset,
 )
 from src.losses import target_loss  # noqa: E402
-from src.model import (
-    build_model,  # noqa: E402
-    tile_views,  # noqa: E402
+from src.model import (  # noqa: E402
+    build_model,
+    tile_views,
 )
 from src.transforms import build_transform  # noqa: E402
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model_rows = [
         {
             "model": f"{name} (batch {tiny_batch}, view {tiny_model.view_size[0]}, "
-            "{'1 thread' if '1 thread' in name else f'{threads} threads'})",
+            f"{'1 thread' if '1 thread' in name else f'{threads} threads'})",
             "images/s": f"{tiny_batch / common.median(v):.1f}",
             "source": "measured: " + common.spread(v),
         }

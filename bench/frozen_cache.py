@@ -26,9 +26,9 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from src.feature_cache import compute_feature_cache  # noqa: E402
-from src.model import (
-    FLIP_VARIANTS,  # noqa: E402
-    build_model,  # noqa: E402
+from src.model import (  # noqa: E402
+    FLIP_VARIANTS,
+    build_model,
 )
 from src.runtime import seed_everything  # noqa: E402
 from src.training import fit  # noqa: E402

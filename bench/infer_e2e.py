@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [
         {
             "run": f"python infer.py, {models} models ({folds} folds x {len(grids)} grids), tta full, "
-            "{precision}, device cpu",
+            f"{precision}, device cpu",
             "images": n,
             "wall s": f"{run['wall']:.1f}",
             "of which predicting s": f"{run['predict']:.1f}",
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "precision": mode,
                     "images": args.test_images,
                     "arithmetic": f"{fixed:.0f} s fixed + {args.test_images} x {flops_image / 1e12:.4g} TFLOP "
-                    "= {total_flops / 1e15:.4g} PFLOP "
+                    f"= {total_flops / 1e15:.4g} PFLOP "
                     f"/ ({peak / 1e12:.1f} TFLOP/s x {share:.0%}) = {compute:.0f} s + host {args.test_images} x "
                     f"{host:.3f} s",
                     "seconds": f"{total:.0f}",

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file: put the repo root (not bench/) o
 import pandas as pd  # noqa: E402
 
 from bench import common  # noqa: E402
-from src.config import PRESETS, Config, InferConfig, PseudoLabelConfig, apply_overrides  # noqa: E402  # noqa: E402
+from src.config import PRESETS, Config, InferConfig, PseudoLabelConfig, apply_overrides  # noqa: E402
 from src.data import load_train  # noqa: E402
 from src.folds import make_folds, save_folds  # noqa: E402
 from src.metric import weighted_r2_long  # noqa: E402

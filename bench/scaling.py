@@ -23,9 +23,9 @@ import pandas as pd  # noqa: E402
 
 from bench import common  # noqa: E402
 from src.data import jpeg_reduce_factor  # noqa: E402
-from src.inference import (
-    Predictor,  # noqa: E402
-    predict_ensemble,  # noqa: E402
+from src.inference import (  # noqa: E402
+    Predictor,
+    predict_ensemble,
 )
 
 NONLINEAR = 0.10  # a point more than 10% off the straight line is called out

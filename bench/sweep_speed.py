@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             "step": "without the shared cache (derived, not run)",
             "wall s": f"{naive:.0f}",
             "detail": f"{first['total']} x (cache {cache_s / first['folds']:.1f} + run {run_s.median():.2f} + "
-            "process {per_process:.1f} s)",
+            f"process {per_process:.1f} s)",
         },
     ]
     lines = [

@@ -73,7 +73,7 @@ def compare(kind: str, batch: int, repeats: int, workdir: Path) -> dict:
         "model": f"{kind} ({cfg.model.backbone}, tile {full.model.tile_size}, grid {full.grid[0]}x{full.grid[1]})",
         "images/call": batch,
         "backbone tiles full / naive / none": f"{3 * 2 * batch * tiles} / {4 * 2 * batch * tiles} / "
-        "{2 * batch * tiles}",
+        f"{2 * batch * tiles}",
         "full TTA": common.spread(times["full"]),
         "naive 4x forward": common.spread(times["naive"]),
         "none": common.spread(times["none"]),
