@@ -25,24 +25,29 @@ $(DATA)/train.csv: | install
 
 data-synthetic: $(DATA)/train.csv
 
+# the peers (train mean, colour-feature ridge) on the same folds first; the last line prints model vs peer per fold
+# (python -m src.docs demo checkpoints/demo --write puts that table into README.md)
 demo: install data-synthetic
 	$(PY) folds.py --data-dir $(DATA) --out $(FOLDS)
-	$(PY) -m src.baseline --data-dir $(DATA) --folds $(FOLDS)
+	$(PY) -m src.baseline --colour --data-dir $(DATA) --folds $(FOLDS) --out checkpoints/$(EXP)/baselines
 	$(PY) train.py --fold all $(DEMO_FLAGS) --data-dir $(DATA) --folds $(FOLDS) --exp $(EXP) --overwrite
 	$(PY) infer.py --oof --data-dir $(DATA) --checkpoints checkpoints/$(EXP)
 	$(PY) infer.py --data-dir $(DATA) --checkpoints checkpoints/$(EXP) --out submission.csv
+	$(PY) -m src.docs demo checkpoints/$(EXP)
 
 test: install
 	$(PY) -m pytest
 
-# default vs each option of docs/OPTIONS.md on the demo data, 5 folds x 17 rows (~25 min on 2 cores)
-# -> docs/ABLATION.md (results block) + docs/ablation.csv; ABLATE_FLAGS=--quick: smoke run into checkpoints/ablation-quick/
+# default vs each option of docs/OPTIONS.md on the demo data, 16 rows x 5 folds x ABLATE_SEEDS (3 seeds: about an hour
+# on 2 cores) -> docs/ABLATION.md (generated section) + docs/ablation.csv/.json; ABLATE_FLAGS=--quick: smoke run
+# into checkpoints/ablation-quick/
+ABLATE_SEEDS ?= 0 1 2
 ABLATE_FLAGS ?=
 $(FOLDS): $(DATA)/train.csv
 	$(PY) folds.py --data-dir $(DATA) --out $(FOLDS)
 
 ablate: install data-synthetic $(FOLDS)
-	$(PY) bench/ablate.py --data-dir $(DATA) --folds $(FOLDS) $(ABLATE_FLAGS)
+	$(PY) bench/ablate.py --data-dir $(DATA) --folds $(FOLDS) --seeds $(ABLATE_SEEDS) $(ABLATE_FLAGS)
 
 # real competition files (needs Kaggle credentials and the accepted rules)
 data: install

@@ -1,11 +1,14 @@
 """python train.py --fold K [--preset tiny] [...]: train one fold (or --fold all) of the stereo tile model.
 
+--seeds 0 1 2 trains each fold once per seed into <exp>/grid<R>x<C>/fold<K>/seed<S>/ (infer.py and report.py
+average the seeds of a fold); without it (--seed S or the config's seed) a run keeps fold<K>/.
 Multi-GPU: torchrun --nproc_per_node N train.py --fold K ...
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import sys
 
@@ -22,6 +25,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fold", required=True, help="fold index, or 'all' for every fold in turn")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the fold directory")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="S",
+        help="train every fold once per seed, into fold<K>/seed<S>/ (a run axis, like --fold; not with --seed)",
+    )
     add_config_flags(parser)
     add_quiet_flag(parser)
     return parser.parse_args(argv)
@@ -39,8 +50,17 @@ def main(argv: list[str] | None = None) -> int:
             folds = [int(args.fold)]
         except ValueError as err:
             raise BiomassError(f"--fold must be an integer or 'all', got {args.fold!r}") from err
-    for fold in folds:
-        train_fold(cfg, fold, resume=args.resume, overwrite=args.overwrite, command=command)
+    if args.seeds is not None and getattr(args, "train.seed") is not None:
+        raise BiomassError("give --seed S (one run in fold<K>/) or --seeds S [S ...] (fold<K>/seed<S>/), not both")
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds is not None else [None]
+    for seed in seeds:
+        run_cfg = copy.deepcopy(cfg)
+        if seed is not None:
+            run_cfg.train.seed = seed
+        for fold in folds:
+            train_fold(
+                run_cfg, fold, resume=args.resume, overwrite=args.overwrite, command=command, seed_dir=seed is not None
+            )
     return 0
 
 

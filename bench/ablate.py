@@ -1,21 +1,24 @@
-"""Ablation: the default vs each option of docs/OPTIONS.md (and the "top private" bundle), folds x options, on the
-synthetic data with the tiny presets -> a table in docs/ABLATION.md and docs/ablation.csv.
+"""Ablation: the default vs each option of docs/OPTIONS.md (and the "top private" bundle), seeds x folds x options,
+on the synthetic data with the tiny presets -> a table in docs/ABLATION.md and docs/ablation.csv (+ .json).
 
-    python bench/ablate.py                      # the full run (make ablate): every option, every fold
+    python bench/ablate.py                      # the full run (make ablate): every option, every fold, 3 seeds
     python bench/ablate.py --quick              # smoke test: default + top-private, one fold, 2 epochs, 28 px tiles
-    python bench/ablate.py --only default raw --folds-to-run 0 1 --epochs 8
+    python bench/ablate.py --only default raw --folds-to-run 0 1 --epochs 8 --seeds 0 1 2 3 4
 
-Each (option, fold) is one `src.training.train_fold` call (the one training loop, as train.py makes it) into
-<out-dir>/<option>/grid<R>x<C>/fold<K>/, with the option's flags resolved by train.py's own parser on top of the
-same base flags; command.txt in each fold directory says how to rerun it with train.py. The table is
-`src.report.compare_table` over those experiment directories (pooled oof.csv, best epoch, no TTA), so
-`python report.py --compare <out-dir>/default <out-dir>/raw ...` shows the same rows. Results replace the block
-between the ABLATION markers of the doc; the hand-written text around it stays.
+Each (option, seed, fold) is one `src.training.train_fold` call (the one training loop, as train.py makes it)
+into <out-dir>/<option>/grid<R>x<C>/fold<K>/seed<S>/, with the option's flags resolved by train.py's own parser
+on top of the same base flags; command.txt in each run directory says how to rerun it with train.py. The table is
+`src.report.compare_table` over those experiment directories (pooled oof.csv per seed, best epoch, no TTA; mean
+± std over seeds; the paired bootstrap interval of each option's difference to the default), so
+`python report.py --compare <out-dir>/default <out-dir>/raw ... --baseline default` shows the same rows. The
+results replace the `generated:ablation` section of the doc (rendered by `src.docs.render_ablation` from the
+CSV and JSON, so `python -m src.docs --check` can tell the doc from its sources); the text around it stays.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,33 +26,28 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the repo root (not bench/) on the import path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from src.config import Config, add_config_flags, resolve_config  # noqa: E402
 from src.data import load_train  # noqa: E402
+from src.docs import ablation_table, render_ablation, replace_section  # noqa: E402
 from src.errors import BiomassError  # noqa: E402
 from src.folds import load_folds  # noqa: E402
 from src.io_utils import write_csv_atomic, write_text_atomic  # noqa: E402
-from src.report import (  # noqa: E402
-    compare_table,
-    load_runs,
-    oof_score,
-    to_markdown,
-)
-from src.schema import SHORT_NAMES, TARGETS  # noqa: E402
+from src.report import compare_table  # noqa: E402
 from src.training import train_fold  # noqa: E402
 
 DOC = common.REPO / "docs" / "ABLATION.md"
 CSV = common.REPO / "docs" / "ablation.csv"
-BEGIN, END = "<!-- ABLATION:BEGIN (written by bench/ablate.py) -->", "<!-- ABLATION:END -->"
+SECTION = "ablation"  # the generated section of the doc
+SEEDS = (0, 1, 2)  # every row is trained with each: a delta is only read against the seed-to-seed noise
 
-# Full-run settings, chosen to fit ~25 minutes on the shared 2-core box: one fold of the tiny preset at its own
-# 56 px tiles (view 112 px) costs ~2.6 s an epoch + ~3 s of set-up on one thread, so 17 rows x 5 folds leave
-# ~6 epochs (1 frozen) per fold. All 5 month-grouped folds rather than 3 folds x 10 epochs: every image is then
-# scored out of fold once (the metric is global over all rows) and one 48-image fold alone swings by hundredths.
+# Full-run settings, chosen for ~20-25 minutes per seed on the shared 2-core box (the one-seed run took 20.6 min for
+# 17 rows x 5 folds, docs/ablation.json): one fold of the tiny preset at its own 56 px tiles (view 112 px) leaves
+# ~6 epochs (1 frozen) per fold; 3 seeds about triple it. All 5 month-grouped folds rather than 3 folds x 10
+# epochs: every image is then scored out of fold once (the metric is global over all rows).
 TILE, EPOCHS, FREEZE = 56, 6, 1
 # One torch thread: with 2 threads on a box other processes also use, OpenMP spin-waiting made the same
 # epochs ~10x slower (measured 2.6 s vs ~30 s an epoch); one thread gives the same numbers (CPU runs are deterministic).
@@ -61,7 +59,6 @@ EMA = "0.9"
 # option name -> flags on top of the base flags (exactly what a user adds to train.py)
 OPTIONS: dict[str, list[str]] = {
     "default": [],
-    "default-seed1": ["--seed", "1"],  # not an option: the seed-to-seed noise a delta must beat
     "dinov3": ["--preset", "tiny-dinov3", "--tile-size", "{tile16}"],
     "grid-1x1": ["--grid", "1", "1", "--tile-size", "{tile2}"],  # one tile per view, same pixels per view
     "freeze-blocks-1": ["--freeze-blocks", "1"],  # 1 of the tiny ViT's 2 blocks (top teams: 50-80%)
@@ -97,21 +94,9 @@ OPTIONS: dict[str, list[str]] = {
 QUICK_OPTIONS = ("default", "top-private")
 
 
-def base_flags(tile: int, epochs: int, seed: int) -> list[str]:
-    return [
-        "--preset",
-        "tiny",
-        "--tile-size",
-        str(tile),
-        "--epochs",
-        str(epochs),
-        "--freeze-epochs",
-        str(FREEZE),
-        "--seed",
-        str(seed),
-        "--device",
-        "cpu",
-    ]
+def base_flags(tile: int, epochs: int) -> list[str]:
+    return ["--preset", "tiny", "--tile-size", str(tile), "--epochs", str(epochs), "--freeze-epochs", str(FREEZE),
+            "--device", "cpu"]  # fmt: skip
 
 
 def option_flags(name: str, tile: int) -> list[str]:
@@ -130,79 +115,56 @@ def resolve(flags: list[str], data_dir: str, folds: str, out_dir: Path, exp: str
     return resolve_config(args)
 
 
-def fold_stats(exp_dir: Path) -> tuple[float, float]:
-    """Mean and std over folds of each fold's own weighted R2 (how much the folds disagree)."""
-
-    values = [oof_score(r.oof)["weighted_r2"] for r in load_runs(exp_dir) if r.oof is not None]
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-
-
 def run(
     names: list[str],
     folds: list[int],
     tile: int,
     epochs: int,
-    seed: int,
+    seeds: list[int],
     data_dir: str,
     folds_csv: str,
     out_dir: Path,
     show: bool = True,
 ) -> pd.DataFrame:
-    """Train every (option, fold), then one compare table (baseline: default) with flags and wall seconds added."""
+    """Train every (option, seed, fold), then one compare table (baseline: default; seed mean ± std, paired
+    bootstrap interval and verdict) with flags and wall seconds added."""
 
-    base = base_flags(tile, epochs, seed)
+    base = base_flags(tile, epochs)
     configs = {
-        n: resolve([*base, *option_flags(n, tile)], data_dir, folds_csv, out_dir, n) for n in names
+        (n, s): resolve([*base, "--seed", str(s), *option_flags(n, tile)], data_dir, folds_csv, out_dir, n)
+        for n in names
+        for s in seeds
     }  # bad flags fail here
     wall: dict[str, float] = {}
     for name in names:
         flags = [*base, *option_flags(name, tile)]
         start = time.perf_counter()
-        for fold in folds:
-            t0 = time.perf_counter()
-            command = "python train.py --fold {} {} --data-dir {} --folds {} --out-dir {} --exp {}".format(
-                fold, " ".join(flags), data_dir, folds_csv, out_dir, name
-            )
-            with common.quiet():
-                result = train_fold(configs[name], fold, overwrite=True, command=command)
-            if show:
-                print(
-                    f"{name:18s} fold {fold}: best val weighted R2 {result.best_metric:.4f} (epoch "
-                    f"{result.best_epoch}) "
-                    f"{time.perf_counter() - t0:6.1f} s",
-                    flush=True,
+        for seed in seeds:
+            for fold in folds:
+                t0 = time.perf_counter()
+                command = (
+                    "python train.py --fold {} --seeds {} {} --data-dir {} --folds {} --out-dir {} --exp {}".format(
+                        fold, seed, " ".join(flags), data_dir, folds_csv, out_dir, name
+                    )
                 )
+                with common.quiet():
+                    result = train_fold(configs[name, seed], fold, overwrite=True, command=command, seed_dir=True)
+                if show:
+                    print(
+                        f"{name:18s} seed {seed} fold {fold}: best val weighted R2 {result.best_metric:.4f} (epoch "
+                        f"{result.best_epoch}) {time.perf_counter() - t0:6.1f} s",
+                        flush=True,
+                    )
         wall[name] = time.perf_counter() - start
     table = compare_table([out_dir / n for n in names], baseline="default", source="pooled")
     table.insert(1, "flags", [" ".join(option_flags(n, tile)) or "(base flags)" for n in table["experiment"]])
-    stats = {n: fold_stats(out_dir / n) for n in names}
-    table["fold_mean"] = [stats[n][0] for n in table["experiment"]]
-    table["fold_std"] = [stats[n][1] for n in table["experiment"]]
     table["wall_s"] = [round(wall[n], 1) for n in table["experiment"]]
     return table
 
 
-def table_markdown(table: pd.DataFrame) -> str:
-    """The ablation rows: OOF weighted R2, delta to default, fold mean +- std, per-target R2, seconds."""
-
-    shown = pd.DataFrame(
-        {
-            "option": [f"{e} *" if b else e for e, b in zip(table["experiment"], table["baseline"])],
-            "flags": [f"`{f}`" for f in table["flags"]],
-            "OOF wR2": table["weighted_r2"],
-            "delta": [f"{v:+.4f}" for v in table["delta"]],
-            "fold mean ± std": [f"{m:.3f} ± {s:.3f}" for m, s in zip(table["fold_mean"], table["fold_std"])],
-            **{f"R2 {s}": table[f"r2_{t}"] for t, s in zip(TARGETS, SHORT_NAMES)},
-            "train s": table["train_s"],
-            "wall s": table["wall_s"],
-        }
-    )
-    return to_markdown(shown, {"train s": 0, "wall s": 0}, default_digits=4)
-
-
 DEFAULT_NOTE = """# Ablation of the options on the synthetic data
 
-Written by `bench/ablate.py` (`make ablate`); the text outside the markers is hand-written and kept.
+Written by `bench/ablate.py` (`make ablate`); the text outside the generated section is hand-written and kept.
 """
 
 
@@ -213,15 +175,9 @@ def _shown(path: str | Path) -> str:
 
 
 def write_doc(doc: Path, block: str) -> Path:
-    """Replace the block between the markers (or append it, keeping everything else)."""
+    """Replace the generated section (or append it, keeping everything else)."""
     text = doc.read_text() if doc.is_file() else DEFAULT_NOTE
-    section = f"{BEGIN}\n{block.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    return write_text_atomic(doc, text)
+    return write_text_atomic(doc, replace_section(text, SECTION, block))
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -241,7 +197,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     )
     p.add_argument("--epochs", type=int, default=None, help=f"epochs per fold (default {EPOCHS}; quick 2)")
     p.add_argument("--tile", type=int, default=None, help=f"tile size of the 2x2 runs (default {TILE}; quick 28)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=list(SEEDS),
+        help=f"seeds of every row (default {' '.join(map(str, SEEDS))})",
+    )
     p.add_argument(
         "--data-dir", default="data/synthetic", help="competition-layout data (make demo writes data/synthetic)"
     )
@@ -252,9 +214,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument(
         "--doc",
         default=None,
-        help="markdown file whose ABLATION block is replaced (default docs/ABLATION.md; quick: in --out-dir)",
+        help="markdown file whose generated:ablation section is replaced (default docs/ABLATION.md; quick: --out-dir)",
     )
-    p.add_argument("--csv", default=None, help="CSV of the full table (default docs/ablation.csv; quick: in --out-dir)")
+    p.add_argument(
+        "--csv",
+        default=None,
+        help="CSV of the table, .json beside it (default docs/ablation.csv; quick: --out-dir)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -276,44 +242,41 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     names = list(QUICK_OPTIONS if args.quick and args.only is None else args.only or OPTIONS)
     names = ["default", *[n for n in names if n != "default"]]
     for name in OPTIONS:  # every option's flags resolve (a typo fails the quick run too)
-        resolve([*base_flags(28, 2, 0), *option_flags(name, 28)], args.data_dir, args.folds, Path(args.out_dir), name)
+        resolve([*base_flags(28, 2), *option_flags(name, 28)], args.data_dir, args.folds, Path(args.out_dir), name)
     all_folds = sorted(int(f) for f in load_folds(args.folds, load_train(args.data_dir))["fold"].unique())
     folds = args.folds_to_run or (all_folds[:1] if args.quick else all_folds)
     tile = args.tile or (28 if args.quick else TILE)
     epochs = args.epochs or (2 if args.quick else EPOCHS)
     info, load_start, start = common.machine(), common.load_average(), time.perf_counter()
-    table = run(names, folds, tile, epochs, args.seed, args.data_dir, args.folds, Path(args.out_dir))
+    seeds = list(dict.fromkeys(args.seeds))
+    table = run(names, folds, tile, epochs, seeds, args.data_dir, args.folds, Path(args.out_dir))
     minutes = (time.perf_counter() - start) / 60
     write_csv_atomic(table, args.csv)
-    command = " ".join(["python bench/ablate.py", *(sys.argv[1:] if argv is None else argv)])
-    n_images = len(load_train(args.data_dir))
-    block = "\n".join(
-        [
-            f"## Results{' (quick smoke settings, not a result)' if args.quick else ''} — "
-            f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
-            "",
-            f"- command: `{command}` ({minutes:.1f} min for {len(names)} options x {len(folds)} folds)",
-            f"- data: `{args.data_dir}` ({n_images} train images), folds `{args.folds}` (run: "
-            f"{', '.join(map(str, folds))})",
-            f"- base flags of every run: `{' '.join(base_flags(tile, epochs, args.seed))}`; each row adds its flags",
-            f"- machine: {info['cpu']}; {info['cores']}; load average at start {load_start}, at end "
-            f"{common.load_average()}",
-            f"- CSV: `{_shown(args.csv)}`; experiment directories: `{args.out_dir}/<option>` (`python report.py "
-            "--compare ...` reads them)",
-            "",
-            table_markdown(table),
-            "",
-            "OOF wR2 = the competition metric on all folds' oof.csv rows pooled (best epoch per fold, no TTA, "
-            "no physics "
-            "post-processing); delta = OOF wR2 - default's; fold mean ± std = each fold's own weighted R2; "
-            "train s = sum of "
-            "the per-epoch seconds of metrics.csv (feature-cache builds excluded); wall s = the whole "
-            "train_fold calls.",
-        ]
-    )
-    write_doc(Path(args.doc), block)
-    print(table_markdown(table))
-    print(f"wrote {_shown(args.doc)} and {_shown(args.csv)} in {minutes:.1f} min")
+    meta = {
+        "quick": bool(args.quick),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join(["python bench/ablate.py", *(sys.argv[1:] if argv is None else argv)]),
+        "minutes": round(minutes, 1),
+        "options": len(names),
+        "folds": len(folds),
+        "seeds": len(seeds),
+        "data_dir": args.data_dir,
+        "images": len(load_train(args.data_dir)),
+        "folds_csv": args.folds,
+        "folds_run": ", ".join(map(str, folds)),
+        "base_flags": " ".join([*base_flags(tile, epochs), "--seeds", *map(str, seeds)]),
+        "cpu": info["cpu"],
+        "cores": info["cores"],
+        "load_start": load_start,
+        "load_end": common.load_average(),
+        "csv": _shown(args.csv),
+        "out_dir": args.out_dir,
+    }
+    meta_path = Path(args.csv).with_suffix(".json")
+    write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_doc(Path(args.doc), render_ablation(table, meta))
+    print(ablation_table(table))
+    print(f"wrote {_shown(args.doc)}, {_shown(args.csv)} and {_shown(meta_path)} in {minutes:.1f} min")
     return table
 
 

@@ -2,11 +2,15 @@
 
 `best.pt` describes itself (state dict + resolved config + target statistics + target order, plain types
 only), so it loads with `torch.load(weights_only=True)` and inference needs no flags to match training.
-`last.pt` adds what `--resume` needs. A run directory is `<out_dir>/<exp>/grid<R>x<C>/fold<K>/`.
+`last.pt` adds what `--resume` needs. A run directory is `<out_dir>/<exp>/grid<R>x<C>/fold<K>/`, or
+`.../fold<K>/seed<S>/` when seeds are an axis of the experiment (`train.py --seeds`); both layouts load.
+Each best.pt records a hash of the image ids it trained on and validated on, so `infer.py --oof` can refuse
+a folds file that would score a model on its own training images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import subprocess
@@ -41,11 +45,35 @@ def target_stats(frame: pd.DataFrame) -> dict[str, list[float]]:
     }
 
 
+def ids_hash(ids) -> str:
+    """A short hash of a set of image ids (order and repeats do not matter)."""
+    text = "\n".join(sorted({str(i) for i in ids}))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def split_record(train_frame: pd.DataFrame, val_frame: pd.DataFrame | None) -> dict:
+    """What best.pt remembers of its split: counts and hashes of the training and the validation image ids."""
+    record = {"n_train": len(train_frame), "train_ids": ids_hash(train_frame["image_id"])}
+    if val_frame is not None:
+        record.update({"n_val": len(val_frame), "val_ids": ids_hash(val_frame["image_id"])})
+    return record
+
+
 def save_best(
-    path: Path, model, cfg: Config, stats: dict, epoch: int, metric, fold, swa_epochs: list[int] | None = None
+    path: Path,
+    model,
+    cfg: Config,
+    stats: dict,
+    epoch: int,
+    metric,
+    fold,
+    swa_epochs: list[int] | None = None,
+    split: dict | None = None,
 ) -> Path:
-    """best.pt (or swa.pt): weights + resolved config + target statistics, plain types only."""
+    """best.pt (or swa.pt): weights + resolved config + target statistics (+ the split's id hashes), plain types."""
     extra = {} if swa_epochs is None else {"swa_epochs": [int(e) for e in swa_epochs]}
+    if split is not None:
+        extra["split"] = dict(split)
     return torch_save_atomic(
         {
             **extra,
@@ -147,10 +175,11 @@ def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
 
 
 # ---- run directories ------------------------------------------------------------------------------------------
-def run_dir_for(cfg: Config, fold: int) -> Path:
-    """checkpoints/<exp>/grid<R>x<C>/fold<K>/"""
+def run_dir_for(cfg: Config, fold: int, seed_dir: bool = False) -> Path:
+    """checkpoints/<exp>/grid<R>x<C>/fold<K>/, or .../fold<K>/seed<S>/ (S = the config's seed) with `seed_dir`."""
     rows, cols = cfg.model.grid
-    return Path(cfg.out_dir) / cfg.exp / f"grid{rows}x{cols}" / f"fold{fold}"
+    fold_dir = Path(cfg.out_dir) / cfg.exp / f"grid{rows}x{cols}" / f"fold{fold}"
+    return fold_dir / f"seed{cfg.train.seed}" if seed_dir else fold_dir
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -186,15 +215,19 @@ def write_run_files(run_dir: Path, cfg: Config, command: str = "") -> None:
         write_text_atomic(run_dir / "command.txt", command + "\n")
 
 
+RUN_PATTERNS = ("grid*/fold*/best.pt", "grid*/fold*/seed*/best.pt")
+
+
 def find_checkpoints(paths: list[str | Path]) -> list[Path]:
-    """Every `grid*/fold*/best.pt` under the given experiment directories, plus explicit .pt files."""
+    """Every `grid*/fold*/[seed*/]best.pt` under the given experiment directories, plus explicit .pt files."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            hits = sorted(path.glob("grid*/fold*/best.pt")) or sorted(path.glob("fold*/best.pt"))
+            hits = sorted(h for pattern in RUN_PATTERNS for h in path.glob(pattern))
+            hits = hits or sorted(h for pattern in RUN_PATTERNS for h in path.glob(pattern.split("/", 1)[1]))
             if not hits and (path / "best.pt").is_file():
                 hits = [path / "best.pt"]
             if not hits:
@@ -210,7 +243,13 @@ def find_checkpoints(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def _experiment_of(path: Path) -> Path:
+    """checkpoints/<exp> of one grid*/fold*/[seed*/]best.pt (the directory above grid*), else its own directory."""
+    run = path.parent.parent if path.parent.name.startswith("seed") else path.parent
+    return run.parent.parent if run.parent.name.startswith("grid") else path.parent
+
+
 def experiment_dir(paths: list[Path]) -> Path:
-    """checkpoints/<exp> of grid*/fold*/best.pt paths (their common ancestor above grid*)."""
-    parents = {p.parent.parent.parent if p.parent.parent.name.startswith("grid") else p.parent for p in paths}
+    """checkpoints/<exp> of grid*/fold*/[seed*/]best.pt paths (their common ancestor above grid*)."""
+    parents = {_experiment_of(Path(p)) for p in paths}
     return parents.pop() if len(parents) == 1 else Path(*Path(paths[0]).parts[: len(Path(paths[0]).parts) - 3])

@@ -1,6 +1,6 @@
-"""Inference: one `Predictor` per checkpoint, batched TTA, the fold x grid ensemble.
+"""Inference: one `Predictor` per checkpoint, batched TTA, the seed x fold x grid ensemble.
 
-Averaging happens in grams (after expm1), over TTA views, folds and grids: the metric is a squared
+Averaging happens in grams (after expm1), over TTA views, seeds, folds and grids: the metric is a squared
 error in grams, and the arithmetic mean of grams is what minimizes it; a log-space mean is a
 geometric mean and biased low. The jobs that use it (submission, OOF scoring) live in `submit.py`.
 """
@@ -69,7 +69,9 @@ class Predictor:
         self.amp = amp
         self.stats = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt["target_stats"].items()}
         self.fold = ckpt.get("fold")
+        self.seed = self.cfg.train.seed
         self.val_metric = ckpt.get("val_metric")
+        self.split = ckpt.get("split")  # id hashes of its training / validation images (None: older checkpoints)
         # the image cleaning the checkpoint was trained with (--clean-stamps, --crop-bottom), and so its batch key
         self.cleaning = Cleaning.from_config(self.cfg.data)
         self.input_key = input_key(self.view_size, self.cleaning)
@@ -135,6 +137,26 @@ def grid_weight_map(predictors: list[Predictor], grid_weights: list[str] | None)
     return {g: w / total for g, w in weights.items()}
 
 
+def member_weights(
+    predictors: list[Predictor], grid_weights: dict[tuple[int, int], float] | None = None
+) -> list[float]:
+    """Each model's share of the ensemble: grids by weight, folds equal within a grid, seeds equal within a fold.
+
+    A fold trained with more seeds does not weigh more than the others; a checkpoint without a fold counts as
+    a fold of its own.
+    """
+    by_grid: dict[tuple[int, int], dict] = defaultdict(lambda: defaultdict(list))
+    for i, p in enumerate(predictors):
+        by_grid[p.grid][p.fold if p.fold is not None else ("path", i)].append(i)
+    weights = grid_weights or {g: 1.0 / len(by_grid) for g in by_grid}
+    out = [0.0] * len(predictors)
+    for grid, folds in by_grid.items():
+        for members in folds.values():
+            for i in members:
+                out[i] = weights[grid] / len(folds) / len(members)
+    return out
+
+
 @dataclass
 class EnsemblePrediction:
     """Per-TTA-view predictions of the ensemble in grams (N, V, 5) and which images were readable."""
@@ -157,16 +179,13 @@ def predict_ensemble(
     jpeg_reduce: bool = True,
     show: bool = True,
 ) -> EnsemblePrediction:
-    """Read each image once, run every model on it; average folds equally within a grid, grids by weight."""
+    """Read each image once, run every model on it; mean over seeds in a fold, folds in a grid; grids by weight."""
     if not predictors:
         raise BiomassError("no models to ensemble")
     n_views = max(TTA_MODES[p.tta] for p in predictors)
     if any(TTA_MODES[p.tta] != n_views for p in predictors):
         raise BiomassError("all predictors of an ensemble must use the same --tta")
-    by_grid: dict[tuple[int, int], list[Predictor]] = defaultdict(list)
-    for p in predictors:
-        by_grid[p.grid].append(p)
-    weights = grid_weights or {g: 1.0 / len(by_grid) for g in by_grid}
+    shares = member_weights(predictors, grid_weights)
     dataset = MultiSizeViewDataset(
         frame, [p.view_size for p in predictors], jpeg_reduce, on_bad_image, [p.cleaning for p in predictors]
     )
@@ -178,10 +197,9 @@ def predict_ensemble(
         idx = batch["index"].numpy()
         ok[idx] = batch["ok"].numpy()
         acc = np.zeros((len(idx), n_views, len(TARGETS)))
-        for grid, members in by_grid.items():
-            for p in members:
-                pair = batch[p.input_key]
-                acc += weights[grid] / len(members) * p.predict_views(pair[:, 0], pair[:, 1])
+        for p, share in zip(predictors, shares):
+            pair = batch[p.input_key]
+            acc += share * p.predict_views(pair[:, 0], pair[:, 1])
         out[idx] = acc
     seconds = time.time() - start
     if show:
@@ -196,5 +214,8 @@ def fallback_values(predictors: list[Predictor]) -> np.ndarray:
 
 
 def upper_bounds(predictors: list[Predictor]) -> np.ndarray:
-    """Clamp bounds for `seed` physics: the largest training value of each target seen by any model."""
+    """Clamp bounds for `seed` physics: the largest training value of each target seen by any of these models.
+
+    Out of fold, pass one fold's models only: every fold's maxima together include that fold's held-out labels.
+    """
     return np.max([p.stats["max"] for p in predictors], axis=0)

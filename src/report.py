@@ -4,8 +4,14 @@
     python report.py --compare checkpoints/<a> checkpoints/<b>   -> <out>/compare.md + compare.csv
     python report.py --stress checkpoints/<exp>                  -> the leave-state/month-out commands to run
 
-Every number is recomputed from the files a run left behind (each fold's `oof.csv` and `metrics.csv`,
-and `oof_report.csv` / `oof_ensemble.csv` from `infer.py --oof`), so a report never trusts a logged score.
+Every number is recomputed from the files a run left behind (each fold's `oof.csv`, `oof_epochs.csv` and
+`metrics.csv`, and `oof_report.csv` / `oof_ensemble.csv` from `infer.py --oof`), so a report never trusts a
+logged score. A run is `grid<R>x<C>/fold<K>/` or, with seeds as an axis, `grid<R>x<C>/fold<K>/seed<S>/`.
+
+Two OOF numbers, because picking on the same labels one scores flatters: the best-epoch OOF (each fold at the
+epoch, or SWA average, that scored best on its own held-out images: what best.pt holds) and the fixed-schedule
+OOF (each fold at the median best epoch of the *other* folds of its grid and seed, read from the per-epoch
+held-out predictions in `oof_epochs.csv`: no choice made for a fold uses that fold's labels).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from src.bootstrap import image_terms, paired_bootstrap
 from src.config import Config
 from src.data import load_train
 from src.errors import BiomassError, run_cli
@@ -40,7 +47,7 @@ PLOTS = ("pred_vs_true.png", "residuals_total.png", "fold_metric.png", "learning
 # ---- what a run left behind ------------------------------------------------------------------------------
 @dataclass
 class FoldRun:
-    """One `grid<R>x<C>/fold<K>/` directory: its held-out predictions, per-epoch log and resolved config."""
+    """One `grid<R>x<C>/fold<K>/[seed<S>/]` directory: held-out predictions, per-epoch log, resolved config."""
 
     grid: str  # "2x2"
     fold: int
@@ -49,6 +56,16 @@ class FoldRun:
     metrics: pd.DataFrame | None
     config: dict
     command: str | None
+    seed: int | None = None  # S of a seed<S>/ directory; None for fold<K>/ runs (one group, whatever their seed)
+    epochs: pd.DataFrame | None = None  # oof_epochs.csv: every validated epoch's held-out predictions
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch with the best validation score in metrics.csv (selected on this fold's own labels)."""
+        m = self.metrics
+        if m is None or "weighted_r2" not in m or not m["weighted_r2"].notna().any():
+            return None
+        return int(m.loc[m["weighted_r2"].idxmax(), "epoch"])
 
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame | None:
@@ -62,17 +79,31 @@ def _read_csv(path: Path, **kwargs) -> pd.DataFrame | None:
         ) from err
 
 
+RUN_FILES = ("config.yaml", "metrics.csv", "oof.csv", "best.pt")
+
+
+def run_dirs(exp_dir: Path) -> list[tuple[Path, Path, int | None]]:
+    """(run dir, fold dir, seed of a seed<S>/ dir or None) of `grid*/fold*/` and `grid*/fold*/seed*/` runs."""
+    found = []
+    for d in sorted(exp_dir.glob("grid*/fold*")) or sorted(exp_dir.glob("fold*")):
+        if not d.is_dir() or not d.name[4:].isdigit():
+            continue
+        seeds = [s for s in d.glob("seed*") if s.is_dir() and s.name[4:].isdigit()]
+        seeds.sort(key=lambda s: int(s.name[4:]))
+        if not seeds or any((d / name).is_file() for name in RUN_FILES):
+            found.append((d, d, None))
+        found.extend((s, d, int(s.name[4:])) for s in seeds)
+    return found
+
+
 def load_runs(exp_dir: str | Path) -> list[FoldRun]:
-    """Every fold directory of an experiment (`grid*/fold*/`, or `fold*/` directly), sorted by grid then fold."""
+    """Every run of an experiment (`grid*/fold*/[seed*/]`, or `fold*/` directly), sorted by grid, fold, seed."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         raise BiomassError(f"{exp_dir}: experiment directory not found; pass checkpoints/<exp> as written by train.py")
-    dirs = sorted(exp_dir.glob("grid*/fold*")) or sorted(exp_dir.glob("fold*"))
     runs = []
-    for d in dirs:
-        if not d.is_dir() or not d.name[4:].isdigit():
-            continue
-        grid = d.parent.name[4:] if d.parent.name.startswith("grid") else "?"
+    for d, fold_dir, seed in run_dirs(exp_dir):
+        grid = fold_dir.parent.name[4:] if fold_dir.parent.name.startswith("grid") else "?"
         config_path = d / "config.yaml"
         config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
         oof = _read_csv(d / "oof.csv", dtype={"image_id": str})
@@ -83,7 +114,12 @@ def load_runs(exp_dir: str | Path) -> list[FoldRun]:
                     f"{d / 'oof.csv'}: missing column(s) {', '.join(missing)}; re-train this fold with train.py"
                 )
         command = (d / "command.txt").read_text().strip() if (d / "command.txt").is_file() else None
-        runs.append(FoldRun(grid, int(d.name[4:]), d, oof, _read_csv(d / "metrics.csv"), config or {}, command))
+        epochs = _read_csv(d / "oof_epochs.csv", dtype={"image_id": str})
+        runs.append(
+            FoldRun(
+                grid, int(fold_dir.name[4:]), d, oof, _read_csv(d / "metrics.csv"), config or {}, command, seed, epochs
+            )
+        )
     if not runs:
         raise BiomassError(
             f"{exp_dir}: no grid*/fold*/ directories inside; train with `python train.py --fold all --exp NAME`"
@@ -92,7 +128,7 @@ def load_runs(exp_dir: str | Path) -> list[FoldRun]:
         raise BiomassError(
             f"{exp_dir}: no fold has an oof.csv yet (training writes it after the first validated epoch)"
         )
-    return sorted(runs, key=lambda r: (_grid_key(r.grid), r.fold))
+    return sorted(runs, key=lambda r: (_grid_key(r.grid), r.fold, -1 if r.seed is None else r.seed))
 
 
 def _grid_key(grid: str) -> tuple:
@@ -111,7 +147,7 @@ def oof_score(oof: pd.DataFrame) -> dict:
 
 
 def grid_mean_oof(runs: list[FoldRun]) -> pd.DataFrame:
-    """One prediction per OOF image: the mean over grids of each image's held-out predictions (grams, no TTA)."""
+    """One prediction per OOF image: the mean over grids (and seeds) of its held-out predictions (grams, no TTA)."""
     frames = [r.oof.assign(fold=r.fold) for r in runs if r.oof is not None]
     pooled = pd.concat(frames, ignore_index=True)
     agg = {c: "mean" for c in (*TARGETS, *TRUE_COLUMNS)}
@@ -119,39 +155,122 @@ def grid_mean_oof(runs: list[FoldRun]) -> pd.DataFrame:
     return pooled.groupby("image_id", sort=False).agg(agg).reset_index()[["image_id", "fold", *TARGETS, *TRUE_COLUMNS]]
 
 
+def seeds_of(runs: list[FoldRun]) -> list:
+    """The seeds of an experiment's runs, in order (None for runs that record none)."""
+    return sorted({r.seed for r in runs}, key=lambda s: (s is None, s if s is not None else 0))
+
+
+# ---- the fixed schedule: each fold at an epoch chosen without its own labels --------------------------------------
+def schedule_epochs(best_epochs: dict[int, int]) -> dict[int, int | None]:
+    """fold -> the median of the *other* folds' best epochs (halves round up); None when there is no other fold.
+
+    Leave-one-fold-out, like the OOF predictions themselves: fold k's epoch is fixed by labels fold k never held.
+    """
+    out: dict[int, int | None] = {}
+    for fold in best_epochs:
+        others = [e for f, e in best_epochs.items() if f != fold]
+        out[fold] = int(math.floor(float(np.median(others)) + 0.5)) if others else None
+    return out
+
+
+def fixed_schedule(runs: list[FoldRun]) -> dict[Path, tuple[int | None, pd.DataFrame | None]]:
+    """run path -> (its fixed epoch, its held-out predictions at that epoch from oof_epochs.csv, or None).
+
+    Folds are grouped by grid and seed (one training recipe each). A fold that stopped early (patience) before
+    its fixed epoch is scored at its last validated epoch: the stop itself looked at its labels, the one leak left.
+    """
+    out: dict[Path, tuple[int | None, pd.DataFrame | None]] = {}
+    groups: dict[tuple, list[FoldRun]] = {}
+    for r in runs:
+        groups.setdefault((r.grid, r.seed), []).append(r)
+    for members in groups.values():
+        best = {r.fold: r.best_epoch for r in members if r.best_epoch is not None}
+        epochs = schedule_epochs(best)
+        for r in members:
+            epoch = epochs.get(r.fold)
+            frame = None
+            if epoch is not None and r.epochs is not None and len(r.epochs):
+                epoch = min(epoch, int(r.epochs["epoch"].max()))
+                frame = r.epochs[r.epochs["epoch"] == epoch].drop(columns=["epoch"]).reset_index(drop=True)
+            out[r.path] = (epoch, frame)
+    return out
+
+
+def _fixed_frames(runs: list[FoldRun], schedule: dict) -> list[pd.DataFrame] | None:
+    """The fixed-schedule frames of these runs, or None when any run lacks one (old runs: no oof_epochs.csv)."""
+    frames = [schedule[r.path][1] for r in runs if r.oof is not None]
+    return None if not frames or any(f is None for f in frames) else frames
+
+
+def _fixed_score(runs: list[FoldRun], schedule: dict) -> float:
+    frames = _fixed_frames(runs, schedule)
+    return float("nan") if frames is None else oof_score(pd.concat(frames, ignore_index=True))["weighted_r2"]
+
+
 def fold_table(runs: list[FoldRun]) -> pd.DataFrame:
-    """Metric rows: each fold of each grid, each grid pooled over its folds, all oof.csv pooled, the grid mean."""
+    """Metric rows: each run; each grid pooled over its folds; all oof.csv pooled and the grid mean (per seed);
+    the mean +- std over seeds and the seed ensemble. `fixed_r2` = the same rows at the fixed schedule."""
+    schedule = fixed_schedule(runs)
     rows = []
     for r in runs:
         if r.oof is None:
             continue
-        best = None
-        if r.metrics is not None and "weighted_r2" in r.metrics and r.metrics["weighted_r2"].notna().any():
-            best = int(r.metrics.loc[r.metrics["weighted_r2"].idxmax(), "epoch"])
-        rows.append({"scope": "fold", "grid": r.grid, "fold": str(r.fold), "best_epoch": best, **oof_score(r.oof)})
-    grids = sorted({r.grid for r in runs if r.oof is not None}, key=_grid_key)
-    for grid in grids:
-        pooled = pd.concat([r.oof for r in runs if r.grid == grid and r.oof is not None], ignore_index=True)
-        rows.append({"scope": "grid", "grid": grid, "fold": "pooled", "best_epoch": None, **oof_score(pooled)})
-    if len(grids) > 1:
-        pooled = pd.concat([r.oof for r in runs if r.oof is not None], ignore_index=True)
-        rows.append({"scope": "pooled", "grid": "all", "fold": "pooled", "best_epoch": None, **oof_score(pooled)})
+        epoch, frame = schedule[r.path]
+        fixed = oof_score(frame)["weighted_r2"] if frame is not None else float("nan")
         rows.append(
-            {
-                "scope": "grid_mean",
-                "grid": "mean",
-                "fold": "pooled",
-                "best_epoch": None,
-                **oof_score(grid_mean_oof(runs)),
-            }
-        )
+            {"scope": "fold", "grid": r.grid, "fold": str(r.fold), "seed": r.seed, "best_epoch": r.best_epoch,
+             "fixed_epoch": epoch, **oof_score(r.oof), "fixed_r2": fixed}
+        )  # fmt: skip
+    with_oof = [r for r in runs if r.oof is not None]
+    grids = sorted({r.grid for r in with_oof}, key=_grid_key)
+    seeds = seeds_of(with_oof)
+    top = []  # per seed: the experiment's own pooled OOF (over grids), for the seed mean
+    for seed in seeds:
+        mine = [r for r in with_oof if r.seed == seed]
+        for grid in grids:
+            part = [r for r in mine if r.grid == grid]
+            if part:
+                pooled = pd.concat([r.oof for r in part], ignore_index=True)
+                row = {"scope": "grid", "grid": grid, "fold": "pooled", "seed": seed, **oof_score(pooled)}
+                rows.append({**row, "fixed_r2": _fixed_score(part, schedule)})
+        if len(grids) > 1:
+            pooled = pd.concat([r.oof for r in mine], ignore_index=True)
+            fixed = _fixed_score(mine, schedule)
+            rows.append({"scope": "pooled", "grid": "all", "fold": "pooled", "seed": seed, **oof_score(pooled),
+                         "fixed_r2": fixed})  # fmt: skip
+            rows.append({"scope": "grid_mean", "grid": "mean", "fold": "pooled", "seed": seed,
+                         **oof_score(grid_mean_oof(mine)), "fixed_r2": float("nan")})  # fmt: skip
+        top.append(rows[-2] if len(grids) > 1 else rows[-1])
+    if len(seeds) > 1:
+        grid = "all" if len(grids) > 1 else grids[0]
+        values = {k: float(np.mean([t[k] for t in top])) for k in ("weighted_r2", *R2_COLUMNS, "fixed_r2")}
+        rows.append({"scope": "seed_mean", "grid": grid, "fold": "pooled", "seed": f"{len(seeds)} seeds",
+                     "images": top[0]["images"], **values,
+                     "seed_std": float(np.std([t["weighted_r2"] for t in top], ddof=1))})  # fmt: skip
+        rows.append({"scope": "seed_ensemble", "grid": "mean", "fold": "pooled", "seed": f"{len(seeds)} seeds",
+                     **oof_score(grid_mean_oof(with_oof)), "fixed_r2": float("nan")})  # fmt: skip
     table = pd.DataFrame(rows)
-    table["best_epoch"] = table["best_epoch"].astype("Int64")
-    return table
+    for col in ("best_epoch", "fixed_epoch"):
+        table[col] = table[col].astype("Int64") if col in table else pd.array([pd.NA] * len(table), dtype="Int64")
+    table["seed"] = table["seed"].astype(object)
+    order = ["scope", "grid", "fold", "seed", "best_epoch", "fixed_epoch", "images", "weighted_r2", "fixed_r2"]
+    rest = [c for c in table.columns if c not in order]
+    return table[order + rest]
+
+
+def selection_table(runs: list[FoldRun]) -> pd.DataFrame:
+    """Best-epoch vs fixed-schedule OOF, per grid and seed and over everything: how much selection flatters."""
+    table = fold_table(runs)
+    part = table[table["scope"] != "fold"].copy()
+    part = part[["scope", "grid", "seed", "images", "weighted_r2", "fixed_r2"]].rename(
+        columns={"weighted_r2": "best_epoch_r2"}
+    )
+    part["gap"] = part["best_epoch_r2"] - part["fixed_r2"]
+    return part.reset_index(drop=True)
 
 
 def pooled_oof(runs: list[FoldRun]) -> pd.DataFrame:
-    """All oof.csv rows of an experiment concatenated (an image appears once per grid)."""
+    """All oof.csv rows of an experiment concatenated (an image appears once per grid and seed)."""
     return pd.concat([r.oof for r in runs if r.oof is not None], ignore_index=True)
 
 
@@ -317,7 +436,8 @@ def plot_residuals(pred: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_fold_bars(table: pd.DataFrame, path: Path) -> Path:
-    """Weighted R^2 of each fold, one bar per grid; dashed lines = each grid pooled over its folds."""
+    """Weighted R^2 of each fold, one bar per grid (mean over seeds, whiskers = their range); dashed lines = each
+    grid pooled over its folds."""
     plt = _plt()
     folds = table[table["scope"] == "fold"]
     grids = list(dict.fromkeys(folds["grid"]))
@@ -328,15 +448,18 @@ def plot_fold_bars(table: pd.DataFrame, path: Path) -> Path:
         figsize=(max(5.0, 1.3 * len(fold_ids) * max(1, len(grids)) + 2.5), 4.2), constrained_layout=True
     )
     for g, grid in enumerate(grids):
-        part = folds[folds["grid"] == grid].set_index(folds[folds["grid"] == grid]["fold"].astype(int))
+        per_fold = folds[folds["grid"] == grid].groupby(folds["fold"].astype(int))["weighted_r2"]
+        mean, low, high = per_fold.mean(), per_fold.min(), per_fold.max()
         xs = [i + (g - (len(grids) - 1) / 2) * width for i in range(len(fold_ids))]
-        vals = [float(part.loc[f, "weighted_r2"]) if f in part.index else np.nan for f in fold_ids]
-        bars = ax.bar(xs, vals, width * 0.95, color=cmap(g % 10), label=f"grid {grid}")
+        vals = [float(mean[f]) if f in mean.index else np.nan for f in fold_ids]
+        err = [[v - float(low.get(f, v)) for f, v in zip(fold_ids, vals)],
+               [float(high.get(f, v)) - v for f, v in zip(fold_ids, vals)]]  # fmt: skip
+        bars = ax.bar(xs, vals, width * 0.95, color=cmap(g % 10), label=f"grid {grid}", yerr=err, capsize=2)
         ax.bar_label(bars, labels=[f"{v:.3f}" if np.isfinite(v) else "" for v in vals], fontsize=8, padding=2)
         pooled = table[(table["scope"] == "grid") & (table["grid"] == grid)]
         if len(pooled):
             ax.axhline(
-                float(pooled["weighted_r2"].iloc[0]), color=cmap(g % 10), ls="--", lw=1, label=f"grid {grid} pooled"
+                float(pooled["weighted_r2"].mean()), color=cmap(g % 10), ls="--", lw=1, label=f"grid {grid} pooled"
             )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(fold_ids)), [f"fold {f}" for f in fold_ids])
@@ -366,7 +489,7 @@ def plot_learning_curves(runs: list[FoldRun], path: Path) -> Path:
             continue
         color = cmap(r.fold % 10)
         ls = styles[grids.index(r.grid) % len(styles)]
-        label = f"{r.grid} fold {r.fold}"
+        label = f"{r.grid} fold {r.fold}" + (f" seed {r.seed}" if len(seeds_of(runs)) > 1 else "")
         ax_loss.plot(m["epoch"], m["train_loss"], color=color, ls=ls, marker="o", ms=3, label=label)
         if "weighted_r2" in m:
             ax_val.plot(m["epoch"], m["weighted_r2"], color=color, ls=ls, marker="o", ms=3, label=label)
@@ -472,19 +595,26 @@ def make_report(exp_dir: str | Path, data_dir: str | Path | None = None, show: b
 
 
 def headline_table(table: pd.DataFrame, ens: pd.DataFrame | None) -> pd.DataFrame:
-    """The few rows worth reading first: each grid pooled, all pooled / grid mean, the ensemble settings."""
+    """The few rows worth reading first: each grid pooled, all pooled / grid mean (per seed), the seed mean and
+    ensemble, the infer.py ensemble settings; `fixed_r2` beside each oof.csv row is its fixed-schedule twin."""
     rows = []
-    for _, r in table[table["scope"] != "fold"].iterrows():
+    summary = table[table["scope"] != "fold"]
+    several = summary["scope"].eq("seed_mean").any()
+    for _, r in summary.iterrows():
+        seed = f", seed {r['seed']}" if several and r["scope"] in ("grid", "pooled", "grid_mean") else ""
         label = {
-            "grid": f"grid {r['grid']} (oof.csv, folds pooled)",
-            "pooled": "all grids (oof.csv rows pooled)",
-            "grid_mean": "mean over grids (oof.csv)",
+            "grid": f"grid {r['grid']} (oof.csv, folds pooled{seed})",
+            "pooled": f"all grids (oof.csv rows pooled{seed})",
+            "grid_mean": f"mean over grids (oof.csv{seed})",
+            "seed_mean": f"mean over {r['seed']} (std {r.get('seed_std', float('nan')):.4f})",
+            "seed_ensemble": f"mean over {r['seed']} and grids of each image's prediction (oof.csv)",
         }[r["scope"]]
         rows.append(
             {
                 "model": label,
                 "images": int(r["images"]),
                 "weighted_r2": r["weighted_r2"],
+                "fixed_r2": r["fixed_r2"],
                 **{c: r[c] for c in R2_COLUMNS},
             }
         )
@@ -497,28 +627,68 @@ def headline_table(table: pd.DataFrame, ens: pd.DataFrame | None) -> pd.DataFram
                     "model": f"{name} (tta={r['tta']}, physics={r['physics']})",
                     "images": int(r.get("images", 0) or 0),
                     "weighted_r2": r["weighted_r2"],
+                    "fixed_r2": float("nan"),
                     **{c: r[c] for c in R2_COLUMNS},
                 }
             )
     return pd.DataFrame(rows)
 
 
+def _seeds_text(runs: list[FoldRun]) -> str:
+    seeds = [str(v) for v in seeds_of(runs) if v is not None]
+    return f", seed(s) {', '.join(seeds)} (fold<K>/seed<S>/)" if seeds else ""
+
+
+def _selection_markdown(table: pd.DataFrame) -> list[str]:
+    """The selection-honest section of REPORT.md: best-epoch vs fixed-schedule OOF, and why both."""
+    folds = table[table["scope"] == "fold"]
+    lines = [
+        "## Selection-honest OOF",
+        "",
+        "`weighted_r2` above is the **best-epoch** OOF: each fold's `oof.csv` holds the epoch (or the SWA average) "
+        "that scored best on that fold's own held-out images, so the choice has seen the labels it is scored on "
+        "and the number is optimistic. `fixed_r2` is the **fixed-schedule** OOF: each fold at the median best "
+        "epoch of the *other* folds of its grid and seed (`fixed_epoch`), read from the per-epoch held-out "
+        "predictions training writes to `oof_epochs.csv` (no weights kept, no retraining: validation already "
+        "predicts every epoch). No choice made for a fold uses that fold's labels, except early stopping: a fold "
+        "that stopped before its fixed epoch is scored at its last epoch. The gap is what selection on the "
+        "scored labels is worth; quote `fixed_r2` when comparing with a peer that selects nothing.",
+        "",
+    ]
+    if folds["fixed_r2"].isna().all():
+        lines += ["No fold has an `oof_epochs.csv` (trained before it was written): re-train to get `fixed_r2`.", ""]
+        return lines
+    part = table[table["scope"] != "fold"][["scope", "grid", "seed", "images", "weighted_r2", "fixed_r2"]].copy()
+    part["gap"] = part["weighted_r2"] - part["fixed_r2"]
+    lines += [to_markdown(part.rename(columns={"weighted_r2": "best_epoch_r2"})), ""]
+    return lines
+
+
 def _report_markdown(
     exp_dir, runs, table, ens, ens_stale, headline, pred_source, breakdown, data_path, data_note, notes
 ) -> str:
     name = exp_dir.name
-    fold_rows = _short_r2(table[table["scope"] == "fold"].drop(columns=["scope"]))
-    summary_rows = _short_r2(table[table["scope"] != "fold"].drop(columns=["scope", "best_epoch"]))
+    fold_rows = _short_r2(table[table["scope"] == "fold"].drop(columns=["scope", "seed_std"], errors="ignore"))
+    summary_rows = _short_r2(table[table["scope"] != "fold"].drop(columns=["scope", "best_epoch", "fixed_epoch"]))
     lines = [
         f"# OOF report: `{name}`",
         "",
-        f"`{exp_dir}`: {len(runs)} fold run(s) over grid(s) {', '.join(dict.fromkeys(r.grid for r in runs))}. "
+        f"`{exp_dir}`: {len(runs)} fold run(s) over grid(s) {', '.join(dict.fromkeys(r.grid for r in runs))}"
+        f"{_seeds_text(runs)}. "
         "Metric = the competition's weighted R² over all (image, target) rows (weights Green/Dead/Clover .1, GDM .2, "
         "Total .5); r2_<target> = plain R² of one target. All numbers are recomputed here from the run's files.",
         "",
     ]
     lines += [f"> note: {n}" for n in notes]
-    lines += ["## Headline", "", to_markdown(_short_r2(headline)), ""]
+    lines += [
+        "## Headline",
+        "",
+        to_markdown(_short_r2(headline)),
+        "",
+        "`weighted_r2`: best epoch per fold (selected on the fold's own labels); `fixed_r2`: the same predictions "
+        "at an epoch fixed by the other folds (see Selection-honest OOF). The ensemble rows use best.pt.",
+        "",
+    ]
     lines += [
         "## Per fold and grid (each fold's `oof.csv`: best epoch, no TTA, no physics)",
         "",
@@ -531,6 +701,7 @@ def _report_markdown(
         "",
         "![per-fold metric](fold_metric.png)",
         "",
+        *_selection_markdown(table),
         "## Fold x grid ensemble (`oof_report.csv`)",
         "",
     ]
@@ -728,8 +899,16 @@ def key_config(runs: list[FoldRun]) -> dict:
     }
 
 
+def seed_oof(runs: list[FoldRun]) -> dict:
+    """seed -> that seed's oof.csv rows of every grid and fold, pooled."""
+    seeds = seeds_of([r for r in runs if r.oof is not None])
+    return {seed: pooled_oof([r for r in runs if r.seed == seed]) for seed in seeds}
+
+
 def experiment_metric(exp_dir: Path, runs: list[FoldRun], source: str) -> dict:
-    """OOF metric of one experiment: `pooled` (all oof.csv rows) or `ensemble` (oof_report.csv default row)."""
+    """OOF metric of one experiment: `pooled` (per seed all oof.csv rows, mean over seeds) or `ensemble`
+    (oof_report.csv default row: the seed x fold x grid ensemble)."""
+    seeds = seeds_of([r for r in runs if r.oof is not None])
     if source == "ensemble":
         report = ensemble_table(exp_dir)
         if report is None:
@@ -741,18 +920,63 @@ def experiment_metric(exp_dir: Path, runs: list[FoldRun], source: str) -> dict:
         stale = " STALE" if _stale(exp_dir / "oof_report.csv", runs) else ""
         return {
             "source": f"ensemble tta={row['tta']} physics={row['physics']}{stale}",
+            "seeds": len(seeds),
             "images": int(row.get("images", 0) or 0),
             "weighted_r2": float(row["weighted_r2"]),
+            "seed_std": float("nan"),
+            "fixed_r2": float("nan"),
             **{c: float(row[c]) for c in R2_COLUMNS},
         }
-    s = oof_score(pooled_oof(runs))
-    return {"source": f"pooled oof.csv ({len({r.grid for r in runs})} grid(s))", **s}
+    per_seed = [oof_score(frame) for frame in seed_oof(runs).values()]
+    schedule = fixed_schedule(runs)
+    fixed = [_fixed_score([r for r in runs if r.seed == seed], schedule) for seed in seeds]
+    return {
+        "source": f"pooled oof.csv ({len({r.grid for r in runs})} grid(s))",
+        "seeds": len(seeds),
+        "images": per_seed[0]["images"],
+        "weighted_r2": float(np.mean([p["weighted_r2"] for p in per_seed])),
+        "seed_std": float(np.std([p["weighted_r2"] for p in per_seed], ddof=1)) if len(per_seed) > 1 else float("nan"),
+        "fixed_r2": float(np.mean(fixed)),
+        **{c: float(np.mean([p[c] for p in per_seed])) for c in R2_COLUMNS},
+    }
 
 
-def compare_table(exp_dirs: list[str | Path], baseline: str | None = None, source: str = "auto") -> pd.DataFrame:
-    """One row per experiment: key config, OOF metric, per-target R^2, train time; sorted, delta to the baseline.
+def experiment_predictions(exp_dir: Path, runs: list[FoldRun], source: str) -> list[pd.DataFrame] | None:
+    """The per-image predictions the metric of `experiment_metric` is made of: one frame per seed (pooled), or
+    oof_ensemble.csv (ensemble; None when it is missing or older than the checkpoints)."""
+    if source == "ensemble":
+        path = exp_dir / "oof_ensemble.csv"
+        ens = _read_csv(path, dtype={"image_id": str})
+        return None if ens is None or _stale(path, runs) else [ens]
+    return list(seed_oof(runs).values())
+
+
+def frame_terms(frames: list[pd.DataFrame], images: pd.Index) -> np.ndarray:
+    """(seeds, images, 4) bootstrap sums of each frame's rows on these images (rows of other images left out)."""
+    out = []
+    for frame in frames:
+        keep = frame["image_id"].isin(images).to_numpy()
+        part = frame[keep]
+        out.append(
+            image_terms(
+                part[list(TRUE_COLUMNS)].to_numpy(np.float64),
+                part[list(TARGETS)].to_numpy(np.float64),
+                images.get_indexer(part["image_id"]),
+                len(images),
+            )
+        )
+    return np.stack(out)
+
+
+def compare_table(
+    exp_dirs: list[str | Path], baseline: str | None = None, source: str = "auto", draws: int = 2000
+) -> pd.DataFrame:
+    """One row per experiment: key config, seed-mean OOF metric +- std over seeds, fixed-schedule OOF, per-target
+    R^2, train time; sorted; the paired bootstrap difference to the baseline with its 95% interval and verdict.
 
     source='auto' uses the ensemble (oof_report.csv) only when every experiment has one, so rows stay comparable.
+    The difference is taken over the images both experiments scored (resampled together, the metric recomputed
+    each draw); seeds are resampled too, so `can't tell` covers reseeding noise as well as the image sample.
     """
     if source not in ("auto", "pooled", "ensemble"):
         raise BiomassError(f"unknown --source {source!r}; choose auto, pooled or ensemble")
@@ -763,6 +987,12 @@ def compare_table(exp_dirs: list[str | Path], baseline: str | None = None, sourc
     loaded = [load_runs(d) for d in dirs]
     if source == "auto":
         source = "ensemble" if all((d / "oof_report.csv").is_file() for d in dirs) else "pooled"
+    base = baseline if baseline is not None else names[0]
+    match = [i for i, (n, d) in enumerate(zip(names, dirs)) if base in (n, str(d), d.name)]
+    if not match:
+        raise BiomassError(f"--baseline {base!r} is not one of the compared experiments ({', '.join(names)})")
+    b = match[0]
+    preds = [experiment_predictions(d, runs, source) for d, runs in zip(dirs, loaded)]
     rows = []
     for name, d, runs in zip(names, dirs, loaded):
         seconds = sum(
@@ -772,21 +1002,48 @@ def compare_table(exp_dirs: list[str | Path], baseline: str | None = None, sourc
             {"experiment": name, **key_config(runs), **experiment_metric(d, runs, source), "train_s": round(seconds, 1)}
         )
     table = pd.DataFrame(rows)
-    base = baseline if baseline is not None else names[0]
-    match = [i for i, (n, d) in enumerate(zip(names, dirs)) if base in (n, str(d), d.name)]
-    if not match:
-        raise BiomassError(f"--baseline {base!r} is not one of the compared experiments ({', '.join(names)})")
-    base_metric = table.loc[match[0], "weighted_r2"]
-    table.insert(table.columns.get_loc("weighted_r2") + 1, "delta", table["weighted_r2"] - base_metric)
-    table["baseline"] = [i == match[0] for i in range(len(table))]
+    deltas, lows, highs, verdicts = [], [], [], []
+    for i in range(len(table)):
+        delta = float(table.loc[i, "weighted_r2"] - table.loc[b, "weighted_r2"])
+        low = high = float("nan")
+        verdict = "baseline" if i == b else "no predictions"
+        if i != b and preds[i] is not None and preds[b] is not None:
+            images = pd.Index(sorted(set(preds[i][0]["image_id"]) & set(preds[b][0]["image_id"])))
+            if len(images):
+                interval = paired_bootstrap(frame_terms(preds[i], images), frame_terms(preds[b], images), draws=draws)
+                delta, low, high, verdict = interval.delta, interval.low, interval.high, interval.verdict
+        deltas.append(0.0 if i == b else delta)
+        lows.append(low)
+        highs.append(high)
+        verdicts.append(verdict)
+    at = table.columns.get_loc("fixed_r2") + 1
+    for offset, (col, values) in enumerate(
+        (("delta", deltas), ("ci_low", lows), ("ci_high", highs), ("verdict", verdicts))
+    ):
+        table.insert(at + offset, col, values)
+    table["baseline"] = [i == b for i in range(len(table))]
     return table.sort_values("weighted_r2", ascending=False, kind="stable").reset_index(drop=True)
 
 
+def _pm(value: float, std: float) -> str:
+    return f"{value:.4f}" if not np.isfinite(std) else f"{value:.4f} ± {std:.4f}"
+
+
+def _interval_text(low: float, high: float) -> str:
+    return "" if not (np.isfinite(low) and np.isfinite(high)) else f"[{low:+.4f}, {high:+.4f}]"
+
+
 def compare_markdown(table: pd.DataFrame) -> str:
-    """The compare table as markdown (baseline row marked with *)."""
-    shown = _short_r2(table.drop(columns=["baseline"])).copy()
+    """The compare table as markdown (baseline row marked with *): mean ± std over seeds, delta [95% CI], verdict."""
+    shown = _short_r2(table.drop(columns=["baseline", "seed_std", "ci_low", "ci_high"])).copy()
     shown["experiment"] = [f"{e} *" if b else e for e, b in zip(table["experiment"], table["baseline"])]
+    shown["weighted_r2"] = [_pm(v, s) for v, s in zip(table["weighted_r2"], table["seed_std"])]
     shown["delta"] = [f"{v:+.4f}" for v in table["delta"]]
+    shown.insert(
+        shown.columns.get_loc("delta") + 1,
+        "95% CI",
+        [_interval_text(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
+    )
     return to_markdown(shown, {"train_s": 1})
 
 
@@ -805,10 +1062,14 @@ def run_compare(
     write_csv_atomic(table, out / "compare.csv")
     md = compare_markdown(table)
     note = (
-        f"Sorted by weighted_r2; delta = weighted_r2 - baseline (*). Metric source per row in `source`: `pooled` = all "
-        "oof.csv rows of the experiment concatenated (best epoch, no TTA); `ensemble` = oof_report.csv's "
-        f"tta={DEFAULT_SETTING['tta']}, physics={DEFAULT_SETTING['physics']} row. train_s = sum of metrics.csv epoch "
-        "seconds (feature-cache builds excluded)."
+        "Sorted by weighted_r2 (mean ± std over seeds). Metric source per row in `source`: `pooled` = per seed all "
+        "oof.csv rows of the experiment concatenated (best epoch, no TTA), then the mean over seeds; `ensemble` = "
+        f"oof_report.csv's tta={DEFAULT_SETTING['tta']}, physics={DEFAULT_SETTING['physics']} row. fixed_r2 = the "
+        "pooled OOF with each fold at the median best epoch of the other folds (selection-honest; empty for runs "
+        "without oof_epochs.csv). delta = this row - the baseline (*) on the images both scored, with the paired "
+        "bootstrap 95% interval (images and seeds resampled, the metric recomputed each draw); verdict: better / "
+        "worse when the interval excludes 0, else can't tell. train_s = sum of metrics.csv epoch seconds "
+        "(feature-cache builds excluded)."
     )
     with atomic_path(out / "compare.md") as tmp:
         tmp.write_text(f"# Compare\n\n{md}\n\n{note}\n")

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 
 from src.adapt import run_pseudo_label
-from src.checkpoint import experiment_dir, find_checkpoints
+from src.checkpoint import experiment_dir, find_checkpoints, ids_hash
 from src.config import PHYSICS_CHOICES, DataConfig, InferConfig
 from src.data import load_sample_submission, load_test, read_csv_checked
 from src.errors import BiomassError
-from src.folds import load_fold_table
+from src.folds import drop_training_ids, load_fold_table
 from src.inference import (
     TTA_MODES,
     Predictor,
@@ -32,6 +32,7 @@ from src.io_utils import check_writable, save_config, write_csv_atomic
 from src.logs import get_logger, log_file
 from src.metric import score
 from src.postprocess import apply_physics
+from src.report import load_runs, selection_table, to_markdown
 from src.runtime import resolve_device
 from src.schema import TARGETS, TEST_COLUMNS
 from src.submission import build_submission, guard, write_submission
@@ -84,8 +85,12 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
 def run_oof(cfg: InferConfig) -> pd.DataFrame:
     """Score each fold's models on their own held-out images for every TTA x physics setting.
 
+    Every checkpoint's recorded train/validation id hashes must be reproduced by the folds file (else a model
+    could be scored on images it trained on); `seed` physics clamps each fold at its own models' training maxima.
     Writes `<exp>/oof_report.csv` (one row per setting), `<exp>/oof_ensemble.csv` (predictions of the
-    full-TTA, project-physics ensemble) and `<exp>/oof_report.yaml` next to the checkpoints; returns the report.
+    full-TTA, project-physics ensemble), `<exp>/oof_selection.csv` (best-epoch vs fixed-schedule OOF from the
+    training files, `src.report.selection_table`) and `<exp>/oof_report.yaml` next to the checkpoints; returns
+    the report.
     """
     paths = find_checkpoints(cfg.checkpoints)
     exp_dir = experiment_dir(paths)
@@ -93,10 +98,11 @@ def run_oof(cfg: InferConfig) -> pd.DataFrame:
         predictors = load_predictors(paths, resolve_device(cfg.device), "full", cfg.amp)
         folds_path = cfg.folds or predictors[0].cfg.data.folds
         wide = load_fold_table(DataConfig(data_dir=cfg.data_dir, folds=folds_path))
+        check_splits(predictors, wide, folds_path)
         per_view = _oof_per_view(predictors, wide, cfg)
         scored = ~np.isnan(per_view[:, 0, 0])
         truth = wide.loc[scored, list(TARGETS)].to_numpy(dtype=np.float64)
-        upper = upper_bounds(predictors)
+        upper = fold_upper_bounds(predictors, wide.loc[scored, "fold"].to_numpy())
         rows = []
         for tta in TTA_MODES:
             mean = per_view[scored, : TTA_MODES[tta]].mean(axis=1)
@@ -115,8 +121,63 @@ def run_oof(cfg: InferConfig) -> pd.DataFrame:
         write_csv_atomic(ens, exp_dir / "oof_ensemble.csv")
         save_config(cfg, exp_dir / "oof_report.yaml")
         log.info(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        _write_selection(exp_dir)
         log.info(f"wrote {exp_dir / 'oof_report.csv'}")
     return report
+
+
+def _write_selection(exp_dir: Path) -> None:
+    """oof_selection.csv: the training files' best-epoch OOF beside the fixed-schedule one (no TTA, no physics)."""
+    try:
+        table = selection_table(load_runs(exp_dir))
+    except BiomassError as err:  # explicit .pt files outside an experiment: nothing to read
+        log.info(f"no selection-honest OOF ({err})")
+        return
+    write_csv_atomic(table, exp_dir / "oof_selection.csv")
+    log.info(
+        "selection-honest OOF (oof.csv at the best epoch vs each fold at the median best epoch of the other folds, "
+        "from oof_epochs.csv; no TTA, no physics):\n" + to_markdown(table)
+    )
+
+
+def check_splits(predictors: list[Predictor], wide: pd.DataFrame, folds_path) -> None:
+    """Each checkpoint's fold must hold exactly the images it validated on, and the rest exactly those it trained
+    on (less its --drop-ids): a regenerated folds file would otherwise score models on their own training images."""
+    for p in predictors:
+        split = p.split
+        if not split or p.fold is None:
+            continue  # checkpoints from before the split was recorded: nothing to check against
+        fold = int(p.fold)
+        val = wide.loc[wide["fold"] == fold, "image_id"]
+        train = wide[wide["fold"] != fold]
+        if p.cfg.data.drop_ids and Path(p.cfg.data.drop_ids).is_file():
+            train, _ = drop_training_ids(train, wide[wide["fold"] == fold], p.cfg.data.drop_ids, wide["image_id"])
+        elif p.cfg.data.drop_ids:
+            train = None  # its --drop-ids file is gone: only the validation images can be checked
+        problems = []
+        if "val_ids" in split and ids_hash(val) != split["val_ids"]:
+            problems.append(f"its {split.get('n_val')} validation images are not the {len(val)} of fold {fold} here")
+        if train is not None and ids_hash(train["image_id"]) != split["train_ids"]:
+            problems.append(f"its {split.get('n_train')} training images are not the {len(train)} outside fold {fold}")
+        if problems:
+            raise BiomassError(
+                f"fold {fold}: {folds_path} does not reproduce the split of {p.path} ({'; '.join(problems)}); "
+                "pass the folds file it was trained with (--folds)"
+            )
+
+
+def fold_upper_bounds(predictors: list[Predictor], row_folds: np.ndarray) -> np.ndarray:
+    """(rows, 5) `seed`-physics clamp of each OOF row: the training maxima of its own fold's models only.
+
+    The maxima over every fold's models would include each fold's held-out labels (they train the other folds).
+    """
+    by_fold: dict[int, list[Predictor]] = defaultdict(list)
+    for p in predictors:
+        by_fold[int(p.fold)].append(p)
+    out = np.zeros((len(row_folds), len(TARGETS)))
+    for fold, members in by_fold.items():
+        out[np.asarray(row_folds) == fold] = upper_bounds(members)
+    return out
 
 
 def _oof_per_view(predictors: list[Predictor], wide: pd.DataFrame, cfg: InferConfig) -> np.ndarray:

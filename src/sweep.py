@@ -7,6 +7,8 @@ sweep runs their cartesian product. Only the frozen-stage heads train (epochs = 
 sets both), so the backbone runs once per fold: `feature_cache` is built once and every run's `fit`
 reads it. That is only valid while the backbone, its input and its seed stay fixed, which is why grid,
 tile size, backbone, feature, seed and amp cannot be swept here (train them as separate experiments).
+`--seeds 0 1 2` repeats the whole product per seed (one cache per fold and seed): sweep.md then shows each
+run's mean and std over seeds, so a difference can be told from reseeding noise.
 
 Results go to `checkpoints/<exp>/sweep.csv`, one row per (run, fold), rewritten atomically after each run;
 a rerun skips every (run, fold) already there, so an interrupted sweep resumes and added values only
@@ -72,7 +74,8 @@ class SweepRun:
 
     cfg: Config
     values: dict[str, object]
-    run_id: str
+    run_id: str  # hash of the whole config, seed included: one (config, seed) pair
+    config_id: str = ""  # the run_id at the first seed: the same config under every seed
 
 
 def _value_text(value) -> str:
@@ -126,6 +129,22 @@ def expand(base: Config, grid: dict[str, list]) -> list[SweepRun]:
     return runs
 
 
+def expand_seeds(base: Config, grid: dict[str, list], seeds: list[int] | None = None) -> list[SweepRun]:
+    """`expand` once per seed (default: the config's own), each run tagged with the config_id it shares."""
+    seeds = list(dict.fromkeys(seeds)) if seeds else [base.train.seed]
+    per_seed = []
+    for seed in seeds:
+        seeded = copy.deepcopy(base)
+        seeded.train.seed = int(seed)
+        per_seed.append(expand(seeded, grid))
+    out = []
+    for runs in per_seed:
+        for run, first in zip(runs, per_seed[0]):
+            run.config_id = first.run_id
+            out.append(run)
+    return out
+
+
 def sweep_path(base: Config) -> Path:
     """checkpoints/<exp>/sweep.csv"""
     return Path(base.out_dir) / base.exp / "sweep.csv"
@@ -157,14 +176,20 @@ def _check_stage1(base: Config) -> None:
         raise BiomassError("a sweep needs --cache-features (the shared feature cache is the point of it)")
 
 
-def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = None, show: bool = True) -> pd.DataFrame:
-    """Run every (run, fold) of the product not yet in sweep.csv; return the table of the product's runs.
+def run_sweep(
+    base: Config,
+    grid: dict[str, list],
+    folds: list[int] | None = None,
+    show: bool = True,
+    seeds: list[int] | None = None,
+) -> pd.DataFrame:
+    """Run every (run, fold) of the product (per seed) not yet in sweep.csv; return the table of the product's runs.
 
-    Per fold the backbone is built once with the config's seed and `feature_cache` runs once; `fit` then
+    Per fold and seed the backbone is built once with that seed and `feature_cache` runs once; `fit` then
     builds each run's model with the same seed (so the same backbone) and reads that cache.
     """
     _check_stage1(base)
-    runs = expand(base, grid)
+    runs = expand_seeds(base, grid, seeds)
     path = sweep_path(base)
     done = read_sweep(path)
     done_keys = set(zip(done["run_id"], done["fold"].astype(int))) if len(done) else set()
@@ -177,15 +202,15 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
     if show:
         log.info(f"sweep {base.exp}: {len(runs)} run(s) x {len(folds)} fold(s) = {total}; {skipped} already in {path}")
     count = skipped
-    for k in folds:
-        todo = [r for r in runs if (r.run_id, int(k)) not in done_keys]
+    for k, seed in itertools.product(folds, dict.fromkeys(r.cfg.train.seed for r in runs)):
+        todo = [r for r in runs if r.cfg.train.seed == seed and (r.run_id, int(k)) not in done_keys]
         if not todo:
             continue
         train_frame, val_frame = splits[k].train, splits[k].val
         if show and splits[k].note:
             log.info(f"fold {k}: {splits[k].note}")
         start = time.time()
-        seed_everything(base.train.seed)  # the seed fit() uses before build_model: same random-init backbone
+        seed_everything(seed)  # the seed fit() uses before build_model: same random-init backbone
         model = build_model(todo[0].cfg.model)
         model.to(device)
         cache = feature_cache(model, train_frame, val_frame, todo[0].cfg, device, show=show)
@@ -193,7 +218,7 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
         cache_seconds = time.time() - start
         if show:
             log.info(
-                f"fold {k}: feature cache of {len(train_frame)} train + {len(val_frame)} val images in "
+                f"fold {k} seed {seed}: feature cache of {len(train_frame)} train + {len(val_frame)} val images in "
                 f"{cache_seconds:.1f}s"
             )
         for run in todo:
@@ -204,6 +229,7 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
             row = {
                 "run_id": run.run_id,
                 "fold": int(k),
+                "seed": int(seed),
                 **{n: _value_text(v) for n, v in run.values.items()},
                 "epochs": run.cfg.train.epochs,
                 "best_epoch": result.best_epoch,
@@ -219,7 +245,8 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
             if show:
                 varied = " ".join(f"{n}={_value_text(run.values[n])}" for n in grid)
                 log.info(
-                    f"[{count}/{total}] fold {k} {run.run_id} {varied} -> wR2 {result.best_metric:.4f} ({seconds:.1f}s)"
+                    f"[{count}/{total}] fold {k} seed {seed} {run.run_id} {varied} -> wR2 {result.best_metric:.4f} "
+                    f"({seconds:.1f}s)"
                 )
     table = sweep_table(done, runs, list(grid), folds)
     write_text_atomic(path.with_name("sweep.md"), f"# Sweep `{base.exp}`\n\n{sweep_markdown(table)}\n")
@@ -230,12 +257,20 @@ def run_sweep(base: Config, grid: dict[str, list], folds: list[int] | None = Non
 
 
 def sweep_table(rows: pd.DataFrame, runs: list[SweepRun], varied: list[str], folds: list[int]) -> pd.DataFrame:
-    """The product's runs (mean over the requested folds), sorted by the metric, delta to the best run."""
-    ids = [r.run_id for r in runs]
-    part = rows[rows["run_id"].isin(ids) & rows["fold"].astype(int).isin([int(f) for f in folds])].copy()
+    """The product's configs: mean over the requested folds per seed, then mean and std over seeds; sorted by
+    the metric, delta to the best. `run_id` is the config's id at its first seed."""
+    config_of = {r.run_id: r.config_id or r.run_id for r in runs}
+    part = rows[rows["run_id"].isin(list(config_of)) & rows["fold"].astype(int).isin([int(f) for f in folds])].copy()
     metric_cols = ["weighted_r2", *R2_COLUMNS, "seconds"]
-    agg = part.groupby("run_id").agg(folds=("fold", "count"), **{c: (c, "mean") for c in metric_cols}).reset_index()
-    values = pd.DataFrame([{"run_id": r.run_id, **{n: _value_text(r.values[n]) for n in varied}} for r in runs])
+    per_seed = part.groupby("run_id").agg(folds=("fold", "count"), **{c: (c, "mean") for c in metric_cols})
+    per_seed["config_id"] = [config_of[i] for i in per_seed.index]
+    agg = per_seed.groupby("config_id").agg(
+        folds=("folds", "max"), seeds=("folds", "count"), **{c: (c, "mean") for c in metric_cols}
+    )
+    agg.insert(agg.columns.get_loc("weighted_r2") + 1, "seed_std", per_seed.groupby("config_id")["weighted_r2"].std())
+    agg = agg.reset_index().rename(columns={"config_id": "run_id"})
+    firsts = [r for r in runs if (r.config_id or r.run_id) == r.run_id]
+    values = pd.DataFrame([{"run_id": r.run_id, **{n: _value_text(r.values[n]) for n in varied}} for r in firsts])
     table = values.merge(agg, on="run_id", how="inner")
     table = table.sort_values("weighted_r2", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(table.columns.get_loc("weighted_r2") + 1, "delta", table["weighted_r2"] - table["weighted_r2"].max())
@@ -261,6 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_config_flags(parser)  # the fixed part; the sweepable flags below replace their single-value versions
     add_quiet_flag(parser)
     parser.add_argument("--fold", default="0", help="fold index, comma list, or 'all' (default 0)")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=None, metavar="S", help="repeat the sweep per seed (not with --seed)"
+    )
     group = parser.add_argument_group("swept values (several values each: the sweep runs their product)")
     for name in SWEEP_FIELDS:
         flag = "--" + name.replace("_", "-")
@@ -319,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         raise BiomassError("pass --exp NAME: the sweep writes checkpoints/<NAME>/sweep.csv")
     base = base_config(args)
     check_backbone_name(base.model.backbone)
-    run_sweep(base, grid_from_args(args), parse_folds(args.fold))
+    if args.seeds is not None and getattr(args, "train.seed") is not None:
+        raise BiomassError("give --seed S or --seeds S [S ...], not both")
+    run_sweep(base, grid_from_args(args), parse_folds(args.fold), seeds=args.seeds)
     return 0
 
 

@@ -25,6 +25,7 @@ from src.checkpoint import (
     run_dir_for,
     save_best,
     save_resume_state,
+    split_record,
     stage_of,
     target_stats,
     write_run_files,
@@ -46,6 +47,9 @@ from src.transforms import build_transform
 log = get_logger(__name__)
 FROZEN, FINETUNE = "frozen", "finetune"
 STAGE_SEED = {FROZEN: 100, FINETUNE: 200}  # each stage's set-up is seeded apart (seed + offset)
+# Called as observe(batch, mixed, mix, cached) for every training batch (`mixed` is what the model sees, `mix`
+# = (lambda, permutation) or None): tests count mixup and stereo swaps in the real loop through it.
+BATCH_OBSERVERS: list = []
 
 
 @dataclass
@@ -110,11 +114,13 @@ def train_one_epoch(
     accum = max(1, cfg.train.accum)
     bar = progress(loader, desc=f"epoch {epoch}", leave=False, disable=not dist_info.is_main)
     for step, batch in enumerate(bar):
-        mix = None
+        mix, raw = None, batch
         if cfg.train.mixup_prob > 0 and rng.random() < cfg.train.mixup_prob and len(batch["targets"]) > 1:
             lam = float(rng.beta(cfg.train.mixup_alpha, cfg.train.mixup_alpha))
             perm = torch.from_numpy(rng.permutation(len(batch["targets"])))
             batch, mix = mixup(batch, lam, perm), (lam, perm)
+        for observe in BATCH_OBSERVERS:
+            observe(raw, batch, mix, cached)
         loss = batch_loss(model, batch, cfg, device, cached, mix)
         if not torch.isfinite(loss):
             bad_in_row += 1
@@ -281,6 +287,7 @@ def fit(
     dist_info = dist_info or DistInfo()
     seed_everything(tc.seed)
     stats = target_stats(train_frame)
+    split = split_record(train_frame, val_frame)  # kept in best.pt: infer.py --oof checks its folds file against it
     if model is None:
         model = build_model(cfg.model)
         model.init_from_stats(stats)
@@ -305,6 +312,8 @@ def fit(
     evaluated = ema.module if ema is not None else model
     top_k: list[dict] = list(saved.get("swa_top", [])) if saved is not None else []
     oof = _read_oof(run_dir) if saved is not None else None
+    # every validated epoch's held-out predictions: a fold can then be scored at an epoch chosen without its labels
+    epoch_oof = _read_epoch_oof(run_dir, state.epoch) if saved is not None else []
     stage: Stage | None = None
     for epoch in range(state.epoch + 1, tc.epochs):
         name = stage_for_epoch(epoch, cfg)
@@ -323,6 +332,7 @@ def fit(
             scores = score(val_frame[list(TARGETS)].to_numpy(dtype=np.float64)[idx], preds)
             row.update(scores)
             improved = scores["weighted_r2"] > state.best_metric
+            epoch_oof.append(_oof_frame(val_frame.iloc[idx], preds, fold).assign(epoch=epoch))
             if improved:
                 state.best_metric, state.best_epoch, state.bad_epochs = scores["weighted_r2"], epoch, 0
                 oof = _oof_frame(val_frame.iloc[idx], preds, fold)
@@ -337,9 +347,12 @@ def fit(
             _log_epoch(row)
             if run_dir is not None:
                 if improved or stage.val_set is None:
-                    save_best(run_dir / "best.pt", evaluated, cfg, stats, epoch, row.get("weighted_r2"), fold)
+                    metric = row.get("weighted_r2")
+                    save_best(run_dir / "best.pt", evaluated, cfg, stats, epoch, metric, fold, split=split)
                     if oof is not None:
                         write_csv_atomic(oof, run_dir / "oof.csv")
+                if epoch_oof:
+                    write_csv_atomic(pd.concat(epoch_oof, ignore_index=True), run_dir / "oof_epochs.csv")
                 write_csv_atomic(pd.DataFrame(state.history), run_dir / "metrics.csv")
                 swa_top = top_k if tc.swa_top_k > 0 else None
                 save_resume_state(
@@ -353,7 +366,7 @@ def fit(
     swa_metric = None
     if tc.swa_top_k > 0 and val_frame is not None and len(top_k) >= 2:
         swa_metric, swa_oof = _finish_swa(
-            top_k, evaluated, val_frame, cfg, stats, state, run_dir, device, dist_info, fold
+            top_k, evaluated, val_frame, cfg, stats, state, run_dir, device, dist_info, fold, split
         )
         if swa_oof is not None:
             oof = swa_oof
@@ -393,7 +406,9 @@ def _image_val_loader(model: BiomassModel, val_frame: pd.DataFrame, cfg: Config,
     )
 
 
-def _finish_swa(top_k, evaluated, val_frame, cfg: Config, stats, state: FitState, run_dir, device, dist_info, fold):
+def _finish_swa(
+    top_k, evaluated, val_frame, cfg: Config, stats, state: FitState, run_dir, device, dist_info, fold, split=None
+):
     """Average the K best epochs' weights and validate them; swa.pt is always written, and the average
     replaces best.pt (and oof.csv) when it scores at least as well as the best single epoch.
 
@@ -414,9 +429,10 @@ def _finish_swa(top_k, evaluated, val_frame, cfg: Config, stats, state: FitState
             f"swa of epochs {epochs}: val weighted R2 {metric:.4f} vs best epoch {state.best_metric:.4f}: {verdict}"
         )
         if run_dir is not None:
-            save_best(run_dir / "swa.pt", swa, cfg, stats, state.best_epoch, metric, fold, swa_epochs=epochs)
+            args = (cfg, stats, state.best_epoch, metric, fold)
+            save_best(run_dir / "swa.pt", swa, *args, swa_epochs=epochs, split=split)
             if wins:
-                save_best(run_dir / "best.pt", swa, cfg, stats, state.best_epoch, metric, fold, swa_epochs=epochs)
+                save_best(run_dir / "best.pt", swa, *args, swa_epochs=epochs, split=split)
                 write_csv_atomic(oof, run_dir / "oof.csv")
     if wins:
         state.best_metric = metric
@@ -438,6 +454,15 @@ def _read_oof(run_dir: Path | None) -> pd.DataFrame | None:
     return pd.read_csv(path, dtype={"image_id": str}) if path is not None and path.is_file() else None
 
 
+def _read_epoch_oof(run_dir: Path | None, last_epoch: int) -> list[pd.DataFrame]:
+    """oof_epochs.csv of a resumed run, up to its last completed epoch (later rows belong to a lost epoch)."""
+    path = run_dir / "oof_epochs.csv" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    frame = pd.read_csv(path, dtype={"image_id": str})
+    return [frame[frame["epoch"] <= last_epoch]]
+
+
 def _log_epoch(row: dict) -> None:
     names = zip(SHORT_NAMES, TARGETS)
     per = " ".join(f"{short}={row[f'r2_{name}']:.3f}" for short, name in names if f"r2_{name}" in row)
@@ -449,11 +474,16 @@ def _log_epoch(row: dict) -> None:
 
 
 # ---- a fold from the command line -------------------------------------------------------------------------------
-def train_fold(cfg: Config, fold: int, resume: bool = False, overwrite: bool = False, command: str = "") -> FitResult:
-    """Train one fold end to end: validate inputs, train, write the fold directory (with its train.log)."""
+def train_fold(
+    cfg: Config, fold: int, resume: bool = False, overwrite: bool = False, command: str = "", seed_dir: bool = False
+) -> FitResult:
+    """Train one fold end to end: validate inputs, train, write the fold directory (with its train.log).
+
+    `seed_dir` writes into fold<K>/seed<S>/ (seeds as an axis of the experiment) instead of fold<K>/.
+    """
     dist_info, device = init_distributed(cfg.train.device)
     split = split_fold(load_fold_table(cfg.data), fold, cfg.data)
-    run_dir = run_dir_for(cfg, fold)
+    run_dir = run_dir_for(cfg, fold, seed_dir)
     # Build the model (loading --backbone-weights) and check --resume before the run directory is touched:
     # a bad weights file or a mismatched last.pt leaves nothing behind. Same seed as fit's own build.
     seed_everything(cfg.train.seed)

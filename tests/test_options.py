@@ -8,6 +8,7 @@ heads, DINOv3 (patch 16) and grid 1x1 end to end, and the ablation script's smok
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -690,13 +691,31 @@ def test_ablation_quick_writes_table_and_csv(synthetic_dir, folds_csv, tmp_path)
             str(doc),
             "--csv",
             str(csv),
+            "--seeds",
+            "0",
+            "1",
         ]
     )
     table = pd.read_csv(csv)
     assert set(table["experiment"]) == {"default", "top-private"}
     assert table.loc[table["baseline"], "experiment"].tolist() == ["default"]
-    for col in ("weighted_r2", "delta", "train_s", *(f"r2_{t}" for t in TARGETS)):
+    for col in ("weighted_r2", "seed_std", "delta", "train_s", *(f"r2_{t}" for t in TARGETS)):
         assert col in table and np.isfinite(table[col]).all(), col
+    assert table["fixed_r2"].isna().all()  # one fold: no other fold to fix its epoch
+    assert (table["seeds"] == 2).all()
+    assert sorted(p.parent.name for p in (tmp_path / "ck" / "default").glob("grid2x2/fold*/seed*/best.pt")) == [
+        "seed0",
+        "seed1",
+    ]
     assert table.loc[table["experiment"] == "default", "delta"].item() == 0.0
+    other = table[table["experiment"] == "top-private"].iloc[0]
+    assert other["ci_low"] <= other["delta"] <= other["ci_high"]
+    assert other["verdict"] in ("better", "worse", "can't tell")
     text = doc.read_text()
     assert "| default *" in text and "top-private" in text and "python bench/ablate.py --quick" in text
+    assert "<!-- generated:ablation -->" in text and "95% CI" in text and "--seeds 0 1" in text
+    meta = json.loads(csv.with_suffix(".json").read_text())
+    assert meta["seeds"] == 2 and meta["quick"] is True
+    from src.docs import render_ablation, sections
+
+    assert sections(text)[0][1].strip() == render_ablation(table, meta).strip()  # the doc is its sources, rendered

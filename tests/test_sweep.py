@@ -144,3 +144,22 @@ def test_flags_and_ids():
         sweep.base_config(sweep.parse_args(["--exp", "x", "--epochs", "3", "--freeze-epochs", "2"]))
     with pytest.raises(BiomassError, match="--exp"):
         sweep.main(["--lr", "1e-3"])
+
+
+def test_sweep_over_seeds_reports_mean_and_std(synthetic_dir, folds_csv, tmp_path, spies):
+    argv = base_args(synthetic_dir, folds_csv, tmp_path, "--fold", "0", "--lr", "1e-3", "2e-3", "--seeds", "0", "1")
+    flags = [f for i, f in enumerate(argv) if f != "--seed" and argv[i - 1] != "--seed"]  # --seeds replaces it
+    assert sweep.main(flags) == 0
+    rows = pd.read_csv(tmp_path / "sw" / "sweep.csv", dtype={"run_id": str})
+    assert len(rows) == 4 and sorted(rows["seed"]) == [0, 0, 1, 1] and rows["run_id"].nunique() == 4
+    assert spies == {"fit": 4, "feature_cache": 2}  # one cache per (fold, seed)
+    args = sweep.parse_args(flags)
+    runs = sweep.expand_seeds(sweep.base_config(args), sweep.grid_from_args(args), [0, 1])
+    table = sweep.sweep_table(rows, runs, ["lr"], [0])
+    assert len(table) == 2 and (table["seeds"] == 2).all()
+    for _, row in table.iterrows():
+        mine = rows[rows["lr"] == float(row["lr"])]["weighted_r2"]
+        assert row["weighted_r2"] == pytest.approx(mine.mean()) and row["seed_std"] == pytest.approx(mine.std())
+    assert "seed_std" in (tmp_path / "sw" / "sweep.md").read_text()
+    with pytest.raises(BiomassError, match="not both"):
+        sweep.main([*flags, "--seed", "3"])
