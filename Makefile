@@ -10,7 +10,7 @@ DEMO_FLAGS := --preset tiny --tile-size 84 --epochs 24
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data-synthetic data demo test ablate kernel push clean
+.PHONY: install data-synthetic data demo test ablate kernel push kaggle-sim clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ kernel: install
 
 push: install
 	$(PY) kernels/push.py build/kaggle
+
+# rehearsal of Kaggle's hidden-test rerun (docs/KAGGLE.md): a tiny experiment, the built kernel run offline on a
+# Kaggle-style input tree with bad inputs, twice (2026 layout; competition-era layout with timm 1.0.19); ~1 min.
+# SIM_FLAGS="--checkpoints checkpoints/demo --data-dir data/synthetic" rehearses an experiment of yours instead.
+SIM_FLAGS ?=
+kaggle-sim: install
+	$(PY) kernels/rehearse.py $(SIM_FLAGS)
 
 clean:
 	rm -rf $(DATA) $(FOLDS) checkpoints/$(EXP) submission.csv

@@ -1,7 +1,9 @@
 """python kernels/build.py --checkpoints checkpoints/<exp> [...] [--owner USER] [--slug NAME] --out build/kaggle
 
 Writes the three Kaggle uploads of a submission (kernels/push.py sends them):
-  weights/  every best.pt of the ensemble as <exp>/grid*/fold*/best.pt + MANIFEST.json  -> dataset USER/SLUG-weights
+  weights/  every best.pt of the ensemble as <exp>/grid*/fold*/best.pt, beside it the run's --drop-ids file
+            (drop_ids.txt) and folds file (folds.csv) for the pseudo-label fine-tune, + MANIFEST.json
+                                                                                       -> dataset USER/SLUG-weights
   code/     the src/ package and infer.py (+ wheels/timm-*.whl with --bundle-timm)    -> dataset USER/SLUG-code
   kernel/   kernel.py (from kernels/kernel_template.py) + kernel-metadata.json         -> kernel USER/SLUG
 The build happens in a temp folder beside --out and replaces --out only when complete.
@@ -26,8 +28,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python kernels/build.py`: `src` and `kernels` live in the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.push import OWNER_RE, SLUG_RE, validate_build  # noqa: E402
+from kernels.push import (  # noqa: E402
+    DEFAULT_ACCELERATOR,
+    NO_ACCELERATOR,
+    OWNER_RE,
+    SLUG_RE,
+    accelerator_problem,
+    accelerator_warnings,
+    canonical_accelerator,
+    validate_build,
+)
 from kernels.wheel import pack_installed, version_tuple  # noqa: E402
+from src.adapt import RUN_FILES  # noqa: E402
 from src.artifacts import Cleaning  # noqa: E402
 from src.checkpoint import find_checkpoints, git_description, load_checkpoint  # noqa: E402
 from src.config import INFER_PRESETS, InferConfig, add_infer_flags, resolve_infer_config  # noqa: E402
@@ -66,6 +78,7 @@ class KernelOptions:
 
     infer: InferConfig = dataclasses.field(default_factory=kernel_infer_config)
     bundle_timm: bool = False
+    accelerator: str = DEFAULT_ACCELERATOR  # kernel-metadata.json machine_shape; "none" = CPU
 
 
 # ---- names -------------------------------------------------------------------------------------------------------
@@ -86,6 +99,19 @@ def check_slug(slug: str) -> str:
             f"--slug {slug!r}: use 6-42 lowercase letters, digits and single dashes, e.g. {DEFAULT_SLUG}"
         )
     return slug
+
+
+def check_accelerator(value: str) -> str:
+    """--accelerator: a machine_shape the kaggle CLI knows (its spelling), or `none`; retired ones warn."""
+    name = canonical_accelerator(value)
+    if name == NO_ACCELERATOR:
+        return name
+    problem = accelerator_problem(value)
+    if problem:
+        raise BiomassError(f"--accelerator {problem}, or {NO_ACCELERATOR} for a CPU kernel")
+    for line in accelerator_warnings(name):
+        log.warning(line)
+    return name
 
 
 def title_of(slug: str) -> str:
@@ -159,7 +185,40 @@ def describe_checkpoint(path: Path) -> dict:
         "grid": f"{grid[0]}x{grid[1]}", "fold": ckpt.get("fold"), "val_metric": ckpt.get("val_metric"),
         "backbone": ckpt["config"]["model"]["backbone"],
         "clean_stamps": bool(data.get("clean_stamps", False)), "crop_bottom": float(data.get("crop_bottom", 0.0)),
+        "drop_ids": data.get("drop_ids"), "folds": data.get("folds"),
     }  # fmt: skip
+
+
+def find_run_file(configured: str | None) -> Path | None:
+    """A path of a checkpoint's config as training saw it: absolute, from the current directory or the repo."""
+    if not configured:
+        return None
+    path = Path(configured)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO / path]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def ship_run_files(described: dict, dst_dir: Path, fine_tune: bool) -> dict[str, str | None]:
+    """Copy the run's --drop-ids and folds files beside its best.pt in the weights dataset (src/adapt.RUN_FILES).
+
+    The pseudo-label fine-tune on Kaggle reads them there: the paths in the config are the training machine's.
+    A configured drop-ids file that is gone is an error when the kernel fine-tunes (it would train on images
+    the run left out), a warning otherwise; a missing folds file is a warning (the fine-tune then takes every
+    train.csv image).
+    """
+    shipped: dict[str, str | None] = {}
+    for kind, name in RUN_FILES.items():
+        configured = described.get(kind)
+        found = find_run_file(configured)
+        if configured and found is None:
+            what = f"{described['path']}: trained with --{kind.replace('_', '-')} {configured}, which is not here"
+            if kind == "drop_ids" and fine_tune:
+                raise BiomassError(f"{what}; the kernel's fine-tune needs it: restore it or build without it")
+            log.warning(f"{what}; not shipped")
+        if found is not None:
+            _place(found, dst_dir / name)
+        shipped[kind] = f"{Path(described['path']).parent.as_posix()}/{name}" if found is not None else None
+    return shipped
 
 
 def timm_min_version(backbones: list[str]) -> str:
@@ -220,7 +279,9 @@ def build_into(
     described = []
     for _, items in experiments.values():
         for src, rel in items:
-            described.append({"path": rel, **describe_checkpoint(src)})
+            item = {"path": rel, **describe_checkpoint(src)}
+            item["shipped"] = ship_run_files(item, (weights / rel).parent, options.infer.pseudo_label.enabled)
+            described.append(item)
             _place(src, weights / rel)
     if backbone_weights is not None:
         if not backbone_weights.is_file():
@@ -257,6 +318,7 @@ def build_into(
         "infer": options.infer.to_dict(),
         "timm": {"min_version": timm_min_version([d["backbone"] for d in described]), "wheel": timm_wheel},
         "cleaning": sorted({Cleaning(d["clean_stamps"], d["crop_bottom"]).key or "none" for d in described}),
+        "accelerator": options.accelerator,
     }
     kernel.mkdir(parents=True)
     (kernel / "kernel.py").write_text(render_kernel(kernel_build))
@@ -269,9 +331,10 @@ def build_into(
             "language": "python",
             "kernel_type": "script",
             "is_private": True,
-            "enable_gpu": True,
-            "enable_tpu": False,
+            "enable_gpu": options.accelerator.startswith("Nvidia"),
+            "enable_tpu": options.accelerator.lower().startswith("tpu"),
             "enable_internet": False,
+            **({} if options.accelerator == NO_ACCELERATOR else {"machine_shape": options.accelerator}),
             "dataset_sources": [ids["weights"], ids["code"]],
             "competition_sources": [COMPETITION],
             "kernel_sources": [],
@@ -348,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="build/kaggle", help="output folder (replaced whole)")
     parser.add_argument(
+        "--accelerator",
+        default=DEFAULT_ACCELERATOR,
+        help="kernel-metadata.json machine_shape: NvidiaTeslaT4 (GPU T4 x2, default), TpuV5E8, or none (CPU); "
+        "retired ones (NvidiaTeslaP100) warn",
+    )
+    parser.add_argument(
         "--bundle-timm",
         action="store_true",
         help="ship this machine's timm as a wheel; the kernel installs it offline if Kaggle's is older",
@@ -357,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     add_quiet_flag(parser)
     args = parser.parse_args(argv)
     infer = resolve_infer_config(args, preset="kaggle")  # its checkpoints: the experiments to ship
-    options = KernelOptions(infer, args.bundle_timm)
+    options = KernelOptions(infer, args.bundle_timm, check_accelerator(args.accelerator))
     build(infer.checkpoints, args.out, args.owner, args.slug, options, args.backbone_weights)
     return 0
 

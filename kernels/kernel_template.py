@@ -5,12 +5,19 @@ checkpoints of the weights dataset, and writes /kaggle/working/submission.csv. I
 of its own. Any error stops the run with a non-zero exit and one line saying why: a failed kernel shows up,
 a silently constant submission does not.
 
-Paths (each overridable by an environment variable, which is how the tests run it off Kaggle):
-  I2B_CODE_DIR     code dataset      default /kaggle/input/<slug>-code
-  I2B_WEIGHTS_DIR  weights dataset   default /kaggle/input/<slug>-weights
-  I2B_DATA_DIR     competition data  default /kaggle/input/csiro-biomass
-  I2B_OUT_DIR      output folder     default /kaggle/working
+Inputs are found under one root, I2B_KAGGLE_INPUT (default /kaggle/input), in every layout Kaggle has used:
+  competition data  <root>/csiro-biomass or <root>/competitions/csiro-biomass
+  datasets          <root>/<slug>-code, <root>/datasets/<owner>/<slug>-code (the same for -weights)
+(then any folder one or two levels down with that name). Each can also be named outright, and the output
+folder moved, by an environment variable:
+  I2B_CODE_DIR, I2B_WEIGHTS_DIR, I2B_DATA_DIR   one input folder each
+  I2B_OUT_DIR      output folder     default /kaggle/working, else the current directory
   I2B_FORCE_TIMM_WHEEL=1             install the bundled timm wheel even if the image's timm is new enough
+
+At start every device is logged, and each GPU is checked against the architectures this torch was built for
+(`torch.cuda.get_arch_list()`) and with one small operation: a GPU that torch cannot use (say a P100, sm_60,
+under a torch built from sm_75 on) is logged and left out; the run goes on with the first usable GPU, the
+CPU last.
 
 If the build bundled a timm wheel (kernels/build.py --bundle-timm) and Kaggle's timm is older than the
 backbones need, the wheel is installed offline (`pip install --no-index --no-deps --target`) before any import.
@@ -31,33 +38,61 @@ from pathlib import Path
 # Filled in by kernels/build.py: dataset ids and content ids, experiments, infer.py's config. Empty = the template.
 BUILD: dict = {}
 
-KAGGLE_INPUT = Path("/kaggle/input")
+INPUT_ENV = "I2B_KAGGLE_INPUT"
+DEFAULT_INPUT = "/kaggle/input"
+DEFAULT_WORKING = Path("/kaggle/working")
 
 
 class KernelError(Exception):
     """A set-up problem found before infer.py takes over: a missing input or a stale dataset version."""
 
 
-def locate_input(env_var: str, name: str) -> Path:
-    """The folder named by `env_var`, else the mounted input `name` (/kaggle/input/<name> or a level or two down)."""
+def input_root() -> Path:
+    """Where Kaggle mounts the inputs: $I2B_KAGGLE_INPUT, default /kaggle/input (the rehearsal points it elsewhere)."""
+    return Path(os.environ.get(INPUT_ENV) or DEFAULT_INPUT)
+
+
+def input_candidates(root: Path, name: str, owner: str | None = None) -> list[Path]:
+    """The folders that may hold input `name`, most specific layout first, each once.
+
+    <root>/<name> (competition-era notebooks), <root>/competitions/<name> and <root>/datasets/<owner>/<name>
+    (2026 notebooks), then any folder of that name one or two levels down.
+    """
+    found = [root / name, root / "competitions" / name]
+    if owner:
+        found.append(root / "datasets" / owner / name)
+    found += [*sorted(root.glob(f"*/{name}")), *sorted(root.glob(f"*/*/{name}"))]
+    return [p for p in dict.fromkeys(found) if p.is_dir()]
+
+
+def locate_input(env_var: str, name: str, owner: str | None = None, holds: str | None = None) -> Path:
+    """The folder named by `env_var`, else the mounted input `name` under the input root.
+
+    With `holds`, the first candidate that has that file wins (an unrelated folder of the same name loses).
+    """
     if os.environ.get(env_var):
         path = Path(os.environ[env_var])
         if not path.is_dir():
             raise KernelError(f"{env_var}={path}: not a directory")
         return path
-    candidates = [
-        KAGGLE_INPUT / name,
-        *sorted(KAGGLE_INPUT.glob(f"*/{name}")),
-        *sorted(KAGGLE_INPUT.glob(f"*/*/{name}")),
-    ]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    have = sorted(p.name for p in KAGGLE_INPUT.iterdir()) if KAGGLE_INPUT.is_dir() else []
+    root = input_root()
+    candidates = input_candidates(root, name, owner)
+    if holds:
+        candidates = [p for p in candidates if (p / holds).is_file()] or candidates
+    if candidates:
+        return candidates[0]
+    have = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
     raise KernelError(
-        f"{KAGGLE_INPUT / name} not found (inputs: {', '.join(have) or 'none'}); add it in the kernel's Data "
+        f"{root / name} not found (inputs: {', '.join(have) or 'none'}); add it in the kernel's Data "
         f"panel or set {env_var}"
     )
+
+
+def output_dir() -> Path:
+    """$I2B_OUT_DIR, else /kaggle/working, else the current directory (where a Kaggle session starts anyway)."""
+    if os.environ.get("I2B_OUT_DIR"):
+        return Path(os.environ["I2B_OUT_DIR"])
+    return DEFAULT_WORKING if DEFAULT_WORKING.is_dir() else Path.cwd()
 
 
 def _extract_archives(root: Path, tops: set[str]) -> Path:
@@ -116,6 +151,25 @@ def locate_dataset(mount: Path, kind: str, content_id: str) -> Path:
     return root
 
 
+def find_dataset(env_var: str, ref: str, kind: str, content_id: str) -> Path:
+    """The `kind` dataset `owner/slug` of this build: the first mounted candidate whose manifest matches.
+
+    An unrelated folder of the same name, or an older version mounted beside the new one, loses to the
+    right one; when none matches, the first candidate's error says why.
+    """
+    owner, slug = ref.split("/")
+    if os.environ.get(env_var):
+        return locate_dataset(locate_input(env_var, slug), kind, content_id)
+    candidates = input_candidates(input_root(), slug, owner) or [locate_input(env_var, slug, owner)]
+    errors = []
+    for mount in candidates:
+        try:
+            return locate_dataset(mount, kind, content_id)
+        except KernelError as err:
+            errors.append(err)
+    raise errors[0]
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
 
@@ -161,14 +215,87 @@ def ensure_timm(code: Path) -> str:
     return f"timm from the bundled {Path(wheel).name} into {target} (the image had {have or 'none'}, >= {need} needed)"
 
 
-def infer_config(data: Path, weights: Path, out_dir: Path) -> dict:
-    """infer.py's config (an InferConfig dict, written by the build) with this machine's paths filled in."""
-    return {
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for `arch` (an entry of torch.cuda.get_arch_list()) runs on a GPU of `capability`.
+
+    CUDA's rules: a cubin `sm_XY` runs on the same major version at minor Y or later (`sm_XYa`: on X.Y only);
+    PTX `compute_XY` is compiled at load time for any GPU of X.Y or newer.
+    """
+    match = re.fullmatch(r"(sm|compute)_(\d+)([af]?)", arch.strip())
+    if not match:
+        return False
+    kind, code, suffix = match[1], int(match[2]), match[3]
+    major, minor = capability
+    if kind == "compute":
+        return code <= 10 * major + minor
+    if suffix == "a":
+        return code == 10 * major + minor
+    return code // 10 == major and code % 10 <= minor
+
+
+def _probe(device: str) -> None:
+    """One small computation: a GPU whose kernels are missing fails here, not hours later inside infer.py."""
+    import torch  # only when there is a GPU to try
+
+    value = (torch.arange(8.0, device=device) * 2).sum().item()
+    if value != 56.0:
+        raise RuntimeError(f"2 * sum(0..7) gave {value}, not 56")
+
+
+def check_devices(probe=_probe) -> tuple[list[str], str]:
+    """(one log line per device, the device infer.py runs on): the first GPU torch can use, else the CPU.
+
+    Every GPU is checked: its compute capability against the architectures torch was built for, then one
+    small operation. One that fails is logged with the reason and left out, never a crash.
+    """
+    import torch  # after ensure_timm and the code dataset's path (see main)
+
+    lines, usable = [], []
+    try:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        arch_list = list(torch.cuda.get_arch_list()) if count else []
+    except Exception as err:  # noqa: BLE001 - a broken driver means: no GPU
+        lines.append(f"device cuda: not usable ({type(err).__name__}: {err}); left out")
+        count, arch_list = 0, []
+    for index in range(count):
+        device = f"cuda:{index}"
+        try:
+            name, capability = torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+        except Exception as err:  # noqa: BLE001
+            lines.append(f"device {device}: not usable ({type(err).__name__}: {err}); left out")
+            continue
+        label = f"device {device} {name} (sm_{capability[0]}{capability[1]})"
+        if arch_list and not any(arch_runs_on(arch, capability) for arch in arch_list):
+            lines.append(
+                f"{label}: not usable: torch {torch.__version__} has kernels for {' '.join(arch_list)} only; left out"
+            )
+            continue
+        try:
+            probe(device)
+        except Exception as err:  # noqa: BLE001
+            first = next((ln for ln in str(err).splitlines() if ln.strip()), "")
+            lines.append(f"{label}: not usable: a test operation failed ({type(err).__name__}: {first}); left out")
+            continue
+        usable.append(device)
+        lines.append(f"{label}: usable" + ("; runs the ensemble" if len(usable) == 1 else ""))
+    lines.append(f"device cpu ({os.cpu_count()} cores)" + ("" if usable else ": runs the ensemble (no usable GPU)"))
+    return lines, usable[0] if usable else "cpu"
+
+
+def infer_config(data: Path, weights: Path, out_dir: Path, device: str | None = None) -> dict:
+    """infer.py's config (an InferConfig dict, written by the build) with this machine's paths filled in.
+
+    `device`: the one check_devices chose, used where the build left the device to `auto`.
+    """
+    config = {
         **BUILD["infer"],
         "data_dir": str(data),
         "checkpoints": [str(weights / exp) for exp in BUILD["experiments"]],
         "out": str(out_dir / "submission.csv"),
     }
+    if device and config.get("device", "auto") == "auto":
+        config["device"] = device
+    return config
 
 
 def main() -> int:
@@ -182,18 +309,14 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
-        code = locate_dataset(
-            locate_input("I2B_CODE_DIR", BUILD["code_dataset"].split("/")[1]), "code", BUILD["code_id"]
-        )
-        weights = locate_dataset(
-            locate_input("I2B_WEIGHTS_DIR", BUILD["weights_dataset"].split("/")[1]), "weights", BUILD["weights_id"]
-        )
-        data = locate_input("I2B_DATA_DIR", BUILD["competition"])
+        code = find_dataset("I2B_CODE_DIR", BUILD["code_dataset"], "code", BUILD["code_id"])
+        weights = find_dataset("I2B_WEIGHTS_DIR", BUILD["weights_dataset"], "weights", BUILD["weights_id"])
+        data = locate_input("I2B_DATA_DIR", BUILD["competition"], holds="test.csv")
         timm_note = ensure_timm(code)
     except KernelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    out_dir = Path(os.environ.get("I2B_OUT_DIR", "/kaggle/working"))
+    out_dir = output_dir()
     sys.path.insert(0, str(code))
     # imported here, not at the top: the code dataset's location is only known at run time
     import infer  # the repo's own entry point, from the code dataset
@@ -209,16 +332,22 @@ def main() -> int:
     import timm  # after ensure_timm: the bundled wheel may have been put first on sys.path
     import torch  # after the code dataset's path is set (see above)
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}, GPU {gpu}")
-    print(f"code {code} ({BUILD['code_id'][:12]}), weights {weights} ({BUILD['weights_id'][:12]}), data {data}")
+    versions = f"torch {torch.__version__} (CUDA {torch.version.cuda}), timm {timm.__version__}"
+    print(f"python {sys.version.split()[0]}, {versions}")
+    device_lines, device = check_devices()
+    for line in device_lines:
+        print(line)
+    print(
+        f"code {code} ({BUILD['code_id'][:12]}), weights {weights} ({BUILD['weights_id'][:12]}), data {data}, "
+        f"output {out_dir}"
+    )
     print(
         f"{timm_note}; timm imported from {Path(timm.__file__).parent}; image cleaning of the checkpoints: "
         f"{', '.join(BUILD['cleaning'])}"
     )
     with tempfile.TemporaryDirectory(prefix="i2b-config-") as tmp:
         config = Path(tmp) / "infer.json"  # JSON is YAML: infer.py --config reads it
-        config.write_text(json.dumps(infer_config(data, weights, out_dir), indent=1))
+        config.write_text(json.dumps(infer_config(data, weights, out_dir, device), indent=1))
         print(f"infer.py --config {config}: {json.dumps(BUILD['infer'], sort_keys=True)}", flush=True)
         return run_cli(infer.main, ["--config", str(config)])
 

@@ -1,8 +1,13 @@
-"""python kernels/push.py build/kaggle [--dry-run] [--message MSG]: upload a kernels/build.py output to Kaggle.
+"""python kernels/push.py build/kaggle [--dry-run] [--message MSG] [--submit]: upload a kernels/build.py output.
 
 Validates every metadata file first (offline), then with the kaggle CLI: the weights and code datasets
 (`datasets create` the first time, `datasets version` afterwards, both `--dir-mode zip` so folders go up),
 waits until both are processed, and pushes the kernel, which then runs on Kaggle.
+
+With --submit it then waits for that kernel version's run to end (`kaggle kernels status OWNER/SLUG/N`),
+prints the tail of its log (`kaggle kernels logs OWNER/SLUG/N`) and, only if the run completed, submits
+it: `kaggle competitions submit csiro-biomass -k OWNER/SLUG -v N -f submission.csv -m MSG`. A failed run
+is an error and nothing is submitted.
 """
 
 from __future__ import annotations
@@ -33,6 +38,29 @@ CLI_FAILURES = (
     "already in use",
 )
 POLL_SECONDS = 15
+KERNEL_POLL_SECONDS = 60  # a kernel runs for minutes to hours
+# `machine_shape` values of the kaggle CLI 2.2.5 (kaggle/cli.py, help of `kernels push --accelerator`) and the
+# ones it calls retired (kaggle/api/kaggle_api_extended.py, _RETIRED_ACCELERATORS: accepted, with a warning,
+# and the session runs on the replacement named here). tests/test_kernel.py reads both back from the CLI source.
+ACCELERATORS = {"NvidiaTeslaT4": "GPU T4 x2", "TpuV5E8": "TPU v5e-8"}
+RETIRED_ACCELERATORS = {
+    "NvidiaTeslaP100": "sessions run on the default GPU (NvidiaTeslaT4) instead",
+    "TpuV38": "sessions run on the default TPU (TpuV5E8) instead",
+    "Tpu1VmV38": "sessions run on the default TPU (TpuV5E8) instead",
+    "TpuV232": "sessions run on CPU instead, with no accelerator at all",
+    "TpuV2256": "sessions run on CPU instead, with no accelerator at all",
+}
+DEFAULT_ACCELERATOR = "NvidiaTeslaT4"
+NO_ACCELERATOR = "none"
+SUBMISSION_FILE = "submission.csv"
+# `kaggle kernels push` prints "Kernel version N successfully pushed.  Please check progress at URL";
+# `kaggle kernels status` prints 'OWNER/SLUG has status "KernelWorkerStatus.COMPLETE"' (+ 'Failure message: "..."')
+PUSHED_VERSION_RE = re.compile(r"Kernel version (\d+) successfully pushed")
+STATUS_RE = re.compile(r'has status "(?:KernelWorkerStatus\.)?(\w+)"')
+FAILURE_RE = re.compile(r'Failure message: "(.*)"')
+RUN_DONE = "complete"
+RUN_FAILED = ("error", "cancel_requested", "cancel_acknowledged")
+LOG_TAIL_LINES = 30
 
 
 @dataclass
@@ -45,6 +73,34 @@ class Upload:
 
 
 # ---- offline validation -------------------------------------------------------------------------------------------
+def canonical_accelerator(value: str) -> str | None:
+    """The CLI's spelling of an accelerator name (matched case-insensitively, as the CLI does), None if unknown."""
+    known = [*ACCELERATORS, *RETIRED_ACCELERATORS, NO_ACCELERATOR]
+    return next((name for name in known if name.lower() == str(value).strip().lower()), None)
+
+
+def accelerator_problem(value) -> str | None:
+    """Why `value` cannot be a machine_shape (None when the CLI knows it)."""
+    if isinstance(value, str) and canonical_accelerator(value) not in (None, NO_ACCELERATOR):
+        return None
+    retired = ", ".join(RETIRED_ACCELERATORS)
+    return f"{value!r} is not an accelerator the kaggle CLI knows: {', '.join(ACCELERATORS)} (retired: {retired})"
+
+
+def accelerator_warnings(shape: str | None) -> list[str]:
+    """What a push with this machine_shape should say first: retired shapes run elsewhere, TPUs give a CPU run."""
+    name = canonical_accelerator(shape) if shape else None
+    if name is None or name == NO_ACCELERATOR:
+        return [] if shape else ["no machine_shape: Kaggle picks the machine; rebuild with --accelerator NvidiaTeslaT4"]
+    out = []
+    if name in RETIRED_ACCELERATORS:
+        out.append(f"accelerator {name} is retired: {RETIRED_ACCELERATORS[name]}; rebuild with --accelerator "
+                   f"{DEFAULT_ACCELERATOR}")  # fmt: skip
+    if name.lower().startswith("tpu"):
+        out.append(f"accelerator {name} is a TPU: the kernel uses CUDA or the CPU, so it runs on the CPU there")
+    return out
+
+
 def _slugify(title: str) -> str:
     """Kaggle's title -> slug for plain ASCII titles (python-slugify, as the CLI uses)."""
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
@@ -137,7 +193,11 @@ def _check_kernel(folder: Path, dataset_ids: list[str | None], problems: list[st
         problems.append(f"{path}: field 'language' is {meta.get('language')!r}; expected 'python'")
     if meta.get("kernel_type") != "script":
         problems.append(f"{path}: field 'kernel_type' is {meta.get('kernel_type')!r}; expected 'script' (kernel.py)")
-    for field in ("is_private", "enable_gpu"):
+    if "machine_shape" in meta:
+        problem = accelerator_problem(meta["machine_shape"])
+        if problem:
+            problems.append(f"{path}: field 'machine_shape' {problem}")
+    for field in ("is_private", "enable_gpu", "enable_tpu"):
         if field in meta and not isinstance(meta[field], bool):
             problems.append(f"{path}: field '{field}' is {meta[field]!r}; expected true or false")
     if meta.get("enable_internet") is not False:
@@ -200,6 +260,20 @@ def kernel_command(upload: Upload) -> list[str]:
     return ["kernels", "push", "-p", str(upload.path)]
 
 
+def status_command(ref: str, version: int | str) -> list[str]:
+    """`kaggle kernels status OWNER/SLUG/N`: that version's run (the latest may still be the previous one)."""
+    return ["kernels", "status", f"{ref}/{version}"]
+
+
+def logs_command(ref: str, version: int | str) -> list[str]:
+    return ["kernels", "logs", f"{ref}/{version}"]
+
+
+def submit_command(ref: str, version: int | str, message: str) -> list[str]:
+    """A code submission: the CLI 2.2.5 also demands `-f`, the output file of the kernel that is scored."""
+    return ["competitions", "submit", COMPETITION, "-k", ref, "-v", str(version), "-f", SUBMISSION_FILE, "-m", message]
+
+
 def _show(args: list[str]) -> str:
     return shlex.join(["kaggle", *args])
 
@@ -259,9 +333,83 @@ def default_message(build_dir: Path) -> str:
     """Version note from build.json: experiments, TTA/physics and the git commit of the build."""
     try:
         info = json.loads((build_dir / "build.json").read_text())
-        return f"{'+'.join(info['experiments'])} tta={info['tta']} physics={info['physics']} git {info['git'][:12]}"
-    except (OSError, ValueError, KeyError):
+        infer = info["infer"]
+        return f"{'+'.join(info['experiments'])} tta={infer['tta']} physics={infer['physics']} git {info['git'][:12]}"
+    except (OSError, ValueError, KeyError, TypeError):
         return "kernels/push.py upload"
+
+
+def pushed_version(text: str) -> int:
+    """The version number `kaggle kernels push` reports."""
+    match = PUSHED_VERSION_RE.search(text)
+    if not match:
+        raise BiomassError(
+            f"kaggle kernels push: no version number in its output ({last_line(text)!r}); nothing submitted: find "
+            f"the version on the kernel's page and run `{_show(submit_command('OWNER/SLUG', 'N', 'MSG'))}`"
+        )
+    return int(match[1])
+
+
+def kernel_status(ref: str, version: int) -> tuple[str, str]:
+    """(state in lower case, e.g. running/complete/error; the failure message or '') of one kernel version."""
+    args = status_command(ref, version)
+    code, text = run_kaggle(args, echo=False)
+    if code != 0:
+        raise BiomassError(f"{_show(args)} failed (exit {code}): {last_line(text)}; nothing submitted")
+    match = STATUS_RE.search(text)
+    if not match:
+        raise BiomassError(f"{_show(args)}: unexpected output {last_line(text)!r}; nothing submitted")
+    failure = FAILURE_RE.search(text)
+    return match[1].lower(), failure[1] if failure else ""
+
+
+def wait_for_run(ref: str, version: int, timeout: float) -> tuple[str, str]:
+    """Poll the version's status until it is complete or failed; (state, failure message)."""
+    start, last = time.time(), None
+    while True:
+        state, failure = kernel_status(ref, version)
+        if state != last:
+            print(f"kernel {ref} version {version}: {state}", flush=True)
+            last = state
+        if state == RUN_DONE or state in RUN_FAILED:
+            return state, failure
+        if time.time() - start > timeout:
+            raise BiomassError(
+                f"kernel {ref} version {version}: still {state} after {timeout:.0f}s; nothing submitted; when it "
+                f"is complete: {_show(submit_command(ref, version, 'MSG'))}"
+            )
+        time.sleep(KERNEL_POLL_SECONDS)
+
+
+def log_tail(ref: str, version: int, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of the version's log (the CLI returns Kaggle's JSON event list or plain text)."""
+    args = logs_command(ref, version)
+    code, text = run_kaggle(args, echo=False)
+    if code != 0:
+        return f"(no log: {_show(args)} exited {code}: {last_line(text)})"
+    try:
+        events = json.loads(text)
+        text = "".join(str(e.get("data", "")) for e in events if isinstance(e, dict))
+    except (ValueError, TypeError, AttributeError):
+        pass  # plain text
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def submit_version(ref: str, version: int, message: str, timeout: float) -> None:
+    """Wait for the run, print its log tail, submit it if it completed; a failed run submits nothing."""
+    state, failure = wait_for_run(ref, version, timeout)
+    print(f"---- last lines of the log of {ref} version {version} ----\n{log_tail(ref, version)}\n----", flush=True)
+    if state != RUN_DONE:
+        raise BiomassError(
+            f"kernel {ref} version {version} ended with status {state}"
+            + (f" ({failure})" if failure else "")
+            + f"; nothing submitted; see the log above and https://www.kaggle.com/code/{ref}"
+        )
+    args = submit_command(ref, version, message)
+    print(f"$ {_show(args)}", flush=True)
+    code, text = run_kaggle(args)
+    _check_output(args, code, text)
+    print(f"submitted {ref} version {version} to {COMPETITION}; scores appear on the competition's Submissions page")
 
 
 def push(
@@ -270,10 +418,16 @@ def push(
     message: str | None = None,
     skip_weights: bool = False,
     wait: float = 1800,
+    submit: bool = False,
+    run_wait: float = 12 * 3600,
 ) -> int:
-    """Validate, then upload weights, code and the kernel (or print the commands with dry_run)."""
+    """Validate, then upload weights, code and the kernel (or print the commands with dry_run); --submit after."""
     build_dir = Path(build_dir)
     weights, code, kernel = validate_build(build_dir)
+    for line in accelerator_warnings(
+        json.loads((kernel.path / "kernel-metadata.json").read_text()).get("machine_shape")
+    ):
+        print(f"warning: {line}", file=sys.stderr)
     message = message or default_message(build_dir)
     datasets = [code] if skip_weights else [weights, code]
     if dry_run:
@@ -285,6 +439,13 @@ def push(
             create, version = dataset_commands(upload, message)
             print(f"  {_show(create)}\n    or {_show(version)}")
         print(f"  {_show(kernel_command(kernel))}")
+        if submit:
+            n = "N"
+            print(
+                f"then, N being the version that `kernels push` prints:\n  {_show(status_command(kernel.ref, n))}"
+                f"    (every {KERNEL_POLL_SECONDS}s until complete or error)\n  {_show(logs_command(kernel.ref, n))}\n"
+                f"  {_show(submit_command(kernel.ref, n, message))}    (only if the run completed)"
+            )
         return 0
     print(f"Kaggle credentials: {require_credentials()}")
     for upload in datasets:
@@ -293,10 +454,14 @@ def push(
     print(f"$ {_show(args)}", flush=True)
     code_, text = run_kaggle(args)
     _check_output(args, code_, text)
-    print(
-        f"kernel {kernel.ref} pushed; follow it with `kaggle kernels status {kernel.ref}`, then submit its "
-        "submission.csv on the competition page"
-    )
+    if not submit:
+        by_hand = _show(submit_command(kernel.ref, "N", "MSG"))
+        print(
+            f"kernel {kernel.ref} pushed; follow it with `kaggle kernels status {kernel.ref}`; once complete, submit "
+            f"version N with `{by_hand}` (or push with --submit, which waits and submits)"
+        )
+        return 0
+    submit_version(kernel.ref, pushed_version(text), message, run_wait)
     return 0
 
 
@@ -317,8 +482,16 @@ def main(argv: list[str] | None = None) -> int:
         help="upload code and kernel only (the kernel checks the weights still match)",
     )
     parser.add_argument("--wait", type=float, default=1800, help="seconds to wait for each dataset to be processed")
+    parser.add_argument(
+        "--submit",
+        action="store_true",
+        help="after the push, wait for the kernel run and submit that version to the competition if it completed",
+    )
+    parser.add_argument(
+        "--run-wait", type=float, default=12 * 3600, help="with --submit: seconds to wait for the kernel run"
+    )
     args = parser.parse_args(argv)
-    return push(args.build_dir, args.dry_run, args.message, args.skip_weights, args.wait)
+    return push(args.build_dir, args.dry_run, args.message, args.skip_weights, args.wait, args.submit, args.run_wait)
 
 
 if __name__ == "__main__":

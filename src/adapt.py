@@ -83,17 +83,67 @@ def pseudo_label_frame(test_images: pd.DataFrame, values: np.ndarray, ok: np.nda
     return frame
 
 
-def training_frame(data_dir: str | Path, cfg) -> pd.DataFrame:
-    """Every training image (all folds) with weight 1, less the run's --drop-ids when that file is here."""
+# The training run's files that kernels/build.py ships beside each best.pt: on Kaggle the paths in the
+# checkpoint's config point at the training machine.
+RUN_FILES = {"drop_ids": "drop_ids.txt", "folds": "folds.csv"}
+
+
+def run_file(checkpoint: str | Path | None, configured: str | None, kind: str) -> Path | None:
+    """The run's `--drop-ids` / `--folds` file: the copy shipped beside the checkpoint, else the configured path."""
+    if checkpoint is not None and (Path(checkpoint).parent / RUN_FILES[kind]).is_file():
+        return Path(checkpoint).parent / RUN_FILES[kind]
+    if configured and Path(configured).is_file():
+        return Path(configured)
+    return None
+
+
+def training_frame(data_dir: str | Path, cfg, checkpoint: str | Path | None = None) -> pd.DataFrame:
+    """The run's training images (those of its folds file, when here), weight 1, less the run's --drop-ids.
+
+    The files are the ones shipped beside `checkpoint` (kernels/build.py), else the paths of the run's config.
+    train.csv comes from the rerun, so ids it does not have are ignored with a warning, never an error.
+    """
     wide = load_train(data_dir, check_images=True)
-    drop_path = cfg.data.drop_ids
-    if drop_path and Path(drop_path).is_file():
-        wide = wide[~wide["image_id"].isin(set(load_id_list(drop_path, wide["image_id"])))]
-    elif drop_path:
+    known = set(wide["image_id"])
+    notes = []
+    folds_path = run_file(checkpoint, cfg.data.folds, "folds")
+    if folds_path is not None:
+        run_ids = set(load_folds_ids(folds_path))
+        new, gone = len(known - run_ids), len(run_ids - known)
+        if new or gone:
+            log.warning(
+                f"{folds_path}: {new} train.csv image(s) were not in the run and are left out; {gone} image(s) of "
+                "the run are not in train.csv"
+            )
+        wide = wide[wide["image_id"].isin(run_ids)]
+        notes.append(f"the run's images from {folds_path}")
+    drop_path = run_file(checkpoint, cfg.data.drop_ids, "drop_ids")
+    if drop_path is not None:
+        drop = load_id_list(drop_path, None)
+        unknown = [i for i in drop if i not in known]
+        if unknown:
+            log.warning(f"{drop_path}: {len(unknown)} id(s) not in train.csv ignored, e.g. {unknown[0]}")
+        before = len(wide)
+        wide = wide[~wide["image_id"].isin(set(drop))]
+        notes.append(f"{before - len(wide)} left out by {drop_path}")
+    elif cfg.data.drop_ids:
         log.warning(
-            f"the run was trained with --drop-ids {drop_path}, which is not here: fine-tuning on every training image"
+            f"the run was trained with --drop-ids {cfg.data.drop_ids}, which is not here: fine-tuning on every "
+            "training image"
         )
+    log.info(f"fine-tune training set: {len(wide)} of {len(known)} train.csv images" + "".join(f"; {n}" for n in notes))
     return wide.assign(sample_weight=1.0).reset_index(drop=True)
+
+
+def load_folds_ids(path: Path) -> list[str]:
+    """The image ids of a folds file (its image_id column); a file without one is an error naming it."""
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise BiomassError(f"{path}: not a readable folds CSV ({str(err).splitlines()[0]})") from err
+    if "image_id" not in frame.columns:
+        raise BiomassError(f"{path}: no image_id column; expected the folds file of the training run")
+    return frame["image_id"].dropna().tolist()
 
 
 def finetune(
@@ -153,7 +203,7 @@ def run_pseudo_label(
     settings = cfg.pseudo_label
     ok = ensemble.ok
     chosen = pick_predictors(predictors, settings.fold)
-    train = training_frame(cfg.data_dir, chosen[0].cfg)
+    train = training_frame(cfg.data_dir, chosen[0].cfg, chosen[0].path)
     n_flips = min(TTA_MODES[cfg.tta], 3)
     estimate = estimate_seconds(
         ensemble.seconds, len(predictors), n_flips, len(test_images), len(train), settings.epochs, len(chosen)

@@ -10,18 +10,20 @@ import numpy as np
 import pandas as pd
 
 from src.errors import BiomassError
+from src.logs import get_logger
 from src.schema import (
     MONTHS,
     SAMPLE_ID_SEP,
     SPECIES_GROUPS,
     STATES,
-    SUBMISSION_COLUMNS,
     TARGETS,
     TEST_COLUMNS,
     TRAIN_COLUMNS,
     class_index,
     species_group,
 )
+
+log = get_logger(__name__)
 
 META_COLUMNS = ("Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm")
 
@@ -31,8 +33,14 @@ def _line(index: int) -> int:
     return int(index) + 2
 
 
-def read_csv_checked(path: str | os.PathLike, columns: tuple[str, ...], hint: str) -> pd.DataFrame:
-    """Read a CSV and demand exactly `columns` (any order); errors name the file and the fix."""
+def read_csv_checked(
+    path: str | os.PathLike, columns: tuple[str, ...], hint: str, extra_columns: str = "error"
+) -> pd.DataFrame:
+    """Read a CSV and demand exactly `columns` (any order); errors name the file and the fix.
+
+    `extra_columns="ignore"` keeps only `columns` and warns about the rest: for the files the hidden rerun
+    supplies (test.csv), where a column more must not lose the submission; the user's own files stay exact.
+    """
     path = Path(path)
     if not path.is_file():
         raise BiomassError(f"{path}: file not found; {hint}")
@@ -42,6 +50,9 @@ def read_csv_checked(path: str | os.PathLike, columns: tuple[str, ...], hint: st
         raise BiomassError(f"{path}: not a readable CSV ({str(err).splitlines()[0]}); {hint}") from err
     missing = [c for c in columns if c not in frame.columns]
     extra = [c for c in frame.columns if c not in columns]
+    if extra and not missing and extra_columns == "ignore":
+        log.warning(f"{path}: ignoring unexpected column(s) {', '.join(map(str, extra))}; reading {','.join(columns)}")
+        extra = []
     if missing or extra:
         parts = []
         if missing:
@@ -158,26 +169,65 @@ def load_train(data_dir: str | os.PathLike, check_images: bool = False) -> pd.Da
     return wide
 
 
-def load_test(data_dir: str | os.PathLike, check_images: bool = False) -> pd.DataFrame:
-    """Read DIR/test.csv: one row per unique image (first-seen order) with `image_id, image_path, path`."""
+def read_test_csv(data_dir: str | os.PathLike) -> pd.DataFrame:
+    """DIR/test.csv, long: the three needed columns (others are ignored with a warning), every row checked."""
+    path = Path(data_dir) / "test.csv"
+    frame = read_csv_checked(
+        path, TEST_COLUMNS, "pass --data-dir DIR holding the competition files (make data)", extra_columns="ignore"
+    )
+    _check_long_rows(frame, path)
+    return frame
+
+
+def load_test(
+    data_dir: str | os.PathLike, check_images: bool = False, test_long: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Read DIR/test.csv: one row per unique image (first-seen order) with `image_id, image_path, path`.
+
+    `test_long` (from `read_test_csv`) saves a second read of the file.
+    """
     data_dir = Path(data_dir)
-    path = data_dir / "test.csv"
-    frame = read_csv_checked(path, TEST_COLUMNS, "pass --data-dir DIR holding the competition files (make data)")
-    image_id = _check_long_rows(frame, path)
+    frame = read_test_csv(data_dir) if test_long is None else test_long
+    image_id = frame["image_path"].map(lambda p: Path(str(p)).stem)
     images = pd.DataFrame({"image_id": image_id, "image_path": frame["image_path"]}).drop_duplicates("image_id")
     images["path"] = [str(data_dir / p) for p in images["image_path"]]
     images = images.reset_index(drop=True)
     if check_images:
-        check_image_files(images, path)
+        check_image_files(images, data_dir / "test.csv")
     return images
 
 
-def load_sample_submission(data_dir: str | os.PathLike) -> pd.DataFrame | None:
-    """DIR/sample_submission.csv if present (it fixes the row order of submission.csv)."""
+def load_sample_submission(data_dir: str | os.PathLike, test_long: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """DIR/sample_submission.csv if present and usable (it fixes the row order of submission.csv), else None.
+
+    Only its `sample_id` column matters. The hidden rerun decides this file, so nothing about it is an
+    error: missing, unreadable, without `sample_id`, with repeated ids or, given `test_long`, with other ids
+    than test.csv: a warning, and the submission takes the rows and order of test.csv.
+    """
     path = Path(data_dir) / "sample_submission.csv"
+    fallback = "writing the rows in test.csv order"
     if not path.is_file():
+        log.warning(f"{path}: not found; {fallback}")
         return None
-    return read_csv_checked(path, SUBMISSION_COLUMNS, "re-download the competition files")
+    try:
+        frame = pd.read_csv(path, dtype={"sample_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        log.warning(f"{path}: not a readable CSV ({str(err).splitlines()[0]}); {fallback}")
+        return None
+    if "sample_id" not in frame.columns:
+        log.warning(f"{path}: no sample_id column (columns {','.join(map(str, frame.columns))}); {fallback}")
+        return None
+    ids = frame["sample_id"]
+    if ids.isna().any() or ids.duplicated().any():
+        log.warning(f"{path}: empty or repeated sample_id values; {fallback}")
+        return None
+    if test_long is not None:
+        expected = set(test_long["sample_id"])
+        lacking, extra = len(expected - set(ids)), len(set(ids) - expected)
+        if lacking or extra:
+            log.warning(f"{path}: ids differ from test.csv ({lacking} of test.csv missing, {extra} extra); {fallback}")
+            return None
+    return frame[["sample_id"]].assign(target=frame["target"] if "target" in frame.columns else 0.0)
 
 
 def check_image_files(images: pd.DataFrame, csv_path: Path) -> None:
@@ -256,6 +306,7 @@ def load_id_list(path: str | os.PathLike, known_ids) -> list[str]:
     """Image ids of a `--drop-ids` file: a CSV with an `image_id` column, or one id per line (`#` comments).
 
     An id that is not in train.csv is an error naming the line: a typo must not silently drop nothing.
+    `known_ids=None` skips that check (the Kaggle fine-tune, where the rerun's train.csv decides).
     """
     path = Path(path)
     if not path.is_file():
@@ -270,9 +321,9 @@ def load_id_list(path: str | os.PathLike, known_ids) -> list[str]:
     else:
         entries = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(lines, start=1)]
         entries = [(n, value) for n, value in entries if value]
-    known = set(known_ids)
+    known = None if known_ids is None else set(known_ids)
     for line_no, image_id in entries:
-        if image_id not in known:
+        if known is not None and image_id not in known:
             raise BiomassError(
                 f"{path} line {line_no}: image id {image_id!r} is not in train.csv; remove it or fix the id"
             )

@@ -215,30 +215,41 @@ class MultiSizeViewDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path = self.frame.at[i, "path"]
-        out: dict = {"index": torch.tensor(i), "ok": torch.tensor(True)}
+        try:
+            inputs = self._inputs(path)
+            ok = True
+        except Exception as err:  # noqa: BLE001 - one bad image must not end the hidden rerun
+            if self.on_bad_image != "fallback":
+                if isinstance(err, BiomassError):
+                    raise
+                raise BiomassError(f"{path}: reading the image failed ({_one_line(err)}); replace the image") from err
+            why = str(err) if isinstance(err, BiomassError) else f"{path}: {_one_line(err)}"
+            warnings.warn(f"{why}; using the fallback prediction for this image", stacklevel=2)
+            inputs = {input_key(s, c): torch.zeros(2, 3, *s, dtype=torch.uint8) for s, c in self.inputs}
+            ok = False
+        return {"index": torch.tensor(i), "ok": torch.tensor(ok), **inputs}
+
+    def _inputs(self, path: str) -> dict[str, torch.Tensor]:
+        """Every model input of one image: read, clean and resize (any failure is the whole image's)."""
         header = jpeg_header_size(path, self.jpeg_reduce)  # read once for every input
         decoded: dict[int, np.ndarray] = {}
         views: dict[tuple[int, Cleaning], tuple[np.ndarray, np.ndarray]] = {}
+        out: dict[str, torch.Tensor] = {}
         for size, cleaning in self.inputs:
-            if out["ok"]:
-                try:
-                    reduce = decode_reduction(header, size, cleaning)
-                    if reduce not in decoded:
-                        decoded[reduce] = read_image(path, reduce=reduce)
-                except BiomassError as err:
-                    if self.on_bad_image != "fallback":
-                        raise
-                    warnings.warn(f"{err}; using the fallback prediction for this image", stacklevel=2)
-                    out["ok"] = torch.tensor(False)
-            if not out["ok"]:
-                pair = (torch.zeros(3, *size, dtype=torch.uint8),) * 2
-            else:
-                if (reduce, cleaning) not in views:
-                    views[reduce, cleaning] = split_views(cleaning(decoded[reduce]))
-                res = self.transforms[size](image=views[reduce, cleaning][0], image2=views[reduce, cleaning][1])
-                pair = (_to_chw(res["image"]), _to_chw(res["image2"]))
-            out[input_key(size, cleaning)] = torch.stack(pair)
+            reduce = decode_reduction(header, size, cleaning)
+            if reduce not in decoded:
+                decoded[reduce] = read_image(path, reduce=reduce)
+            if (reduce, cleaning) not in views:
+                views[reduce, cleaning] = split_views(cleaning(decoded[reduce]))
+            res = self.transforms[size](image=views[reduce, cleaning][0], image2=views[reduce, cleaning][1])
+            out[input_key(size, cleaning)] = torch.stack((_to_chw(res["image"]), _to_chw(res["image2"])))
         return out
+
+
+def _one_line(err: BaseException) -> str:
+    """`TypeName: first line of the message` (OpenCV's errors span several lines)."""
+    text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
 
 class FeatureCacheDataset(Dataset):

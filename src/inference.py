@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -137,36 +137,103 @@ def grid_weight_map(predictors: list[Predictor], grid_weights: list[str] | None)
     return {g: w / total for g, w in weights.items()}
 
 
+def ensemble_groups(
+    predictors: list[Predictor], grid_weights: dict[tuple[int, int], float] | None = None
+) -> tuple[list, dict]:
+    """Each model's group (its grid and fold) and each group's weight: grids by weight, folds equal within a grid.
+
+    Models of one group (the seeds of a fold) share its weight equally, so a fold trained with more seeds does not
+    weigh more than the others; a checkpoint without a fold counts as a fold of its own.
+    """
+    groups = [(p.grid, p.fold if p.fold is not None else ("path", i)) for i, p in enumerate(predictors)]
+    by_grid: dict[tuple[int, int], set] = defaultdict(set)
+    for grid, fold in groups:
+        by_grid[grid].add(fold)
+    grid_share = grid_weights or {g: 1.0 / len(by_grid) for g in by_grid}
+    return groups, {(g, f): grid_share[g] / len(by_grid[g]) for g, f in dict.fromkeys(groups)}
+
+
 def member_weights(
     predictors: list[Predictor], grid_weights: dict[tuple[int, int], float] | None = None
 ) -> list[float]:
-    """Each model's share of the ensemble: grids by weight, folds equal within a grid, seeds equal within a fold.
-
-    A fold trained with more seeds does not weigh more than the others; a checkpoint without a fold counts as
-    a fold of its own.
-    """
-    by_grid: dict[tuple[int, int], dict] = defaultdict(lambda: defaultdict(list))
-    for i, p in enumerate(predictors):
-        by_grid[p.grid][p.fold if p.fold is not None else ("path", i)].append(i)
-    weights = grid_weights or {g: 1.0 / len(by_grid) for g in by_grid}
-    out = [0.0] * len(predictors)
-    for grid, folds in by_grid.items():
-        for members in folds.values():
-            for i in members:
-                out[i] = weights[grid] / len(folds) / len(members)
-    return out
+    """Each model's share of the ensemble when every model is finite (see `ensemble_groups`)."""
+    groups, weights = ensemble_groups(predictors, grid_weights)
+    return [weights[g] / groups.count(g) for g in groups]
 
 
 @dataclass
 class EnsemblePrediction:
-    """Per-TTA-view predictions of the ensemble in grams (N, V, 5) and which images were readable."""
+    """Per-TTA-view predictions of the ensemble in grams (N, V, 5) and which images got one.
+
+    `ok`: readable and at least one model gave finite values (the others get the fallback). `readable`: the image
+    could be read, cleaned and tiled. `models_used`: how many models went into each image's mean. `left_out`:
+    checkpoint path -> images whose prediction by that model was non-finite (or whose batch raised) and was left out.
+    """
 
     per_view: np.ndarray
     ok: np.ndarray
     seconds: float
+    readable: np.ndarray | None = None
+    models_used: np.ndarray | None = None
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def mean(self, tta: str = "full") -> np.ndarray:
         return self.per_view[:, : TTA_MODES[tta]].mean(axis=1)
+
+
+@dataclass
+class FiniteMean:
+    """What `finite_ensemble_mean` returns: the mean (B, V, 5), NaN rows where no model was finite; used (M, B)."""
+
+    values: np.ndarray
+    used: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Models that went into each image's mean (B,)."""
+        return self.used.sum(axis=0)
+
+
+def finite_ensemble_mean(
+    preds: np.ndarray, groups: Sequence, group_weights: Mapping, finite: np.ndarray | None = None
+) -> FiniteMean:
+    """Ensemble mean of per-model predictions (M, B, V, 5) over the finite ones only, image by image.
+
+    Equal weights within a group (a grid's folds), `group_weights[g]` over groups, as the plain ensemble does;
+    a model whose values for an image are not all finite (`finite` (M, B), default from the values) is left
+    out of that image's mean, a group with no finite member drops out and the other groups' weights are
+    renormalized. An image no model predicted finitely gets a NaN row, for the caller's fallback. Pure numpy:
+    the one place that decides how partial ensembles are averaged, whatever loop produced the predictions.
+    """
+    preds = np.asarray(preds, dtype=np.float64)
+    finite = np.isfinite(preds).all(axis=(2, 3)) if finite is None else np.asarray(finite, dtype=bool)
+    if len(groups) != len(preds) or finite.shape != preds.shape[:2]:
+        raise ValueError("one group per model and a finite mask of shape (models, images)")
+    acc = np.zeros(preds.shape[1:])
+    total = np.zeros(preds.shape[1])
+    for group in dict.fromkeys(groups):  # first-seen order: the same summation order every call
+        members = [m for m, g in enumerate(groups) if g == group]
+        mask = finite[members]  # (k, B)
+        count = mask.sum(axis=0)
+        summed = np.where(mask[:, :, None, None], preds[members], 0.0).sum(axis=0)
+        weight = float(group_weights[group]) * (count > 0)
+        acc += (weight / np.maximum(count, 1))[:, None, None] * summed
+        total += weight
+    values = np.full_like(acc, np.nan)
+    some = total > 0
+    values[some] = acc[some] / total[some, None, None]
+    return FiniteMean(values, finite & some[None, :])
+
+
+def _predict_or_nan(p: Predictor, pair: torch.Tensor, on_bad_image: str, errors: dict[str, str]) -> np.ndarray:
+    """One model on one batch; under --on-bad-image fallback an exception leaves the model out for that batch."""
+    try:
+        return p.predict_views(pair[:, 0], pair[:, 1])
+    except Exception as err:  # noqa: BLE001 - the kernel's rerun must end with a submission, whatever breaks
+        if on_bad_image != "fallback":
+            raise
+        errors.setdefault(str(p.path), f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
+        return np.full((len(pair), TTA_MODES[p.tta], len(TARGETS)), np.nan)
 
 
 def predict_ensemble(
@@ -179,33 +246,47 @@ def predict_ensemble(
     jpeg_reduce: bool = True,
     show: bool = True,
 ) -> EnsemblePrediction:
-    """Read each image once, run every model on it; mean over seeds in a fold, folds in a grid; grids by weight."""
+    """Read each image once, run every model on it; mean over seeds in a fold, folds in a grid; grids by weight.
+
+    A model's non-finite values for an image are left out of that image's mean (`finite_ensemble_mean`: the rest of
+    its fold, else the other folds, take its share); the counts go to the log.
+    """
     if not predictors:
         raise BiomassError("no models to ensemble")
     n_views = max(TTA_MODES[p.tta] for p in predictors)
     if any(TTA_MODES[p.tta] != n_views for p in predictors):
         raise BiomassError("all predictors of an ensemble must use the same --tta")
-    shares = member_weights(predictors, grid_weights)
+    groups, weights = ensemble_groups(predictors, grid_weights)
     dataset = MultiSizeViewDataset(
         frame, [p.view_size for p in predictors], jpeg_reduce, on_bad_image, [p.cleaning for p in predictors]
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init)
     out = np.zeros((len(frame), n_views, len(TARGETS)))
-    ok = np.ones(len(frame), dtype=bool)
+    readable = np.ones(len(frame), dtype=bool)
+    used = np.zeros((len(predictors), len(frame)), dtype=bool)
+    errors: dict[str, str] = {}
     start = time.time()
     for batch in progress(loader, desc="predicting", disable=not show):
         idx = batch["index"].numpy()
-        ok[idx] = batch["ok"].numpy()
-        acc = np.zeros((len(idx), n_views, len(TARGETS)))
-        for p, share in zip(predictors, shares):
-            pair = batch[p.input_key]
-            acc += share * p.predict_views(pair[:, 0], pair[:, 1])
-        out[idx] = acc
+        readable[idx] = batch["ok"].numpy()
+        preds = np.stack([_predict_or_nan(p, batch[p.input_key], on_bad_image, errors) for p in predictors])
+        mean = finite_ensemble_mean(preds, groups, weights)
+        out[idx], used[:, idx] = mean.values, mean.used
     seconds = time.time() - start
+    left_out = {str(p.path): int((~used[m] & readable).sum()) for m, p in enumerate(predictors)}
+    left_out = {path: n for path, n in left_out.items() if n}
+    for path, n in left_out.items():
+        why = f" ({errors[path]})" if path in errors else ""
+        log.warning(
+            f"{path}: non-finite prediction for {n} of {int(readable.sum())} readable image(s), left out of their "
+            f"mean{why}"
+        )
+    counts = used.sum(axis=0)
+    ok = readable & (counts > 0)
     if show:
         rate = len(frame) / max(seconds, 1e-9)
         log.info(f"predicted {len(frame)} images with {len(predictors)} models in {seconds:.1f}s ({rate:.2f} images/s)")
-    return EnsemblePrediction(out, ok, seconds)
+    return EnsemblePrediction(out, ok, seconds, readable, counts, left_out)
 
 
 def fallback_values(predictors: list[Predictor]) -> np.ndarray:

@@ -29,13 +29,19 @@ COMPONENTS = np.array(
 
 def seed_physics(pred: np.ndarray, upper: np.ndarray | None = None, tolerance: float = 0.15) -> np.ndarray:
     """The seed design: where Total disagrees with the sum of parts by > tolerance (relative), take
-    Dead = relu(Total - GDM); then clamp every target to [0, upper] (upper: training maxima)."""
+    Dead = relu(Total - GDM); then clamp every target to [0, upper] (upper: training maxima).
+
+    A row with a NaN or inf comes back all NaN (a clamp would turn +inf into the training maximum)."""
     out = np.array(pred, dtype=np.float64, copy=True)
+    broken = ~np.isfinite(out).all(axis=1)
     green, dead, clover, gdm, total = out.T
-    derived_dead = np.maximum(total - gdm, 0.0)
-    gap = np.abs(total - (green + dead + clover)) / np.maximum(total, 1e-6)
-    out[:, 1] = np.where(gap > tolerance, derived_dead, dead)
-    return np.clip(out, 0.0, None if upper is None else np.asarray(upper, dtype=np.float64))
+    with np.errstate(invalid="ignore"):  # NaN/inf rows: overwritten below
+        derived_dead = np.maximum(total - gdm, 0.0)
+        gap = np.abs(total - (green + dead + clover)) / np.maximum(total, 1e-6)
+        out[:, 1] = np.where(gap > tolerance, derived_dead, dead)
+    out = np.clip(out, 0.0, None if upper is None else np.asarray(upper, dtype=np.float64))
+    out[broken] = np.nan
+    return out
 
 
 def project_physics(pred: np.ndarray, weights=TARGET_WEIGHTS) -> np.ndarray:
@@ -50,9 +56,14 @@ def project_physics(pred: np.ndarray, weights=TARGET_WEIGHTS) -> np.ndarray:
     Solved exactly per image as a 3-variable non-negative least squares: the optimum is the
     unconstrained weighted least-squares solution on its support, so we try all 8 supports
     (vectorised over images) and keep the best feasible one.
+
+    A row with a NaN or inf comes back all NaN: no support of such a row is ever "better", and mapping it to
+    the all-zero vector would hide a broken model behind a plausible number (the guard refuses NaN).
     """
     p = np.asarray(pred, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
+    broken = ~np.isfinite(p).all(axis=1)
+    p = np.where(broken[:, None], 0.0, p)  # solved on zeros, then overwritten: no NaN warnings from the algebra
     best = np.zeros((len(p), 3))
     best_cost = np.full(len(p), np.inf)
     for support in itertools.chain.from_iterable(itertools.combinations(range(3), k) for k in range(4)):
@@ -66,13 +77,18 @@ def project_physics(pred: np.ndarray, weights=TARGET_WEIGHTS) -> np.ndarray:
         cost = np.sum(w * (x @ COMPONENTS.T - p) ** 2, axis=1)
         better = feasible & (cost < best_cost - 1e-15)
         best[better], best_cost[better] = x[better], cost[better]
-    return np.clip(best, 0.0, None) @ COMPONENTS.T
+    out = np.clip(best, 0.0, None) @ COMPONENTS.T
+    out[broken] = np.nan
+    return out
 
 
 def apply_physics(pred: np.ndarray, mode: str, upper: np.ndarray | None = None) -> np.ndarray:
-    """Dispatch by mode name: none (clamp at 0 only), seed, project."""
+    """Dispatch by mode name: none (clamp at 0 only), seed, project. Rows with a NaN or inf stay NaN in every mode."""
     if mode == "none":
-        return np.clip(np.asarray(pred, dtype=np.float64), 0.0, None)
+        pred = np.asarray(pred, dtype=np.float64)
+        out = np.clip(pred, 0.0, None)
+        out[~np.isfinite(pred).all(axis=1)] = np.nan  # -inf would clip to a plausible 0
+        return out
     if mode == "seed":
         return seed_physics(pred, upper)
     if mode == "project":

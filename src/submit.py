@@ -16,7 +16,7 @@ import pandas as pd
 from src.adapt import run_pseudo_label
 from src.checkpoint import experiment_dir, find_checkpoints, ids_hash
 from src.config import PHYSICS_CHOICES, DataConfig, InferConfig
-from src.data import load_sample_submission, load_test, read_csv_checked
+from src.data import load_sample_submission, load_test, read_test_csv
 from src.errors import BiomassError
 from src.folds import drop_training_ids, load_fold_table
 from src.inference import (
@@ -34,7 +34,7 @@ from src.metric import score
 from src.postprocess import apply_physics
 from src.report import load_runs, selection_table, to_markdown
 from src.runtime import resolve_device
-from src.schema import TARGETS, TEST_COLUMNS
+from src.schema import TARGETS
 from src.submission import build_submission, guard, write_submission
 
 log = get_logger(__name__)
@@ -56,30 +56,71 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
     check_writable(out)  # a read-only --out fails now, not after the whole ensemble ran
     with log_file(out.with_name("infer.log")):
         data_dir = Path(cfg.data_dir)
-        test_images = load_test(data_dir, check_images=cfg.on_bad_image == "error")
-        test_long = read_csv_checked(data_dir / "test.csv", TEST_COLUMNS, "pass --data-dir")
-        sample = load_sample_submission(data_dir)
-        if sample is not None and set(sample["sample_id"]) != set(test_long["sample_id"]):
-            raise BiomassError(
-                f"{data_dir / 'sample_submission.csv'}: ids differ from test.csv; re-download the competition files"
-            )
+        test_long = read_test_csv(data_dir)  # test.csv and sample_submission.csv come from the rerun: lenient
+        test_images = load_test(data_dir, check_images=cfg.on_bad_image == "error", test_long=test_long)
+        sample = load_sample_submission(data_dir, test_long)
         predictors = load_predictors(find_checkpoints(cfg.checkpoints), resolve_device(cfg.device), cfg.tta, cfg.amp)
         weights = grid_weight_map(predictors, cfg.grid_weights)
         pred = predict_ensemble(predictors, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers)
         upper = upper_bounds(predictors)
         values = apply_physics(pred.mean(cfg.tta), cfg.physics, upper)
-        if not pred.ok.all():
-            bad = test_images["image_id"][~pred.ok].tolist()
-            log.warning(f"{len(bad)} unreadable image(s) got the training-median prediction: {', '.join(bad)}")
-            values[~pred.ok] = apply_physics(fallback_values(predictors)[None], cfg.physics, upper)
+        values = _fill_fallback(values, pred, test_images, predictors, cfg)
         if cfg.pseudo_label.enabled:
-            values = run_pseudo_label(cfg, predictors, test_images, values, pred, weights)
+            values = _pseudo_label_or_plain(cfg, predictors, test_images, values, pred, weights)
         sub = build_submission(test_images["image_id"], values, test_long, sample)
         guard(sub, test_long, sample, physics=cfg.physics == "project")
         write_submission(sub, out)
         save_config(cfg, out.with_suffix(".yaml"))
         log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
     return sub
+
+
+def _fill_fallback(
+    values: np.ndarray, pred, test_images: pd.DataFrame, predictors: list[Predictor], cfg: InferConfig
+) -> np.ndarray:
+    """The training-median prediction for images without one: unreadable, or no model gave finite values."""
+    readable = pred.readable if pred.readable is not None else pred.ok
+    unreadable = test_images["image_id"][~readable].tolist()
+    if unreadable:
+        log.warning(
+            f"{len(unreadable)} unreadable image(s) got the training-median prediction: {', '.join(unreadable)}"
+        )
+    no_finite = test_images["image_id"][readable & ~pred.ok].tolist()
+    if no_finite:
+        log.warning(
+            f"{len(no_finite)} image(s) with no finite prediction from any model got the training-median "
+            f"prediction: {', '.join(no_finite)}"
+        )
+    if pred.models_used is not None and pred.left_out:
+        partial = int((pred.ok & (pred.models_used < len(predictors))).sum())
+        log.info(f"{partial} image(s) averaged over fewer than all {len(predictors)} models (non-finite left out)")
+    out = np.array(values, dtype=np.float64, copy=True)
+    if not pred.ok.all():
+        out[~pred.ok] = apply_physics(fallback_values(predictors)[None], cfg.physics, upper_bounds(predictors))
+    return out
+
+
+def _pseudo_label_or_plain(cfg: InferConfig, predictors, test_images, values, pred, weights) -> np.ndarray:
+    """The pseudo-label fine-tune's values; the plain ensemble's where they are not finite.
+
+    Under --on-bad-image fallback (the kernel) a fine-tune that fails (say, train.csv missing on the rerun,
+    or out of GPU memory) is a warning and the plain ensemble is submitted: the step is optional, the
+    submission is not.
+    """
+    try:
+        adapted = run_pseudo_label(cfg, predictors, test_images, values, pred, weights)
+    except Exception as err:  # noqa: BLE001 - see above; with --on-bad-image error it propagates
+        if cfg.on_bad_image != "fallback":
+            raise
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        log.warning(f"pseudo-label fine-tune failed ({type(err).__name__}: {first}); submitting the plain ensemble")
+        return values
+    adapted = np.asarray(adapted, dtype=np.float64)
+    broken = ~np.isfinite(adapted).all(axis=1)
+    if broken.any():
+        log.warning(f"pseudo-label fine-tune gave non-finite values for {int(broken.sum())} image(s); kept the plain")
+        adapted[broken] = values[broken]
+    return adapted
 
 
 def run_oof(cfg: InferConfig) -> pd.DataFrame:

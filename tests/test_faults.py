@@ -17,7 +17,8 @@ existing fold directory (tests/test_training.py::test_errors_before_work_starts,
 ::test_existing_fold_dir_needs_resume_or_overwrite), SIGKILL then --resume
 (test_training.py::test_resume_after_sigkill), non-finite losses (test_training.py::test_non_finite_loss_*),
 backbone weights of another architecture at model level (tests/test_model.py), and the kernel's own set-up
-errors (tests/test_kernel.py::test_kernel_exits_nonzero_with_one_line).
+errors (tests/test_kernel.py::test_kernel_exits_nonzero_with_one_line). What the hidden rerun decides is lenient and
+is tested in tests/test_hidden_rerun.py: an extra test.csv column, a missing or mismatched sample_submission.csv.
 """
 
 from __future__ import annotations
@@ -264,16 +265,11 @@ TRAIN_CSV_CASES = [
 ]  # fmt: skip
 
 
-def _sample_ids_differ(d: Path) -> list[str]:
-    edit_csv(d / "sample_submission.csv", lambda f: f.iloc[:-1])
-    return [f"{d / 'sample_submission.csv'}: ids differ from test.csv"]
-
-
-# test.csv / sample_submission.csv, read by infer.py before any model is loaded
+# test.csv, read by infer.py before any model is loaded. Not errors (the hidden rerun decides these, issue 17): an
+# extra test.csv column, and anything about sample_submission.csv (tests/test_hidden_rerun.py)
 TEST_CSV_CASES = [
     Case("missing test.csv", "file not found; pass --data-dir", _delete("test.csv")),
     Case("missing column", "missing column(s)", _drop_column("test.csv", "target_name")),
-    Case("extra column", "unexpected column(s)", _add_column("test.csv")),
     Case("renamed column", "missing column(s)", _rename_column("test.csv", "image_path", "path")),
     Case("unknown target_name", "column target_name: unknown value", _set("test.csv", 2, "target_name", "Dry_Total")),
     Case("4 of 5 targets", "targets (missing", _partial("test.csv")),
@@ -282,9 +278,6 @@ TEST_CSV_CASES = [
          _set("test.csv", 0, "sample_id", "ID1__GDM_g")),
     Case("header only", "no data rows", _header_only("test.csv")),
     Case("zero-byte test.csv", "not a readable CSV", _zero_bytes("test.csv")),
-    Case("sample_submission ids differ", "sample_submission.csv: ids differ from test.csv", _sample_ids_differ),
-    Case("sample_submission columns", "missing column(s)",
-         _rename_column("sample_submission.csv", "target", "prediction")),
 ]  # fmt: skip
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, run_script
 
 from kernels import build as kbuild
@@ -128,6 +132,7 @@ def test_build_writes_three_uploads_with_consistent_metadata(kernel_build: Path,
     assert meta["id"] == IDS["kernel"] and meta["code_file"] == "kernel.py" and (kernel / "kernel.py").is_file()
     assert (meta["language"], meta["kernel_type"]) == ("python", "script")
     assert meta["is_private"] is True and meta["enable_gpu"] is True and meta["enable_internet"] is False
+    assert meta["machine_shape"] == "NvidiaTeslaT4" and meta["enable_tpu"] is False  # GPU T4 x2, asked for
     assert meta["dataset_sources"] == [IDS["weights"], IDS["code"]] and meta["competition_sources"] == ["csiro-biomass"]
     assert meta["kernel_sources"] == [] and meta["model_sources"] == []
     assert push._slugify(meta["title"]) == SLUG
@@ -255,6 +260,16 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
     )
     assert "/i2b-timm-" in report["modules"]["timm"] and str(REPO) not in report["modules"]["timm"]
     assert "pseudo-label adaptation: 1 model(s), 1 epoch(s), blend 0.5" in proc.stdout
+    # the fine-tune read the run's drop-ids and folds files shipped beside its best.pt, not the training machine's
+    weights = dirs["I2B_WEIGHTS_DIR"]
+    shipped = [p.relative_to(weights).as_posix() for p in sorted(weights.rglob("*")) if p.suffix in (".txt", ".csv")]
+    assert shipped == [
+        f"{ckpt_dir}/{name}" for ckpt_dir in ("clean/grid2x2/fold0",) for name in ("drop_ids.txt", "folds.csv")
+    ]
+    assert (weights / shipped[0]).read_text() == (exp.parents[1] / "drop.txt").read_text()
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("fine-tune training set:"))
+    assert line == (f"fine-tune training set: 27 of 30 train.csv images; the run's images from {weights / shipped[1]}; "
+                    f"3 left out by {weights / shipped[0]}")  # fmt: skip
     assert (
         '"pseudo_label": {"blend": 0.5, "epochs": 1, "fold": "best", "weight": 1.0}' in proc.stdout
         and '"time_budget": 30.0' in proc.stdout
@@ -454,3 +469,156 @@ def test_download_reports_cli_failure_and_unzips(tmp_path: Path, monkeypatch, ca
     out = tmp_path / "ok"
     assert run_cli(download.main, ["--out", str(out)]) == 0
     assert download.competition_files_present(out) and not (out / "csiro-biomass.zip").exists()
+
+
+# ---- accelerator ----------------------------------------------------------------------------------------------------
+def test_accelerator_names_are_the_kaggle_clis_own():
+    """push.py's lists match the installed kaggle CLI 2.2.5 source (read as text: importing kaggle authenticates)."""
+    root = Path(importlib.util.find_spec("kaggle").submodule_search_locations[0])
+    api = (root / "api" / "kaggle_api_extended.py").read_text()
+    table = ast.literal_eval(re.search(r"_RETIRED_ACCELERATORS = (\{.*?\})", api, re.S)[1])
+    assert {k.lower() for k in push.RETIRED_ACCELERATORS} == set(table)
+    for name, detail in push.RETIRED_ACCELERATORS.items():
+        assert table[name.lower()].lower().startswith(detail.lower()), (name, table[name.lower()])
+    help_text = (root / "cli.py").read_text()
+    for name, what in push.ACCELERATORS.items():
+        assert f"'{name}' for {what}" in help_text
+    assert "'NvidiaTeslaP100' are accepted but warn" in help_text
+
+
+def test_build_accelerator_flag(trained_exp: Path, tmp_path: Path, capsys):
+    def meta(*flags: str) -> dict:
+        out = tmp_path / "k"
+        argv = ["--checkpoints", str(trained_exp), "--owner", OWNER, "--slug", SLUG, "--out", str(out), *flags]
+        assert run_cli(kbuild.main, argv) == 0, capsys.readouterr().err
+        return json.loads((out / "kernel" / "kernel-metadata.json").read_text())
+
+    retired = meta("--accelerator", "nvidiateslap100")  # the CLI's case-insensitive match, written its way
+    assert (retired["machine_shape"], retired["enable_gpu"]) == ("NvidiaTeslaP100", True)
+    assert "accelerator NvidiaTeslaP100 is retired: sessions run on the default GPU" in capsys.readouterr().out
+    cpu = meta("--accelerator", "none")
+    assert "machine_shape" not in cpu and cpu["enable_gpu"] is False and cpu["enable_tpu"] is False
+    tpu = meta("--accelerator", "TpuV5E8")
+    assert (tpu["machine_shape"], tpu["enable_gpu"], tpu["enable_tpu"]) == ("TpuV5E8", False, True)
+    assert "is a TPU: the kernel uses CUDA or the CPU" in capsys.readouterr().out
+    argv = ["--checkpoints", str(trained_exp), "--owner", OWNER, "--out", str(tmp_path / "x"), "--accelerator", "H100"]
+    assert run_cli(kbuild.main, argv) == 1
+    assert "--accelerator 'H100' is not an accelerator the kaggle CLI knows: NvidiaTeslaT4, TpuV5E8" in (
+        capsys.readouterr().err
+    )
+
+
+def test_push_checks_the_machine_shape(build_copy: Path, capsys):
+    path = build_copy / "kernel" / "kernel-metadata.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "machine_shape": "NvidiaTeslaP100"}))
+    assert run_cli(push.main, [str(build_copy), "--dry-run"]) == 0
+    assert "warning: accelerator NvidiaTeslaP100 is retired" in capsys.readouterr().err
+    path.write_text(json.dumps({**meta, "machine_shape": "NvidiaA100"}))
+    assert run_cli(push.main, [str(build_copy), "--dry-run"]) == 1
+    assert "field 'machine_shape' 'NvidiaA100' is not an accelerator the kaggle CLI knows" in capsys.readouterr().err
+
+
+def test_a_fine_tune_build_needs_the_runs_drop_ids_file(trained_exp: Path, tmp_path: Path, capsys):
+    exp = tmp_path / "exp"
+    for src in trained_exp.glob("grid1x2/fold*/best.pt"):
+        ckpt = torch.load(src, weights_only=True)
+        ckpt["config"]["data"]["drop_ids"] = str(tmp_path / "gone.txt")
+        (exp / src.relative_to(trained_exp)).parent.mkdir(parents=True)
+        torch.save(ckpt, exp / src.relative_to(trained_exp))
+    argv = ["--checkpoints", str(exp), "--owner", OWNER, "--slug", SLUG, "--out", str(tmp_path / "out")]
+    assert run_cli(kbuild.main, [*argv, "--pseudo-label-epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"trained with --drop-ids {tmp_path / 'gone.txt'}, which is not here; the kernel's fine-tune needs it" in err
+    assert run_cli(kbuild.main, argv) == 0  # without the fine-tune: a warning, the folds file still shipped
+    assert "which is not here; not shipped" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out" / "weights" / "exp" / "grid1x2" / "fold0").iterdir()) == [
+        "best.pt",
+        "folds.csv",
+    ]
+
+
+# ---- push --submit --------------------------------------------------------------------------------------------------
+class FakeKaggleRun(FakeKaggle):
+    """FakeKaggle that also answers `kernels status` (one state per poll), `kernels logs` and `competitions submit`."""
+
+    def __init__(self, versions: dict[str, int], states: list[str], failure: str = "", push_version: int = 7):
+        super().__init__(versions, f"Kernel version {push_version} successfully pushed.  Please check progress at x")
+        self.states, self.failure = list(states), failure
+
+    def __call__(self, args: list[str], echo: bool = True) -> tuple[int, str]:
+        if args[:2] == ["kernels", "status"]:
+            self.calls.append(args)
+            state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+            text = f'{args[2]} has status "KernelWorkerStatus.{state}"\n'
+            return 0, text + (f'Failure message: "{self.failure}"\n' if self.failure and state == "ERROR" else "")
+        if args[:2] == ["kernels", "logs"]:
+            self.calls.append(args)
+            events = [{"stream_name": "stdout", "time": i, "data": f"line {i}\n"} for i in range(40)]
+            return 0, json.dumps(events)
+        if args[:2] == ["competitions", "submit"]:
+            self.calls.append(args)
+            return 0, "Submission ref: 123\n5 submissions remaining today.\nSuccessfully submitted"
+        return super().__call__(args, echo)
+
+
+def test_push_submit_waits_for_the_run_then_submits_that_version(kernel_build: Path, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "fake-token")
+    monkeypatch.setattr(push, "POLL_SECONDS", 0)
+    monkeypatch.setattr(push, "KERNEL_POLL_SECONDS", 0)
+    fake = FakeKaggleRun({IDS["weights"]: 1, IDS["code"]: 1}, ["QUEUED", "RUNNING", "RUNNING", "COMPLETE"])
+    monkeypatch.setattr(push, "run_kaggle", fake)
+    assert push.main([str(kernel_build), "--skip-weights", "--submit", "--message", "v1 test"]) == 0
+    after_push = fake.calls[[c[:2] for c in fake.calls].index(["kernels", "push"]) + 1 :]
+    assert after_push == [
+        ["kernels", "status", f"{IDS['kernel']}/7"],
+        ["kernels", "status", f"{IDS['kernel']}/7"],
+        ["kernels", "status", f"{IDS['kernel']}/7"],
+        ["kernels", "status", f"{IDS['kernel']}/7"],
+        ["kernels", "logs", f"{IDS['kernel']}/7"],
+        ["competitions", "submit", "csiro-biomass", "-k", IDS["kernel"], "-v", "7", "-f", "submission.csv",
+         "-m", "v1 test"],
+    ]  # fmt: skip
+    out = capsys.readouterr().out
+    assert "kernel tester/i2b-test version 7: queued" in out and "version 7: complete" in out
+    tail = out.split("---- last lines of the log")[1]
+    assert "line 39" in tail and "line 10\n" in tail and "line 9\n" not in tail  # the last 30 lines
+    assert f"submitted {IDS['kernel']} version 7 to csiro-biomass" in out
+
+
+def test_push_submit_submits_nothing_after_a_failed_run(kernel_build: Path, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "fake-token")
+    monkeypatch.setattr(push, "POLL_SECONDS", 0)
+    monkeypatch.setattr(push, "KERNEL_POLL_SECONDS", 0)
+    fake = FakeKaggleRun(
+        {IDS["weights"]: 1, IDS["code"]: 1}, ["RUNNING", "ERROR"], failure="Your notebook hit an error"
+    )
+    monkeypatch.setattr(push, "run_kaggle", fake)
+    assert run_cli(push.main, [str(kernel_build), "--skip-weights", "--submit"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"error: kernel {IDS['kernel']} version 7 ended with status error (Your notebook hit an error); nothing "
+        f"submitted; see the log above and https://www.kaggle.com/code/{IDS['kernel']}"
+    )
+    assert ["kernels", "logs", f"{IDS['kernel']}/7"] in fake.calls
+    assert not [c for c in fake.calls if c[0] == "competitions"]
+
+    # a run that does not end in time: nothing submitted either, and the command to submit later
+    fake = FakeKaggleRun({IDS["weights"]: 1, IDS["code"]: 1}, ["RUNNING"])
+    monkeypatch.setattr(push, "run_kaggle", fake)
+    assert run_cli(push.main, [str(kernel_build), "--skip-weights", "--submit", "--run-wait", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "version 7: still running after 0s; nothing submitted; when it is complete: kaggle competitions" in err
+    assert not [c for c in fake.calls if c[0] == "competitions"]
+
+
+def test_push_submit_dry_run_prints_every_command(kernel_build: Path, capsys):
+    assert push.main([str(kernel_build), "--dry-run", "--submit", "--message", "m"]) == 0
+    out = capsys.readouterr().out
+    for line in (
+        f"kaggle kernels push -p {kernel_build / 'kernel'}",
+        f"kaggle kernels status {IDS['kernel']}/N",
+        f"kaggle kernels logs {IDS['kernel']}/N",
+        f"kaggle competitions submit csiro-biomass -k {IDS['kernel']} -v N -f submission.csv -m m",
+    ):
+        assert line in out, out
