@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,18 +139,15 @@ def grid_weight_map(predictors: list[Predictor], grid_weights: list[str] | None)
 
 def ensemble_groups(
     predictors: list[Predictor], grid_weights: dict[tuple[int, int], float] | None = None
-) -> tuple[list, dict]:
-    """Each model's group (its grid and fold) and each group's weight: grids by weight, folds equal within a grid.
+) -> tuple[list[tuple], dict]:
+    """Each model's place in the ensemble, (grid, fold), and each grid's weight (equal unless given).
 
-    Models of one group (the seeds of a fold) share its weight equally, so a fold trained with more seeds does not
-    weigh more than the others; a checkpoint without a fold counts as a fold of its own.
+    The mean is nested: seeds within a fold, folds within a grid (equal shares), grids by weight; so a fold
+    trained with more seeds does not weigh more than the others. A checkpoint without a fold is a fold of its own.
     """
     groups = [(p.grid, p.fold if p.fold is not None else ("path", i)) for i, p in enumerate(predictors)]
-    by_grid: dict[tuple[int, int], set] = defaultdict(set)
-    for grid, fold in groups:
-        by_grid[grid].add(fold)
-    grid_share = grid_weights or {g: 1.0 / len(by_grid) for g in by_grid}
-    return groups, {(g, f): grid_share[g] / len(by_grid[g]) for g, f in dict.fromkeys(groups)}
+    grids = list(dict.fromkeys(grid for grid, _ in groups))
+    return groups, dict(grid_weights) if grid_weights else {g: 1.0 / len(grids) for g in grids}
 
 
 def member_weights(
@@ -159,7 +155,8 @@ def member_weights(
 ) -> list[float]:
     """Each model's share of the ensemble when every model is finite (see `ensemble_groups`)."""
     groups, weights = ensemble_groups(predictors, grid_weights)
-    return [weights[g] / groups.count(g) for g in groups]
+    folds_per_grid = {g: len({f for g2, f in set(groups) if g2 == g}) for g, _ in groups}
+    return [weights[g] / folds_per_grid[g] / groups.count((g, f)) for g, f in groups]
 
 
 @dataclass
@@ -200,30 +197,48 @@ def finite_ensemble_mean(
 ) -> FiniteMean:
     """Ensemble mean of per-model predictions (M, B, V, 5) over the finite ones only, image by image.
 
-    Equal weights within a group (a grid's folds), `group_weights[g]` over groups, as the plain ensemble does;
-    a model whose values for an image are not all finite (`finite` (M, B), default from the values) is left
-    out of that image's mean, a group with no finite member drops out and the other groups' weights are
-    renormalized. An image no model predicted finitely gets a NaN row, for the caller's fallback. Pure numpy:
-    the one place that decides how partial ensembles are averaged, whatever loop produced the predictions.
+    `groups[m]` is model m's place: a key of `group_weights` (a grid) or a tuple whose first item is one, the rest
+    nested levels (fold, ...). The mean is nested: equal shares at every level below the top, `group_weights` at
+    the top. A model whose values for an image are not all finite (`finite` (M, B), default from the values) is
+    left out of that image's mean: its siblings take its share, a level with no finite member drops out and its
+    siblings are renormalized. An image no model predicted finitely gets a NaN row, for the caller's fallback. Pure
+    numpy: the one place that decides how partial ensembles are averaged, whatever loop produced the predictions.
     """
     preds = np.asarray(preds, dtype=np.float64)
     finite = np.isfinite(preds).all(axis=(2, 3)) if finite is None else np.asarray(finite, dtype=bool)
     if len(groups) != len(preds) or finite.shape != preds.shape[:2]:
         raise ValueError("one group per model and a finite mask of shape (models, images)")
+    paths = [tuple(g) if isinstance(g, tuple) else (g,) for g in groups]
+    values, some = _nested_mean(preds, finite, paths, group_weights)
+    return FiniteMean(values, finite & some[None, :])
+
+
+def _nested_mean(preds: np.ndarray, finite: np.ndarray, paths: list[tuple], weights: Mapping | None) -> tuple:
+    """Weighted mean over the first level of `paths` (equal when `weights` is None), recursing into the rest.
+
+    Returns the mean (B, V, 5), NaN where nothing was finite, and which images got one (B,). Keys are visited in
+    first-seen order, so the summation order is the same on every call.
+    """
     acc = np.zeros(preds.shape[1:])
     total = np.zeros(preds.shape[1])
-    for group in dict.fromkeys(groups):  # first-seen order: the same summation order every call
-        members = [m for m, g in enumerate(groups) if g == group]
-        mask = finite[members]  # (k, B)
-        count = mask.sum(axis=0)
-        summed = np.where(mask[:, :, None, None], preds[members], 0.0).sum(axis=0)
-        weight = float(group_weights[group]) * (count > 0)
-        acc += (weight / np.maximum(count, 1))[:, None, None] * summed
+    for key in dict.fromkeys(path[0] for path in paths):
+        members = [m for m, path in enumerate(paths) if path[0] == key]
+        if all(len(paths[m]) == 1 for m in members):  # leaves: the models themselves, equal shares
+            mask = finite[members]
+            count = mask.sum(axis=0)
+            value = (
+                np.where(mask[:, :, None, None], preds[members], 0.0).sum(axis=0) / np.maximum(count, 1)[:, None, None]
+            )
+            has = count > 0
+        else:
+            value, has = _nested_mean(preds[members], finite[members], [paths[m][1:] or ("",) for m in members], None)
+        weight = (1.0 if weights is None else float(weights[key])) * has
+        acc += weight[:, None, None] * np.where(has[:, None, None], value, 0.0)
         total += weight
     values = np.full_like(acc, np.nan)
     some = total > 0
     values[some] = acc[some] / total[some, None, None]
-    return FiniteMean(values, finite & some[None, :])
+    return values, some
 
 
 def _predict_or_nan(p: Predictor, pair: torch.Tensor, on_bad_image: str, errors: dict[str, str]) -> np.ndarray:

@@ -154,6 +154,21 @@ def test_finite_ensemble_mean_by_hand():
     np.testing.assert_allclose(only_b.values, 10.0)  # a grid without finite members drops out; weights renormalized
 
 
+def test_finite_ensemble_mean_nests_seeds_in_folds_in_grids():
+    """Grid A: fold 0 with two seeds, fold 1 with one; grid B: one model. A NaN seed leaves its fold to the other
+    seed; a NaN fold leaves its grid to the other fold; the grid weights stay 0.6 / 0.4."""
+    a0s0, a0s1, a1, b0 = (np.full((2, 1, 5), v) for v in (1.0, 3.0, 6.0, 10.0))
+    a0s0[1] = np.nan  # image 1: seed 0 of fold 0 is broken
+    groups = [("A", 0), ("A", 0), ("A", 1), ("B", 0)]
+    mean = finite_ensemble_mean(np.stack([a0s0, a0s1, a1, b0]), groups, {"A": 0.6, "B": 0.4})
+    np.testing.assert_allclose(mean.values[0], 0.6 * (0.5 * 2.0 + 0.5 * 6.0) + 0.4 * 10.0)
+    np.testing.assert_allclose(mean.values[1], 0.6 * (0.5 * 3.0 + 0.5 * 6.0) + 0.4 * 10.0)
+    a1[:] = np.nan  # fold 1 broken everywhere: fold 0 is grid A alone
+    mean = finite_ensemble_mean(np.stack([a0s0, a0s1, a1, b0]), groups, {"A": 0.6, "B": 0.4})
+    np.testing.assert_allclose(mean.values[0], 0.6 * 2.0 + 0.4 * 10.0)
+    np.testing.assert_allclose(mean.values[1], 0.6 * 3.0 + 0.4 * 10.0)
+
+
 def test_physics_never_maps_nan_to_zero():
     pred = np.array(
         [[10.0, 5.0, 2.0, 12.0, 17.0], [np.nan, 5, 2, 12, 17], [np.inf, 5, 2, 12, 17], [-np.inf, 5, 2, 12, 17]]
