@@ -13,7 +13,7 @@ import shlex
 import sys
 
 from src.backbone import check_backbone_name
-from src.config import add_config_flags, resolve_config
+from src.config import add_config_flags, check_backbone_weights, resolve_config
 from src.errors import BiomassError, run_cli
 from src.folds import fold_numbers, load_fold_table
 from src.logs import add_quiet_flag
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = resolve_config(args)
     check_backbone_name(cfg.model.backbone)
+    check_backbone_weights(cfg)
     command = "python train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.fold == "all":
         folds = fold_numbers(load_fold_table(cfg.data, check_images=False))

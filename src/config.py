@@ -40,9 +40,20 @@ ON_BAD_IMAGE = ("error", "fallback")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, check: tuple[Callable[[Any], bool], str] | None = None):
-    """A config field: its default, its --help text, and what values are allowed (checked when resolved)."""
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    check: tuple[Callable[[Any], bool], str] | None = None,
+    literal_none: bool = False,
+):
+    """A config field: its default, its --help text, and what values are allowed (checked when resolved).
+
+    `literal_none`: the word `none` stays the string "none" (said on purpose), where null / unset is None.
+    """
     meta: dict[str, Any] = {"help": help}
+    if literal_none:
+        meta["literal_none"] = True
     if choices is not None:
         meta["choices"] = choices
     if check is not None:
@@ -85,7 +96,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = _opt(DEFAULT_BACKBONE, "timm model name (any ViT)")
-    backbone_weights: str | None = _opt(None, "local .pth/.safetensors file, or none")
+    backbone_weights: str | None = _opt(
+        None,
+        "local .pth/.safetensors file; none = random init on purpose (a pretrained-size backbone needs one of the two)",
+        literal_none=True,
+    )
     backbone_kwargs: dict = _opt({}, "extra timm.create_model kwargs (YAML only)")
     grid: tuple[int, int] = _opt(
         (2, 2), "tiles per view: rows cols", check=(lambda v: min(v) >= 1, "needs rows, cols >= 1")
@@ -408,6 +423,33 @@ def check_config(cfg: Any, source: str = "config") -> Any:
     return cfg
 
 
+# backbone_kwargs keys that reshape a timm ViT: no pretrained file fits such a model, random init is its only start
+RESHAPING_KWARGS = ("depth", "embed_dim", "num_heads")
+
+
+def weights_file(model: ModelConfig) -> str | None:
+    """The backbone weights file to load, or None for random init (`--backbone-weights none` or unset)."""
+    return None if model.backbone_weights in (None, "none") else model.backbone_weights
+
+
+def check_backbone_weights(cfg: Config) -> Config:
+    """Training never starts a pretrained-size backbone from random weights unless told so (`--backbone-weights none`).
+
+    Its backbone lr (1e-5) is meant for pretrained weights: a silent random init trains a model that cannot learn.
+    A backbone reshaped by `backbone_kwargs` (the tiny presets) has no pretrained weights, so random is its only start.
+    """
+    model = cfg.model
+    reshaped = any(k in model.backbone_kwargs for k in RESHAPING_KWARGS)
+    if model.backbone_weights is None and not reshaped:
+        name = model.backbone
+        raise BiomassError(
+            f"--backbone {name} would start from random weights: pass --backbone-weights "
+            f"weights/{name}.safetensors (made once with `python -m src.weights export --name {name} --out weights/`), "
+            "or --backbone-weights none to train from random init on purpose"
+        )
+    return cfg
+
+
 def apply_overrides(cfg: Any, data: dict, source: str) -> Any:
     """Merge a nested dict into cfg in place; unknown sections/keys raise naming the source."""
     by_path = {leaf.path: leaf for leaf in leaves(cfg)}
@@ -419,6 +461,9 @@ def apply_overrides(cfg: Any, data: dict, source: str) -> Any:
             path = (*prefix, key)
             if path in by_path:
                 leaf = by_path[path]
+                if leaf.meta.get("literal_none") and isinstance(value, str) and value.lower() == "none":
+                    _set(cfg, path, "none")
+                    continue
                 value = _coerce(value, leaf.hint, f"{source}: {leaf.dotted}")
                 problem = _leaf_problem(leaf, value) if leaf.meta.get("choices") else None
                 if problem:

@@ -19,7 +19,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from src.backbone import create_backbone, norm_constants, patch_size
-from src.config import HEAD_LAYOUTS, ModelConfig, check_config
+from src.config import HEAD_LAYOUTS, ModelConfig, check_config, weights_file
 from src.errors import BiomassError
 from src.schema import MONTHS, SPECIES_GROUPS, STATES, TARGETS
 
@@ -144,7 +144,7 @@ class BiomassModel(nn.Module):
         self.cfg = cfg
         self.grid = tuple(int(g) for g in cfg.grid)
         tile = cfg.tile_size or default_tile_size(self.grid, probe_patch_size(cfg))
-        weights = cfg.backbone_weights if load_backbone_weights else None
+        weights = weights_file(cfg) if load_backbone_weights else None
         self.backbone = create_backbone(
             cfg.backbone,
             tile_size=tile,

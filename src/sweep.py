@@ -29,7 +29,14 @@ from pathlib import Path
 import pandas as pd
 
 from src.backbone import check_backbone_name
-from src.config import Config, add_config_flags, apply_overrides, check_config, resolve_config
+from src.config import (
+    Config,
+    add_config_flags,
+    apply_overrides,
+    check_backbone_weights,
+    check_config,
+    resolve_config,
+)
 from src.errors import BiomassError, run_cli
 from src.feature_cache import feature_cache
 from src.folds import fold_numbers, load_fold_table, split_fold
@@ -357,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         raise BiomassError("pass --exp NAME: the sweep writes checkpoints/<NAME>/sweep.csv")
     base = base_config(args)
     check_backbone_name(base.model.backbone)
+    check_backbone_weights(base)
     if args.seeds is not None and getattr(args, "train.seed") is not None:
         raise BiomassError("give --seed S or --seeds S [S ...], not both")
     run_sweep(base, grid_from_args(args), parse_folds(args.fold), seeds=args.seeds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,19 @@ from src.config import (
     InferConfig,
     add_config_flags,
     add_infer_flags,
+    check_backbone_weights,
     check_config,
     leaves,
     load_yaml,
     resolve_config,
     resolve_infer_config,
+    weights_file,
 )
-from src.errors import BiomassError
+from src.errors import BiomassError, run_cli
 from src.io_utils import save_config
 from src.schema import TARGET_WEIGHTS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _resolve(*argv: str) -> Config:
@@ -69,13 +74,40 @@ def test_flag_types():
         "--target-weights", "1", "0", "0", "2", "5", "--num-workers", "4", "--dropout", "0.25",
     )  # fmt: skip
     assert cfg.model.grid == (3, 3) and all(type(v) is int for v in cfg.model.grid)
-    assert cfg.model.backbone_weights is None
+    assert cfg.model.backbone_weights == "none"  # said on purpose: kept as the word, loads nothing
     assert cfg.train.cache_features is False and cfg.train.amp is True
     assert cfg.model.tile_size is None
     assert cfg.train.target_weights == (1.0, 0.0, 0.0, 2.0, 5.0)
     assert cfg.data.num_workers == 4 and cfg.model.dropout == 0.25
     assert _resolve("--backbone-weights", "w/vit.pth").model.backbone_weights == "w/vit.pth"
     assert _resolve("--cache-features").train.cache_features is True
+
+
+def test_no_silent_random_backbone(tmp_path: Path, capsys):
+    # a pretrained-size backbone without --backbone-weights: one line naming the flag and the export command
+    export = "python -m src.weights export --name vit_base_patch14_reg4_dinov2.lvd142m --out weights/"
+    with pytest.raises(BiomassError, match="--backbone-weights") as err:
+        check_backbone_weights(_resolve())
+    assert export in str(err.value) and "--backbone-weights none" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(BiomassError, match="--backbone vit_large_patch16_dinov3.lvd1689m would start from random"):
+        check_backbone_weights(_resolve("--backbone", "vit_large_patch16_dinov3.lvd1689m"))
+    # said on purpose (flag or YAML), a file, or a reshaped (tiny) backbone: no error
+    cfg = check_backbone_weights(_resolve("--backbone-weights", "none"))
+    assert cfg.model.backbone_weights == "none" and weights_file(cfg.model) is None
+    cfg = check_backbone_weights(_resolve("--config", _yaml(tmp_path, {"model": {"backbone_weights": "none"}})))
+    assert cfg.model.backbone_weights == "none" and weights_file(cfg.model) is None
+    assert weights_file(check_backbone_weights(_resolve("--backbone-weights", "w/v.pth")).model) == "w/v.pth"
+    for preset in ("tiny", "tiny-dinov3"):
+        assert weights_file(check_backbone_weights(_resolve("--preset", preset)).model) is None
+    # YAML null is "not given", like no key at all
+    with pytest.raises(BiomassError, match="would start from random weights"):
+        check_backbone_weights(_resolve("--config", _yaml(tmp_path, {"model": {"backbone_weights": None}}, "n.yaml")))
+    # train.py refuses before it reads any data: exit 1, one error line
+    train = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location("t", REPO / "train.py"))
+    spec.loader.exec_module(train)
+    assert run_cli(train.main, ["--fold", "0", "--data-dir", str(tmp_path / "absent")]) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --backbone vit_base") and export in lines[0]
 
 
 def test_bad_flag_values_raise():
