@@ -10,7 +10,7 @@ DEMO_FLAGS := --preset tiny --tile-size 84 --epochs 24
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data-synthetic data demo test ablate kernel push kaggle-sim clean
+.PHONY: install data-synthetic data demo test ablate kernel push kaggle-sim real clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,16 @@ push: install
 SIM_FLAGS ?=
 kaggle-sim: install
 	$(PY) kernels/rehearse.py $(SIM_FLAGS)
+
+# competition files -> a submitted kernel with a recipe of configs/ (README "Real data", docs/RECIPES.md):
+# make real RECIPE=seed OWNER=me [GPUS=0,1,...] [DRY_RUN=1]; real.py runs the existing commands in order, each printed
+RECIPE ?= seed
+GPUS ?=
+DRY_RUN ?=
+OVERRIDE ?=
+real: install
+	$(PY) real.py --recipe $(RECIPE) $(if $(OWNER),--owner $(OWNER)) $(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 
 clean:
 	rm -rf $(DATA) $(FOLDS) checkpoints/$(EXP) submission.csv

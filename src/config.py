@@ -306,6 +306,11 @@ def _merged(base: dict, extra: dict) -> dict:
     return out
 
 
+def overlay(base: dict, extra: dict) -> dict:
+    """A config dict with another merged over it, section by section (a recipe and its override, like presets)."""
+    return _merged(base, extra)
+
+
 # The tiny preset with a DINOv3-shaped backbone (timm Eva: patch 16, RoPE, 4 registers), same depth/width:
 # checks the patch-16 path end to end on a CPU. 64 px tiles = 4x4 patches, like tiny's 56 = 4x4 of 14.
 PRESETS["tiny-dinov3"] = _merged(PRESETS["tiny"], {"model": {"backbone": "vit_small_patch16_dinov3", "tile_size": 64}})
@@ -474,13 +479,41 @@ def apply_overrides(cfg: Any, data: dict, source: str) -> Any:
                     raise BiomassError(f"{source}: section {key!r} must be a mapping")
                 merge(value, path)
             elif len(path) == 1:
-                raise BiomassError(f"{source}: unknown key {key!r}; valid: {', '.join(top)}, preset")
+                raise BiomassError(f"{source}: unknown key {key!r}; valid: {', '.join(top)}, preset, recipe")
             else:
                 valid = sorted(p[-1] for p in by_path if p[:-1] == prefix)
                 raise BiomassError(f"{source}: unknown key {'.'.join(path)}; valid keys: {', '.join(valid)}")
 
     merge(data, ())
     return cfg
+
+
+# ---- recipes (configs/*.yaml): a train.py config plus a `recipe:` section for `make real` --------------------------
+RECIPE_KEYS = ("grids", "folds", "seeds")
+
+
+def check_recipe(section: Any, source: str) -> dict:
+    """The `recipe:` section of a config file, normalised: grids [(R, C)], folds 'all' or [K], seeds None or [S].
+
+    train.py trains the one grid of `model.grid` and reads nothing here; `real.py` trains every grid x fold (x seed).
+    """
+    if not isinstance(section, dict):
+        raise BiomassError(f"{source}: section 'recipe' must be a mapping with keys {', '.join(RECIPE_KEYS)}")
+    unknown = sorted(set(section) - set(RECIPE_KEYS))
+    if unknown:
+        raise BiomassError(f"{source}: unknown key recipe.{unknown[0]}; valid keys: {', '.join(RECIPE_KEYS)}")
+    grids = section.get("grids", [])
+    if not isinstance(grids, list) or not all(
+        isinstance(g, list) and len(g) == 2 and all(isinstance(v, int) and v >= 1 for v in g) for g in grids
+    ):
+        raise BiomassError(f"{source}: recipe.grids must be a list of [rows, cols] pairs >= 1, got {grids!r}")
+    folds = section.get("folds", "all")
+    if folds != "all" and not (isinstance(folds, list) and folds and all(isinstance(k, int) and k >= 0 for k in folds)):
+        raise BiomassError(f"{source}: recipe.folds must be 'all' or a list of fold numbers, got {folds!r}")
+    seeds = section.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(isinstance(v, int) for v in seeds)):
+        raise BiomassError(f"{source}: recipe.seeds must be a list of integers (or absent), got {seeds!r}")
+    return {"grids": [tuple(g) for g in grids], "folds": folds, "seeds": seeds}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -537,6 +570,8 @@ def resolve(cls: type, args: argparse.Namespace, presets: dict[str, dict], prese
     cfg = cls()
     yaml_data = load_yaml(args.config) if getattr(args, "config", None) else {}
     yaml_preset = yaml_data.pop("preset", None)
+    if "recipe" in yaml_data:  # what `make real` trains (real.py); checked here, so a typo is never ignored
+        check_recipe(yaml_data.pop("recipe"), str(args.config))
     name = getattr(args, "preset", None) or yaml_preset or preset
     if name is not None:
         if name not in presets:

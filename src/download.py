@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def kaggle_username() -> str | None:
 
 
 def kaggle_executable() -> list[str]:
-    """The kaggle CLI of this interpreter's environment (the pinned one), else the one on PATH."""
+    """$KAGGLE_CLI if set (a command line), else the kaggle CLI of this interpreter's environment, else PATH's."""
+    if os.environ.get("KAGGLE_CLI"):
+        return shlex.split(os.environ["KAGGLE_CLI"])
     beside = Path(sys.executable).parent / "kaggle"
     if beside.is_file():
         return [str(beside)]
