@@ -2,7 +2,8 @@
 
 A section is `<!-- generated:NAME -->...<!-- /generated -->`; NAME's renderer below turns its sources (CSV/JSON
 committed under docs/) into the text between the markers. The sources are written by the scripts that measure:
-`bench/ablate.py` (docs/ablation.csv + .json), `python -m src.docs demo checkpoints/demo --write` (docs/demo.csv
+`bench/ablate.py` (docs/ablation.csv + .json), `bench/recipes.py` (docs/recipes*.csv),
+`python -m src.docs demo checkpoints/demo --write` (docs/demo.csv
 + .json, from a `make demo` run's files), `bench/*.py` (the dated sections they append to docs/BENCHMARKS.md, whose
 bar verdicts README.md summarises).
 
@@ -392,6 +393,61 @@ def _param_counts(repo: Path) -> str:
     return to_markdown(shown)
 
 
+# ---- the recipes' projections (bench/recipes.py) ---------------------------------------------------------------
+def _recipe_tables(repo: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return read_source_csv(repo / "docs" / "recipes.csv"), read_source_csv(repo / "docs" / "recipes_kernel.csv")
+
+
+def _recipes(repo: Path) -> str:
+    """docs/RECIPES.md: per recipe x grid x device the projected memory and time per fold, the arithmetic shown."""
+    table, kernel = _recipe_tables(repo)
+    lines = [
+        "| recipe | grid, tile | device | GB (fits?) | GB grad ckpt | min / fold | runs | h, all runs | arithmetic |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in table.itertuples():
+        fits = "yes" if str(r.fits) == "True" else f"**no** (> {r.device_gb})"
+        lines.append(
+            f"| {r.recipe} | {r.grid}, {r.tile} | {r.device} | {r.memory_gb} ({fits}) | "
+            f"{r.memory_gb_grad_checkpointing} | {r.minutes_per_fold} | {r.runs} | {r.hours_all_runs} | "
+            f"{r.arithmetic} |"
+        )
+    lines += ["", "Kernel ensembles (Kaggle T4, fp16 autocast, one GPU, 9 h limit):", ""]
+    lines += [
+        "| recipe | ensemble | models | min | share of 9 h | fits | arithmetic |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in kernel.itertuples():
+        fits = "yes" if str(r.fits_9h) == "True" else "**no**"
+        lines.append(
+            f"| {r.recipe} | {r.ensemble} | {r.models} | {r.minutes_t4} | {float(r.share_of_9h):.1%} | {fits} | "
+            f"{r.arithmetic} |"
+        )
+    return "\n".join(lines)
+
+
+def _recipes_readme(repo: Path) -> str:
+    """README.md: one row per recipe, minutes per fold on T4 / A100 / H100 and the largest ensemble that fits 9 h."""
+    table, kernel = _recipe_tables(repo)
+    lines = [
+        "| recipe | backbone | grids | min / fold T4 | A100 | H100 | GB (T4 fits?) | largest kernel ensemble in 9 h |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name, rows in table.groupby("recipe", sort=False):
+        minutes = {
+            d: " + ".join(str(v) for v in rows[rows.device == d].minutes_per_fold) for d in ("T4", "A100", "H100")
+        }
+        t4 = rows[rows.device == "T4"]
+        fits = "yes" if (t4.fits.astype(str) == "True").all() else "no: grad ckpt"
+        ens = kernel[(kernel.recipe == name) & (kernel.fits_9h.astype(str) == "True")]
+        best = f"{ens.iloc[-1].ensemble} ({ens.iloc[-1].minutes_t4} min)" if len(ens) else "none"
+        lines.append(
+            f"| `{name}` | `{rows.iloc[0].backbone}` | {', '.join(dict.fromkeys(rows.grid))} | {minutes['T4']} | "
+            f"{minutes['A100']} | {minutes['H100']} | {t4.memory_gb.max()} ({fits}) | {best} |"
+        )
+    return "\n".join(lines)
+
+
 # ---- all sections ----------------------------------------------------------------------------------------------------
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "ablation": _ablation,
@@ -399,6 +455,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "demo-peer": _demo_peer,
     "benchmarks": _benchmarks,
     "param-counts": _param_counts,
+    "recipes": _recipes,
+    "recipes-readme": _recipes_readme,
 }
 
 

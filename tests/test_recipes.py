@@ -11,11 +11,13 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import timm
 import torch
 import yaml
 
+from bench import recipes as projection
 from src.config import (
     Config,
     add_config_flags,
@@ -131,3 +133,32 @@ def test_recipe_trains_one_epoch_per_grid_with_the_tiny_backbone(path, synthetic
                     continue
                 assert saved[section][key] == value, (path.name, section, key)
         assert saved["model"]["grid"] == [rows, cols] and saved["model"]["backbone_weights"] == "none"
+
+
+def test_projection_of_docs_recipes_is_current_and_matches_a_hand_count():
+    table, kernel = projection.compute()
+    for name, fresh in (("recipes.csv", table), ("recipes_kernel.csv", kernel)):
+        committed = pd.read_csv(REPO / "docs" / name)
+        assert committed.astype(str).equals(fresh.astype(str)), f"docs/{name} is stale: run python bench/recipes.py"
+    # ViT-B/14 reg4 at 504: 36 x 36 patches + 5 prefix tokens; per block 2 x 7,077,888 Linear weights x N + 4 N^2 x 768
+    n, d = 36 * 36 + 5, 768
+    linear = 3 * d * d + d * d + 2 * 4 * d * d
+    tile = 12 * (2 * linear * n + 4 * n * n * d) + 2 * 3 * 14 * 14 * d * 36 * 36
+    seed_t4 = table[(table.recipe == "seed") & (table.grid == "2x2") & (table.device == "T4")].iloc[0]
+    fwd = 2 * 4 * tile  # 2 views x 4 tiles
+    flops = (286 * 4 + 71) * fwd + 9 * (286 * 3 + 71) * fwd  # cache + 9 finetune epochs, backbone fully trained
+    assert seed_t4.pflop_per_fold == pytest.approx(round(flops / 1e15, 2))
+    assert seed_t4.minutes_per_fold == pytest.approx(round(flops / (65e12 * 0.30) / 60, 1))
+    assert "x 1301 tokens" in seed_t4.arithmetic and seed_t4.runs == 5
+    ens = kernel[kernel.recipe == "seed"].iloc[-1]
+    assert ens.models == 10 and ens.pflop == pytest.approx(
+        round(
+            1000 * 3 * 5 * fwd / 1e15
+            + 1000
+            * 3
+            * 5
+            * (2 * 9 * (12 * (2 * linear * 581 + 4 * 581 * 581 * d) + 2 * 3 * 14 * 14 * d * 24 * 24))
+            / 1e15,
+            2,
+        )
+    )
