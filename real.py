@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,9 +172,11 @@ def run(cmd: list[str], dry_run: bool) -> None:
     print(f"$ {show(cmd)}", flush=True)
     if dry_run:
         return
+    start = time.time()
     code = subprocess.call(cmd, cwd=REPO)
     if code != 0:
         raise BiomassError(f"step failed (exit {code}): {show(cmd)}; fix it and run the same command again")
+    print(f"# {cmd[1] if cmd[1] != '-m' else cmd[2]}: done in {time.time() - start:.0f} s", flush=True)
 
 
 def run_jobs(commands: list[tuple[Job, list[str]]], gpus: list[str], log_dir: Path) -> list[str]:
@@ -182,7 +185,10 @@ def run_jobs(commands: list[tuple[Job, list[str]]], gpus: list[str], log_dir: Pa
         failed = []
         for job, cmd in commands:
             print(f"$ {show(cmd)}", flush=True)
-            if subprocess.call(cmd, cwd=REPO) != 0:
+            start = time.time()
+            code = subprocess.call(cmd, cwd=REPO)
+            print(f"# {job.name}: {'done' if code == 0 else f'FAILED (exit {code})'} in {time.time() - start:.0f} s")
+            if code != 0:
                 failed.append(job.name)
         return failed
     todo: queue.Queue = queue.Queue()

@@ -14,7 +14,6 @@ import yaml
 
 from src.config import load_yaml, overlay
 from src.errors import run_cli
-from tests.conftest import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "overrides" / "tiny.yaml"
@@ -67,32 +66,33 @@ def _real_module():
     return module
 
 
-def _dry_run(argv: list[str], capsys) -> str:
+def _dry_run(argv: list[str], capfd) -> str:
     """real.py --dry-run in this process (it starts nothing, so no subprocess is needed)."""
-    capsys.readouterr()
+    capfd.readouterr()
     assert _real_module().main([*argv, "--dry-run"]) == 0
-    return capsys.readouterr().out
+    return capfd.readouterr().out
 
 
-def test_make_real_chain_on_synthetic_data(synthetic_dir, folds_csv, tmp_path, capsys):
+def test_make_real_chain_on_synthetic_data(synthetic_dir, folds_csv, tmp_path, capfd, monkeypatch):
+    """real.py's main in this process; every step it runs is a real subprocess (train.py ... kernels/push.py)."""
     fake = _fake_kaggle(tmp_path / "bin")
-    env = {
-        "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
-        "KAGGLE_CLI": "kaggle",  # the one on PATH, not the venv's
-        "KAGGLE_API_TOKEN": "fake-token",
-    }
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("KAGGLE_CLI", "kaggle")  # the one on PATH, not the venv's
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "fake-token")
     ckpt, build = tmp_path / "ckpt", tmp_path / "build"
     flags = ["--recipe", "gpu-smoke", "--override", str(TINY), "--data-dir", str(synthetic_dir)]
     flags += ["--folds", str(folds_csv), "--out-dir", str(ckpt), "--build", str(build), "--owner", "tester"]
 
     # a dry run prints every command and runs none
-    dry = _dry_run(flags, capsys)
+    dry = _dry_run(flags, capfd)
     steps = [ln for ln in dry.splitlines() if ln.startswith("$ ")]
     assert [s.split()[2] for s in steps] == ["train.py", "infer.py", "report.py", "kernels/build.py", "kernels/push.py"]
     assert "--grid 2 2 --fold 0" in steps[0] and steps[-1].endswith("--submit")
     assert not ckpt.exists() and not build.exists() and not (fake.parent / "calls.jsonl").exists()
 
-    out = run_script("real.py", *flags, env=env).stdout
+    capfd.readouterr()
+    assert _real_module().main(flags) == 0
+    out = capfd.readouterr().out
     exp = ckpt / "gpu-smoke"
     assert (exp / "grid2x2" / "fold0" / "best.pt").is_file() and not (exp / "grid2x2" / "fold1").exists()  # 1 fold
     assert yaml.safe_load((exp / "recipe.yaml").read_text())["model"]["backbone_weights"] == "none"
@@ -108,11 +108,11 @@ def test_make_real_chain_on_synthetic_data(synthetic_dir, folds_csv, tmp_path, c
     assert submit[5:7] == ["-v", "3"] and "submitted" in out  # the version kernels push reported
 
     # again: the finished fold is skipped; with more epochs it is resumed, not restarted
-    again = _dry_run(flags, capsys)
+    again = _dry_run(flags, capfd)
     assert "grid2x2 fold0: finished" in again and "train.py" not in again
     longer = tmp_path / "longer.yaml"
     longer.write_text(yaml.safe_dump(overlay(load_yaml(TINY), {"train": {"epochs": 2}})))
-    resumed = _dry_run([*flags[:2], "--override", str(longer), *flags[4:]], capsys)
+    resumed = _dry_run([*flags[:2], "--override", str(longer), *flags[4:]], capfd)
     assert [ln for ln in resumed.splitlines() if "train.py" in ln][0].endswith("--resume")
 
 
