@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from src.checkpoint import load_checkpoint
@@ -131,25 +132,23 @@ def fold_numbers_of(recipe: dict, folds_file: Path) -> list[int]:
     if recipe["folds"] != "all":
         return list(recipe["folds"])
     if not folds_file.is_file():
+        print(f"# {folds_file} does not exist yet: assuming folds.py's {DEFAULT_N_FOLDS} folds")
         return list(range(DEFAULT_N_FOLDS))
-    column = [line.split(",")[1] for line in folds_file.read_text().splitlines()[1:] if line.strip()]
-    return sorted({int(v) for v in column})
+    return sorted(int(k) for k in pd.read_csv(folds_file)["fold"].unique())
 
 
 def plan_jobs(recipe: dict, cfg: Config, folds_file: Path) -> list[Job]:
     """Every grid x fold (x seed) of the recipe and the state of its run directory (checkpoint.run_dir_for's layout)."""
     grids = recipe["grids"] or [tuple(cfg.model.grid)]
     seeds = recipe["seeds"] or [None]
-    jobs = []
+    jobs, fold_list = [], fold_numbers_of(recipe, folds_file)
     for grid in grids:
-        for fold in fold_numbers_of(recipe, folds_file):
+        for fold in fold_list:
             for seed in seeds:
                 run_dir = Path(cfg.out_dir) / cfg.exp / f"grid{grid[0]}x{grid[1]}" / f"fold{fold}"
                 run_dir = run_dir / f"seed{seed}" if seed is not None else run_dir
                 jobs.append(Job(tuple(grid), fold, seed, run_dir, "new"))
     for job in jobs:
-        if job.seed is not None:
-            cfg.train.seed = job.seed  # fold_state reads only epochs and patience; the seed names the directory
         job.state = fold_state(job.run_dir, cfg)
     return jobs
 

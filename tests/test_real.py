@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -146,3 +147,14 @@ def test_missing_weights_file_is_one_line_with_the_export_command(tmp_path, caps
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and "weights/x.pth: backbone weights file not found" in err[0]
     assert "python -m src.weights export --name vit_base_patch14_reg4_dinov2.lvd142m --out weights" in err[0]
+
+
+def test_make_real_target_is_a_thin_call_of_real_py():
+    """`make real` passes RECIPE, OWNER, GPUS, OVERRIDE and DRY_RUN straight to real.py (make -n: nothing runs)."""
+    argv = ["make", "-n", "-C", str(REPO), "real", "RECIPE=top", "OWNER=me", "GPUS=0,1", "DRY_RUN=1"]
+    text = subprocess.run([*argv, "OVERRIDE=o.yaml"], capture_output=True, text=True, check=True).stdout
+    line = " ".join(text.replace("\\\n", " ").split())
+    assert "/bin/python real.py --recipe top --owner me --gpus 0,1 --override o.yaml --dry-run" in line
+    plain = subprocess.run([*argv[:4], "real", "DRY_RUN=0"], capture_output=True, text=True, check=True).stdout
+    plain = " ".join(plain.replace("\\\n", " ").split())
+    assert "real.py --recipe seed" in plain and "--dry-run" not in plain and "--owner" not in plain
