@@ -87,6 +87,7 @@ def save_best(
             "val_metric": None if metric is None else float(metric),
             "tile_size": int(model.tile_size),
             "grid": list(model.grid),
+            "norm": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
         },
         path,
     )

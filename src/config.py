@@ -111,6 +111,16 @@ class ModelConfig:
     aux_height_weight: float = _opt(
         0.0, "Height_Ave_cm regression head + loss weight (training only; 0 = no head)", check=_at_least(0)
     )
+    norm_mean: list[float] | None = _opt(
+        None,
+        "input mean (RGB in [0, 1]); default: the weights file's pretrained config, else the backbone name's",
+        check=(lambda v: v is None or len(v) == 3, "needs 3 values (R G B)"),
+    )
+    norm_std: list[float] | None = _opt(
+        None,
+        "input std (RGB); default: the weights file's pretrained config, else the backbone name's",
+        check=(lambda v: v is None or (len(v) == 3 and min(v) > 0), "needs 3 values > 0 (R G B)"),
+    )
     aux_bins: int = _opt(
         0,
         "N quantile bins per target (training fold): interval-classification heads, training only (0 = no head)",
@@ -209,6 +219,11 @@ class PseudoLabelConfig:
         0.8,
         "submission = B * adapted + (1 - B) * ensemble",
         check=(lambda v: 0 <= v <= 1, "must be in [0, 1] (the adapted model's share)"),
+    )
+    lr_scale: float = _opt(
+        0.1,
+        "the fine-tune's learning rates = the run's finetune-stage lrs x this (a converged model moves gently)",
+        check=(lambda v: v > 0, "must be > 0, e.g. 0.1"),
     )
     fold: str = _opt(
         "best",

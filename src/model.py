@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.models import group_parameters
 from torch import nn
 
-from src.backbone import create_backbone, norm_constants, patch_size
+from src.backbone import create_backbone, patch_size, resolve_norm
 from src.config import HEAD_LAYOUTS, ModelConfig, check_config
 from src.errors import BiomassError
 from src.schema import MONTHS, SPECIES_GROUPS, STATES, TARGETS
@@ -159,7 +159,9 @@ class BiomassModel(nn.Module):
                 f"{tile // self.patch * self.patch or self.patch}"
             )
         self.tile_size = tile
-        mean, std = norm_constants(self.backbone)
+        mean, std, source = resolve_norm(cfg.backbone, self.backbone, weights, cfg.norm_mean, cfg.norm_std)
+        if source == "file":  # recorded in the config (and so in best.pt): inference rebuilds without the file
+            cfg.norm_mean, cfg.norm_std = list(mean), list(std)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         embed = self.backbone.num_features

@@ -331,3 +331,66 @@ def test_two_ranks_see_different_augmentations(workers: int):
     assert draws(0, 0) == draws(0, 0)  # reproducible per (seed, epoch, rank)
     assert draws(0, 0) != draws(1, 0) and draws(1, 0) != draws(0, 1)  # no rank repeats another's stream
     assert len({rank_seed(42, e, r) for e in range(100) for r in range(8)}) == 800
+
+
+# ---- 5. the gentle fine-tune -------------------------------------------------------------------------------------
+def test_pseudo_label_fine_tune_is_gentle(monkeypatch):
+    import pandas as pd
+
+    from src import adapt
+
+    seen = {}
+
+    def fake_fit(cfg, frame, val_frame, run_dir, device, model=None, **kwargs):
+        seen.update(cfg=cfg, checkpointing=model.backbone.grad_checkpointing)
+        return SimpleNamespace(model=model)
+
+    monkeypatch.setattr(adapt, "fit", fake_fit)
+    cfg = tiny_cfg(ema_decay=0.99, warmup_frac=0.2, finetune_head_lr=1e-4, backbone_lr=1e-3)
+    cfg.train.mixup_prob = 0.3
+    predictor = SimpleNamespace(
+        cfg=cfg, model=head_model(cfg), path=Path("best.pt"), grid=(2, 2), with_model=lambda m: m
+    )
+    frame = pd.DataFrame({"image_id": ["t1"], "sample_weight": 1.0})
+    model = adapt.finetune(predictor, frame, frame, 1, CPU, amp=True, num_workers=0, show=False, lr_scale=0.1)
+    tc = seen["cfg"].train
+    assert tc.finetune_head_lr == pytest.approx(1e-5) and tc.backbone_lr == pytest.approx(1e-4)
+    assert (tc.warmup_frac, tc.mixup_prob, tc.ema_decay, tc.freeze_epochs, tc.amp) == (0.0, 0.0, 0.0, 0, True)
+    assert seen["checkpointing"] is True and model.backbone.grad_checkpointing is False  # off again for predicting
+    assert cfg.train.finetune_head_lr == 1e-4 and cfg.train.mixup_prob == 0.3  # the predictor's config is untouched
+
+
+# ---- 7. mean/std from the weights file -----------------------------------------------------------------------
+def test_norm_constants_come_from_the_weights_file_and_are_saved(tmp_path: Path, caplog):
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    from src.checkpoint import save_best
+
+    cfg = tiny_cfg()
+    kwargs = dict(cfg.model.backbone_kwargs)
+    torch.manual_seed(5)
+    state = timm.create_model(cfg.model.backbone, num_classes=0, img_size=28, **kwargs).state_dict()
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    plain, tagged = tmp_path / "plain.safetensors", tmp_path / "tagged.safetensors"
+    save_file(tensors, str(plain))
+    save_file(tensors, str(tagged), metadata={"pretrained_cfg": json.dumps({"mean": [0.5] * 3, "std": [0.25] * 3})})
+
+    cfg.model.backbone_weights = str(plain)
+    model = build_model(cfg.model)  # no config in the file: the name's (ImageNet) constants, no warning
+    assert model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406]) and cfg.model.norm_mean is None
+
+    cfg.model.backbone_weights = str(tagged)
+    with caplog.at_level("WARNING"):
+        model = build_model(cfg.model)
+    assert model.mean.flatten().tolist() == [0.5] * 3 and model.std.flatten().tolist() == [0.25] * 3
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "tagged.safetensors" in warning and "[0.5, 0.5, 0.5]" in warning and "[0.485, 0.456, 0.406]" in warning
+    # saved with the run: inference rebuilds from the checkpoint's config without the file and gets the same constants
+    save_best(tmp_path / "best.pt", model, cfg, {}, 0, None, 0)
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert saved["norm"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    rebuilt = build_model(Config.from_dict(saved["config"]).model, load_backbone_weights=False)
+    assert rebuilt.mean.flatten().tolist() == [0.5] * 3 and rebuilt.std.flatten().tolist() == [0.25] * 3
