@@ -394,3 +394,23 @@ def test_norm_constants_come_from_the_weights_file_and_are_saved(tmp_path: Path,
     assert saved["norm"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
     rebuilt = build_model(Config.from_dict(saved["config"]).model, load_backbone_weights=False)
     assert rebuilt.mean.flatten().tolist() == [0.5] * 3 and rebuilt.std.flatten().tolist() == [0.25] * 3
+
+
+# ---- 2. bias-corrected grams ----------------------------------------------------------------------------------
+def test_bias_factors_undo_a_low_bias_and_never_see_their_own_fold():
+    from src.bias import corrected, nested_factors, ratio_factors
+
+    rng = np.random.default_rng(0)
+    truth = rng.gamma(2.0, 20.0, size=(60, 5))
+    pred = truth * np.array([0.9, 0.95, 1.0, 0.92, 0.94])  # 5-10% low, as expm1 of a log1p MSE fit is
+    np.testing.assert_allclose(ratio_factors(pred, truth), 1 / np.array([0.9, 0.95, 1.0, 0.92, 0.94]))
+    folds = np.repeat([0, 1, 2], 20)
+    factors = nested_factors(pred, truth, folds)
+    changed = truth.copy()
+    changed[folds == 0] *= 3.0  # fold 0's own labels move: its factor must not
+    again = nested_factors(pred, changed, folds)
+    np.testing.assert_array_equal(again[folds == 0], factors[folds == 0])
+    assert not np.allclose(again[folds == 1], factors[folds == 1])
+    np.testing.assert_allclose(corrected(pred, factors), truth, rtol=1e-9)
+    truth[0, 0] = np.nan
+    assert np.isfinite(ratio_factors(pred, truth)).all()
