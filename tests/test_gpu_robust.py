@@ -170,6 +170,7 @@ def test_fit_carries_the_head_state_into_the_finetune_stage(synthetic_dir: Path,
     training.fit(cfg, train, val, tmp_path, CPU, fold=1)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["stage"] == "finetune"
+    assert cfg.train.amp is None and last["config"]["train"]["amp"] is False  # --amp unset: resolved (CPU: off), saved
     groups = {g["name"]: g for g in last["optimizer"]["param_groups"]}
     assert groups["head"]["initial_lr"] == 2e-4 and groups["backbone"]["initial_lr"] == cfg.train.backbone_lr
     state = last["optimizer"]["state"]
