@@ -310,6 +310,7 @@ PRESETS: dict[str, dict] = {
             "freeze_epochs": 1,
             "lr": 2e-3,
             "backbone_lr": 1e-3,
+            "finetune_head_lr": 2e-3,  # random-init heads keep learning at the head lr (1e-4 is for a converged start)
             "batch_size": 16,
             "mixup_prob": 0.3,
         },
