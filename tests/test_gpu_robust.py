@@ -415,3 +415,40 @@ def test_bias_factors_undo_a_low_bias_and_never_see_their_own_fold():
     np.testing.assert_allclose(corrected(pred, factors), truth, rtol=1e-9)
     truth[0, 0] = np.nan
     assert np.isfinite(ratio_factors(pred, truth)).all()
+
+
+def _cache_worker(rank: int, world: int, init_file: str, out_dir: str, data_dir: str) -> None:
+    """One gloo rank: the frozen-stage cache of 5 images, sharded over the ranks and gathered."""
+    from src.data import load_train
+    from src.feature_cache import sharded_feature_cache
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = tiny_cfg()
+        cfg.data.data_dir, cfg.data.num_workers = data_dir, 0
+        frame = load_train(data_dir).iloc[:5].reset_index(drop=True)
+        model = head_model(cfg)
+        cache = sharded_feature_cache(model, frame, cfg, CPU, DistInfo(rank, world), show=False)
+        torch.save(cache, Path(out_dir) / f"cache{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_feature_cache_is_sharded_over_ranks_and_gathered(synthetic_dir: Path, tmp_path: Path):
+    from src.data import load_train
+    from src.feature_cache import compute_feature_cache
+
+    args = (2, str(tmp_path / "init"), str(tmp_path), str(synthetic_dir))
+    context = mp.start_processes(_cache_worker, args=args, nprocs=2, join=False, start_method="fork")
+    deadline = time.time() + 60
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail("the sharded feature cache did not finish")
+    cfg = tiny_cfg()
+    cfg.data.data_dir, cfg.data.num_workers = str(synthetic_dir), 0
+    whole = compute_feature_cache(head_model(cfg), load_train(synthetic_dir).iloc[:5].reset_index(drop=True), cfg, CPU)
+    for rank in range(2):  # 5 images over 2 ranks (3 + 2), back in the original order on every rank
+        torch.testing.assert_close(torch.load(tmp_path / f"cache{rank}.pt", weights_only=True), whole)
