@@ -155,16 +155,24 @@ def finetune(
     amp: bool,
     num_workers: int,
     show: bool = True,
+    lr_scale: float = 0.1,
 ):
     """A copy of `predictor` whose model was trained `epochs` more epochs on train + pseudo-labelled test images.
 
-    All epochs run with the backbone unfrozen (the finetune stage of the run's own config: its lrs, augmentation,
-    mixup, EMA); no validation, no SWA, nothing saved.
+    A gentle continuation of a converged model, not a restart of stage 2: the backbone unfrozen, the run's
+    finetune-stage learning rates x `lr_scale`, no warm-up, no mixup, no fresh EMA, no validation, no SWA, nothing
+    saved; activation checkpointing in the backbone (memory), and the precision of `amp` (bf16, or fp16 + scaler).
     """
     cfg = copy.deepcopy(predictor.cfg)
     cfg.train.epochs, cfg.train.freeze_epochs, cfg.train.swa_top_k, cfg.train.patience = epochs, 0, 0, 0
     cfg.train.amp, cfg.data.num_workers = amp, num_workers
+    tc = cfg.train
+    tc.finetune_head_lr, tc.backbone_lr, tc.lr = (v * lr_scale for v in (tc.finetune_head_lr, tc.backbone_lr, tc.lr))
+    tc.warmup_frac, tc.mixup_prob, tc.ema_decay, tc.ema_half_life = 0.0, 0.0, 0.0, 0.0
     model = copy.deepcopy(predictor.model)
+    backbone = getattr(model, "backbone", None)
+    if hasattr(backbone, "set_grad_checkpointing"):  # timm ViTs: same gradients, a fraction of the memory
+        backbone.set_grad_checkpointing(True)
     frame = pd.concat([train, pseudo], ignore_index=True)
     if show:
         grid = f"{predictor.grid[0]}x{predictor.grid[1]}"
@@ -173,6 +181,9 @@ def finetune(
             f"images, {epochs} epoch(s)"
         )
     result = fit(cfg, frame, None, None, device, model=model)
+    backbone = getattr(result.model, "backbone", None)
+    if hasattr(backbone, "set_grad_checkpointing"):  # back to the plain forward for predicting
+        backbone.set_grad_checkpointing(bool(cfg.model.grad_checkpointing))
     return predictor.with_model(result.model)
 
 
@@ -221,7 +232,10 @@ def run_pseudo_label(
     start = time.time()
     pseudo = pseudo_label_frame(test_images, values, ok, settings.weight)
     device = chosen[0].device
-    adapted = [finetune(p, train, pseudo, settings.epochs, device, p.amp, cfg.num_workers) for p in chosen]
+    adapted = [
+        finetune(p, train, pseudo, settings.epochs, device, p.amp, cfg.num_workers, lr_scale=settings.lr_scale)
+        for p in chosen
+    ]
     used = {p.grid for p in adapted}
     weights = {g: w for g, w in grid_weights.items() if g in used}
     total = sum(weights.values())

@@ -11,11 +11,55 @@ from timm.utils import ModelEmaV3
 from src.errors import BiomassError
 
 
-def make_ema(model: torch.nn.Module, decay: float, saved: dict | None, last_path: Path | None) -> ModelEmaV3 | None:
-    """timm's ModelEmaV3 of the model (decay 0 = off; the config checked the range); on resume its weights come back."""
+class StepEma(ModelEmaV3):
+    """timm's ModelEmaV3 that counts its own updates, so the warm-up continues where a resumed run left off."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool, steps: int = 0) -> None:
+        super().__init__(model, decay=decay, use_warmup=warmup)
+        self.steps = steps
+
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        self.steps += 1
+        super().update(model, step=self.steps if self.use_warmup else None)  # timm: a step count means warm-up
+
+
+def half_life_decay(half_life_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step decay whose weight on the weights of `half_life_epochs` ago is 1/2."""
+    return 0.5 ** (1.0 / max(1e-9, half_life_epochs * max(1, steps_per_epoch)))
+
+
+def initial_weight(decay: float, steps: int, warmup: bool) -> float:
+    """The EMA's weight on the initial parameters after `steps` updates (timm's warm-up puts 0 on them)."""
+    return 0.0 if warmup and steps >= 1 else decay**steps
+
+
+def ema_decay_for(train_cfg, steps_per_epoch: int) -> float:
+    """--ema-half-life (epochs) -> decay at this run's steps per epoch; else --ema-decay (0 = off)."""
+    if train_cfg.ema_half_life > 0:
+        return half_life_decay(train_cfg.ema_half_life, steps_per_epoch)
+    return train_cfg.ema_decay
+
+
+def ema_advice(decay: float, warmup: bool, total_steps: int, steps_per_epoch: int) -> str | None:
+    """A warning when the EMA would still lean on the initial weights at the end of the run (None when fine)."""
+    left = initial_weight(decay, total_steps, warmup)
+    if left <= 0.05:
+        return None
+    one_epoch = half_life_decay(1.0, steps_per_epoch)
+    return (
+        f"--ema-decay {decay:g} without warm-up over {total_steps} optimizer steps leaves {left:.0%} of the EMA on the "
+        f"initial weights; use --ema-warmup, --ema-half-life 1 (decay {one_epoch:.4f} at {steps_per_epoch} steps an "
+        f"epoch) or --ema-decay <= {0.05 ** (1 / max(1, total_steps)):.4f}"
+    )
+
+
+def make_ema(
+    model: torch.nn.Module, decay: float, saved: dict | None, last_path: Path | None, warmup: bool = True
+) -> StepEma | None:
+    """EMA of the model (decay 0 = off; the config checked the range); on resume its weights and step count return."""
     if decay <= 0:
         return None
-    ema = ModelEmaV3(model, decay=decay)
+    ema = StepEma(model, decay=decay, warmup=warmup)
     ema.module.requires_grad_(False)
     if saved is not None:
         if "ema" not in saved:
@@ -23,6 +67,7 @@ def make_ema(model: torch.nn.Module, decay: float, saved: dict | None, last_path
                 f"{last_path}: was trained without --ema-decay; resume with the same flags or pass --overwrite"
             )
         ema.module.load_state_dict(saved["ema"])
+        ema.steps = int(saved.get("ema_steps", 0))
     return ema
 
 

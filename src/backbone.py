@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import timm
+from safetensors import safe_open
 from torch import nn
 
 from src.errors import BiomassError
+from src.logs import get_logger
+
+log = get_logger(__name__)
+NORM_KEY = "pretrained_cfg"  # safetensors metadata key of the pretrained config (written by src.weights export)
 
 
 def _base_name(name: str) -> str:
@@ -78,3 +84,42 @@ def norm_constants(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float,
     """Mean/std from the backbone's pretrained config (timm), not typed by hand."""
     cfg = timm.data.resolve_data_config(model=backbone)
     return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+
+
+def file_norm_constants(weights: str | os.PathLike | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Mean/std of a weights file's own pretrained config (safetensors metadata), None when it carries none.
+
+    A .pth holds only the state_dict (timm would refuse an extra key), so only safetensors files carry one.
+    """
+    if weights is None or not str(weights).endswith(".safetensors") or not Path(weights).is_file():
+        return None
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            raw = (handle.metadata() or {}).get(NORM_KEY)
+        cfg = json.loads(raw) if raw else {}
+    except (OSError, ValueError, json.JSONDecodeError):  # an unreadable file is create_backbone's error to report
+        return None
+    if not isinstance(cfg, dict) or "mean" not in cfg or "std" not in cfg:
+        return None
+    return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+
+
+def resolve_norm(
+    name: str, backbone: nn.Module, weights: str | os.PathLike | None, mean=None, std=None
+) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """Mean/std: given values (a checkpoint's config), else the weights file's config, else the name's; + source.
+
+    A file whose constants differ from the name's is a warning naming both: the file's are used.
+    """
+    by_name = norm_constants(backbone)
+    if mean is not None and std is not None:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std), "config"
+    from_file = file_norm_constants(weights)
+    if from_file is None:
+        return (*by_name, "name")
+    if not all(abs(a - b) < 1e-6 for a, b in zip(from_file[0] + from_file[1], by_name[0] + by_name[1])):
+        log.warning(
+            f"{weights}: its pretrained config has mean {list(from_file[0])} std {list(from_file[1])}, but {name} "
+            f"implies mean {list(by_name[0])} std {list(by_name[1])}: using the file's (saved with the run)"
+        )
+    return (*from_file, "file")

@@ -87,13 +87,23 @@ def save_best(
             "val_metric": None if metric is None else float(metric),
             "tile_size": int(model.tile_size),
             "grid": list(model.grid),
+            "norm": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
         },
         path,
     )
 
 
 def save_resume_state(
-    path: Path, model, cfg: Config, stage: str, optimizer, scheduler, state: dict, ema=None, swa_top=None
+    path: Path,
+    model,
+    cfg: Config,
+    stage: str,
+    optimizer,
+    scheduler,
+    state: dict,
+    ema=None,
+    swa_top=None,
+    extra: dict | None = None,
 ) -> Path:
     """last.pt: the stage's optimizer and scheduler and the loop state: enough to resume at the next epoch."""
     last = {
@@ -107,8 +117,10 @@ def save_resume_state(
     }
     if ema is not None:
         last["ema"] = ema.module.state_dict()
+        last["ema_steps"] = int(getattr(ema, "steps", 0))  # the warm-up resumes where it stopped
     if swa_top is not None:
         last["swa_top"] = swa_top  # K weight copies: last.pt grows to (K + 1 or 2) x the model
+    last.update(extra or {})  # e.g. the fp16 GradScaler's state
     return torch_save_atomic(last, path)
 
 

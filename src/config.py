@@ -126,6 +126,16 @@ class ModelConfig:
     aux_height_weight: float = _opt(
         0.0, "Height_Ave_cm regression head + loss weight (training only; 0 = no head)", check=_at_least(0)
     )
+    norm_mean: list[float] | None = _opt(
+        None,
+        "input mean (RGB in [0, 1]); default: the weights file's pretrained config, else the backbone name's",
+        check=(lambda v: v is None or len(v) == 3, "needs 3 values (R G B)"),
+    )
+    norm_std: list[float] | None = _opt(
+        None,
+        "input std (RGB); default: the weights file's pretrained config, else the backbone name's",
+        check=(lambda v: v is None or (len(v) == 3 and min(v) > 0), "needs 3 values > 0 (R G B)"),
+    )
     aux_bins: int = _opt(
         0,
         "N quantile bins per target (training fold): interval-classification heads, training only (0 = no head)",
@@ -157,7 +167,9 @@ class TrainConfig:
     huber_delta: float = _opt(1.0, "Huber delta (log1p units)")
     grad_clip: float = _opt(1.0, "max grad norm (0 = off)", check=_at_least(0))
     cache_features: bool = _opt(True, "the frozen stage trains heads from cached tile features")
-    amp: bool = _opt(False, "autocast (bf16 on CPU, bf16/fp16 on CUDA)")
+    amp: bool | None = _opt(
+        None, "autocast: bf16 on CPU and bf16-native GPUs, fp16 + GradScaler on T4/P100/V100 (default: on for CUDA)"
+    )
     device: str = _opt("auto", "cpu | cuda | cuda:N | auto", check=DEVICE)
     seed: int = _opt(42, "seed of python, numpy, torch, albumentations")
     patience: int = _opt(6, "early-stopping patience in epochs (0 = off)", check=_at_least(0))
@@ -168,7 +180,10 @@ class TrainConfig:
     ema_decay: float = _opt(
         0.0,
         "EMA of the weights (timm ModelEmaV3): validated, selected and saved (0 = off)",
-        check=(lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.999; 0 turns EMA off"),
+        check=(
+            lambda v: 0 <= v < 1,
+            "must be in [0, 1), e.g. 0.98 (~36 steps an epoch), or use --ema-half-life 1; 0 = off",
+        ),
     )
     freeze_blocks: int = _opt(
         0, "first N backbone blocks (and the patch embedding) stay frozen in the finetune stage", check=_at_least(0)
@@ -184,6 +199,23 @@ class TrainConfig:
         check=(lambda v: v == 0 or v >= 2, "an average needs K >= 2 epochs; 0 turns it off"),
     )
     aux_bins_weight: float = _opt(0.1, "CE weight of the --aux-bins heads (mean over targets)", check=_at_least(0))
+    # issue 21: training that holds up on real GPUs
+    ema_warmup: bool = _opt(
+        True, "EMA decay ramps up from 0 (timm use_warmup: 1 - (1 + step)^-2/3, capped at the decay)"
+    )
+    ema_half_life: float = _opt(
+        0.0,
+        "EMA half-life in epochs: sets the decay from the run's optimizer steps per epoch (0 = use --ema-decay)",
+        check=_at_least(0),
+    )
+    finetune_head_lr: float = _opt(
+        1e-4, "head / fusion learning rate in the finetune stage (their Adam state carries over from the frozen stage)"
+    )
+    global_batch: int = _opt(
+        0,
+        "images per optimizer step over all processes: accumulation = global / (batch x processes) (0 = off)",
+        check=_at_least(0),
+    )
 
 
 @dataclass
@@ -202,6 +234,11 @@ class PseudoLabelConfig:
         0.8,
         "submission = B * adapted + (1 - B) * ensemble",
         check=(lambda v: 0 <= v <= 1, "must be in [0, 1] (the adapted model's share)"),
+    )
+    lr_scale: float = _opt(
+        0.1,
+        "the fine-tune's learning rates = the run's finetune-stage lrs x this (a converged model moves gently)",
+        check=(lambda v: v > 0, "must be > 0, e.g. 0.1"),
     )
     fold: str = _opt(
         "best",
@@ -288,6 +325,7 @@ PRESETS: dict[str, dict] = {
             "freeze_epochs": 1,
             "lr": 2e-3,
             "backbone_lr": 1e-3,
+            "finetune_head_lr": 2e-3,  # random-init heads keep learning at the head lr (1e-4 is for a converged start)
             "batch_size": 16,
             "mixup_prob": 0.3,
         },
@@ -420,6 +458,11 @@ def check_config(cfg: Any, source: str = "config") -> Any:
         problem = _leaf_problem(leaf, _get(cfg, leaf.path))
         if problem:
             raise BiomassError(f"{source}: {problem}")
+    if isinstance(cfg, Config) and cfg.train.ema_half_life > 0 and cfg.train.ema_decay > 0:
+        raise BiomassError(
+            f"{source}: --ema-half-life {cfg.train.ema_half_life:g} and --ema-decay {cfg.train.ema_decay:g}: give one "
+            "(the half-life sets the decay from the run's steps per epoch)"
+        )
     if isinstance(cfg, Config) and cfg.train.freeze_epochs > cfg.train.epochs:
         raise BiomassError(
             f"{source}: --freeze-epochs {cfg.train.freeze_epochs} exceeds --epochs {cfg.train.epochs}; "
@@ -549,7 +592,7 @@ def add_flags(
         kwargs: dict[str, Any] = {"dest": leaf.dotted, "default": None, "help": helptext}
         origin = typing.get_origin(leaf.hint)
         list_hint = origin is list or any(typing.get_origin(a) is list for a in typing.get_args(leaf.hint))
-        if leaf.hint is bool:
+        if leaf.hint is bool or set(typing.get_args(leaf.hint)) == {bool, type(None)}:  # bool | None: auto
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
             kwargs["nargs"] = len(typing.get_args(leaf.hint))

@@ -13,7 +13,7 @@ from src.config import Config
 from src.dataset import image_dataset
 from src.logs import progress
 from src.model import FLIP_VARIANTS, BiomassModel
-from src.runtime import autocast, worker_init
+from src.runtime import DistInfo, all_gather_objects, autocast, worker_init
 
 
 @torch.no_grad()
@@ -43,12 +43,33 @@ def compute_feature_cache(
     return torch.cat(chunks)
 
 
+def sharded_feature_cache(
+    model: BiomassModel,
+    frame: pd.DataFrame,
+    cfg: Config,
+    device,
+    info: DistInfo | None,
+    variants=FLIP_VARIANTS,
+    show: bool = True,
+) -> torch.Tensor:
+    """`compute_feature_cache` with the images split over the ranks (rank r: images r, r + W, ...), then gathered:
+    each image goes through the backbone once in the whole job, and every rank ends with the full cache."""
+    if info is None or not info.enabled or len(frame) < info.world:
+        return compute_feature_cache(model, frame, cfg, device, variants, show)
+    part = frame.iloc[info.rank :: info.world].reset_index(drop=True)
+    parts = all_gather_objects(compute_feature_cache(model, part, cfg, device, variants, show), info)
+    out = torch.empty((len(frame), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for rank, chunk in enumerate(parts):
+        out[rank :: info.world] = chunk
+    return out
+
+
 def feature_cache(
-    model: BiomassModel, train_frame, val_frame, cfg: Config, device, show: bool = True
+    model: BiomassModel, train_frame, val_frame, cfg: Config, device, show: bool = True, info: DistInfo | None = None
 ) -> dict[str, torch.Tensor]:
     """Frozen-stage cache: all flip variants of the training images, identity of the validation ones."""
     model.freeze_backbone()
-    cache = {"train": compute_feature_cache(model, train_frame, cfg, device, show=show)}
+    cache = {"train": sharded_feature_cache(model, train_frame, cfg, device, info, show=show)}
     if val_frame is not None:
-        cache["val"] = compute_feature_cache(model, val_frame, cfg, device, variants=FLIP_VARIANTS[:1], show=False)
+        cache["val"] = sharded_feature_cache(model, val_frame, cfg, device, info, FLIP_VARIANTS[:1], show=False)
     return cache

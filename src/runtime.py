@@ -25,19 +25,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool, training: bool = False) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU (3.4x on AVX-512 bf16, never fp16 there); on CUDA bf16 where the tensor cores have it.
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: CPU autocast (AVX-512 bf16 here), Ampere and later GPUs; T4/P100/V100 only emulate it."""
+    return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
 
-    Pre-Ampere GPUs (T4, P100) "support" bf16 only by slow emulation: inference takes fp16 there. Training keeps
-    bf16 (emulated if need be) because fp16 gradients would need loss scaling, which the loop does not do.
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype of training and inference: bf16 where native (CPU: never fp16), else fp16 (with a scaler)."""
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
+def autocast(device: torch.device, enabled: bool | None, training: bool = False) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (3.4x on AVX-512 bf16, never fp16 there) and on bf16-native GPUs; fp16 on T4/P100/V100.
+
+    Training on fp16 needs loss scaling: `training.fit` pairs it with `make_scaler` (`training` is kept for callers).
     """
     if not enabled:
         return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype(device))
+
+
+def resolve_amp(amp: bool | None, device: torch.device) -> bool:
+    """--amp unset: on for CUDA (bf16 or fp16 + scaler), off on CPU (fp32 reference runs)."""
+    return device.type == "cuda" if amp is None else bool(amp)
+
+
+def make_scaler(device: torch.device, amp: bool, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
+    """A GradScaler that is on only for fp16 autocast: an overflowing step is skipped and the scale halved."""
+    enabled = bool(amp) and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=enabled)
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (Ampere+): fp32 runs several times faster at 10-bit mantissa inputs."""
     if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        dtype = torch.bfloat16 if native or (training and torch.cuda.is_bf16_supported()) else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def seed_everything(seed: int) -> None:
@@ -101,3 +124,17 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_ranks_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True only when `flag` holds on every rank (one all-reduce): ranks that skip a step must skip it together."""
+    if not info.enabled:
+        return bool(flag)
+    value = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """A seed distinct per (seed, epoch, rank): seed * 1000 + epoch on rank 0, a far stream on each other rank."""
+    return seed * 1000 + epoch + 1_000_003 * rank

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from src.adapt import run_pseudo_label
+from src.bias import corrected, nested_factors
 from src.checkpoint import experiment_dir, find_checkpoints, ids_hash
 from src.config import PHYSICS_CHOICES, DataConfig, InferConfig
 from src.data import load_sample_submission, load_test, read_test_csv
@@ -150,6 +151,10 @@ def run_oof(cfg: InferConfig) -> pd.DataFrame:
             for physics in PHYSICS_CHOICES:
                 scores = score(truth, apply_physics(mean, physics, upper))
                 rows.append({"tta": tta, "physics": physics, "images": int(scored.sum()), **scores})
+            # issue 21: the same, times per-target factors fitted on the other folds' rows (src/bias.py)
+            factors = nested_factors(mean, truth, wide.loc[scored, "fold"].to_numpy())
+            scores = score(truth, apply_physics(corrected(mean, factors), "project", upper))
+            rows.append({"tta": tta, "physics": "project+bias", "images": int(scored.sum()), **scores})
         report = pd.DataFrame(rows).sort_values("weighted_r2", ascending=False).reset_index(drop=True)
         write_csv_atomic(report, exp_dir / "oof_report.csv")
         best = apply_physics(per_view[scored].mean(axis=1), "project")

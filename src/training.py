@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from src.averaging import average_state_dicts, keep_top_k, make_ema
+from src.averaging import average_state_dicts, ema_advice, ema_decay_for, keep_top_k, make_ema
 from src.checkpoint import (
     check_resume,
     prepare_run_dir,
@@ -37,10 +37,24 @@ from src.feature_cache import feature_cache
 from src.folds import load_fold_table, split_fold
 from src.io_utils import write_csv_atomic
 from src.logs import get_logger, log_file, progress
-from src.losses import aux_bin_labels, aux_regression_labels, mixup, total_loss
+from src.losses import AUX_WEIGHT_FIELDS, aux_bin_labels, aux_regression_labels, mixup, total_loss
 from src.metric import score
 from src.model import BiomassModel, build_model
-from src.runtime import DistInfo, all_gather_objects, autocast, barrier, init_distributed, seed_everything, worker_init
+from src.runtime import (
+    DistInfo,
+    all_gather_objects,
+    all_ranks_true,
+    amp_dtype,
+    autocast,
+    barrier,
+    enable_tf32,
+    init_distributed,
+    make_scaler,
+    rank_seed,
+    resolve_amp,
+    seed_everything,
+    worker_init,
+)
 from src.schema import SHORT_NAMES, TARGETS
 from src.transforms import build_transform
 
@@ -90,6 +104,54 @@ def _warmup_cosine(total_steps: int, warmup_frac: float):
     return factor
 
 
+def accum_steps(tc, world: int) -> int:
+    """Batches per optimizer step: --accum, or what --global-batch needs at this many processes (same schedule)."""
+    if tc.global_batch <= 0:
+        return max(1, tc.accum)
+    per_step = tc.batch_size * world
+    if tc.global_batch % per_step:
+        fit_to = max(1, round(tc.global_batch / per_step)) * per_step
+        raise BiomassError(
+            f"--global-batch {tc.global_batch}: not a multiple of --batch-size {tc.batch_size} x {world} process(es) "
+            f"= {per_step}; use e.g. --global-batch {fit_to}"
+        )
+    return tc.global_batch // per_step
+
+
+def steps_per_epoch(n_train: int, tc, world: int) -> int:
+    """Optimizer steps of one epoch (DistributedSampler pads each rank to ceil(n / world) items)."""
+    return math.ceil(math.ceil(math.ceil(n_train / world) / tc.batch_size) / accum_steps(tc, world))
+
+
+def freeze_unused_heads(model: BiomassModel, cfg: Config) -> list[str]:
+    """Aux heads whose loss weight is 0 take no gradient: DDP would refuse their unused parameters.
+
+    The heads stay in the state_dict (checkpoints keep one layout per model config); they only leave training.
+    """
+    frozen = []
+    for name, head in model.aux_heads.items():
+        if getattr(cfg.train, AUX_WEIGHT_FIELDS[name]) <= 0:
+            head.requires_grad_(False)
+            frozen.append(name)
+    if model.aux_bin_head is not None and cfg.train.aux_bins_weight <= 0:
+        model.aux_bin_head.requires_grad_(False)
+        frozen.append("bins")
+    return frozen
+
+
+def precision_note(device: torch.device, amp: bool) -> str:
+    """What --amp means on this device, for the log and the run's config."""
+    if not amp:
+        return "fp32" + (" (TF32 matmuls)" if device.type == "cuda" else "")
+    dtype = amp_dtype(device)
+    return "bf16 autocast" if dtype == torch.bfloat16 else "fp16 autocast + GradScaler (no native bf16 here)"
+
+
+def _to_device(batch: dict, device) -> dict:
+    """The batch's tensors on the device (mixup then runs there, not on the CPU before the copy)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def stage_for_epoch(epoch: int, cfg: Config) -> str:
     """The frozen stage takes the first `freeze_epochs` epochs, the finetune stage the rest."""
     return FROZEN if epoch < cfg.train.freeze_epochs else FINETUNE
@@ -104,25 +166,42 @@ def batch_loss(model, batch, cfg: Config, device, cached: bool, mix) -> torch.Te
 
 
 def train_one_epoch(
-    model, loader, optimizer, scheduler, cfg: Config, device, cached: bool, dist_info: DistInfo, epoch: int, ema=None
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    cfg: Config,
+    device,
+    cached: bool,
+    dist_info: DistInfo,
+    epoch: int,
+    ema=None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
-    """One pass over the loader: mixup, accumulation, clipping, non-finite-loss skipping, EMA update per step."""
+    """One pass over the loader: mixup, accumulation, clipping, non-finite-loss skipping, EMA update per step.
+
+    A non-finite loss on any rank skips the step on every rank (one all-reduce), so no rank waits alone in
+    DDP's gradient all-reduce. Under fp16 the `scaler` skips an overflowing step and lowers its scale: that is
+    counted as `overflow_steps`, not as a bad step.
+    """
     model.train()
     rng = np.random.default_rng((cfg.train.seed, epoch, dist_info.rank, 7))
-    total, count, bad_in_row, bad_total = 0.0, 0, 0, 0
+    total, count, bad_in_row, bad_total, overflow = 0.0, 0, 0, 0, 0
+    scaling = scaler is not None and scaler.is_enabled()
     optimizer.zero_grad(set_to_none=True)
-    accum = max(1, cfg.train.accum)
+    accum = accum_steps(cfg.train, dist_info.world)
     bar = progress(loader, desc=f"epoch {epoch}", leave=False, disable=not dist_info.is_main)
     for step, batch in enumerate(bar):
+        batch = _to_device(batch, device)
         mix, raw = None, batch
         if cfg.train.mixup_prob > 0 and rng.random() < cfg.train.mixup_prob and len(batch["targets"]) > 1:
             lam = float(rng.beta(cfg.train.mixup_alpha, cfg.train.mixup_alpha))
-            perm = torch.from_numpy(rng.permutation(len(batch["targets"])))
+            perm = torch.from_numpy(rng.permutation(len(batch["targets"]))).to(device)
             batch, mix = mixup(batch, lam, perm), (lam, perm)
         for observe in BATCH_OBSERVERS:
             observe(raw, batch, mix, cached)
         loss = batch_loss(model, batch, cfg, device, cached, mix)
-        if not torch.isfinite(loss):
+        if not all_ranks_true(bool(torch.isfinite(loss)), dist_info, device):
             bad_in_row += 1
             bad_total += 1
             optimizer.zero_grad(set_to_none=True)
@@ -133,19 +212,29 @@ def train_one_epoch(
                 )
             continue
         bad_in_row = 0
-        (loss / accum).backward()
+        (scaler.scale(loss / accum) if scaling else loss / accum).backward()
         if (step + 1) % accum == 0 or step + 1 == len(loader):
+            if scaling:
+                scaler.unscale_(optimizer)  # clip the true gradients
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            stepped = True
+            if scaling:
+                before = scaler.get_scale()
+                scaler.step(optimizer)  # skipped when the gradients overflowed
+                scaler.update()
+                stepped = scaler.get_scale() >= before
+                overflow += not stepped
+            else:
+                optimizer.step()
+            scheduler.step()  # the schedule follows the step count either way (resumes stay exact)
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
+            if ema is not None and stepped:
                 ema.update(_unwrap(model))
         total += float(loss.detach()) * len(batch["targets"])
         count += len(batch["targets"])
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-    return {"train_loss": total / max(count, 1), "bad_steps": bad_total}
+    return {"train_loss": total / max(count, 1), "bad_steps": bad_total, "overflow_steps": overflow}
 
 
 @torch.no_grad()
@@ -200,7 +289,7 @@ class Stage:
             cache = (
                 cache
                 if cache is not None
-                else feature_cache(model, train_frame, val_frame, cfg, device, dist_info.is_main)
+                else feature_cache(model, train_frame, val_frame, cfg, device, dist_info.is_main, dist_info)
             )
             self.train_set = FeatureCacheDataset(cache["train"], train_frame, tc.stereo_swap_prob, tc.seed)
             if val_frame is not None:
@@ -218,12 +307,20 @@ class Stage:
             # re-wrapped per stage: DDP registers the parameters that require grad at construction
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=ids)
+        head_lr = tc.lr if frozen else tc.finetune_head_lr
         groups = model.param_groups(
-            tc.lr, tc.backbone_lr, tc.weight_decay, include_backbone=not frozen, layer_decay=tc.layer_decay
+            head_lr, tc.backbone_lr, tc.weight_decay, include_backbone=not frozen, layer_decay=tc.layer_decay
         )
         self.optimizer = torch.optim.AdamW(groups)
-        steps = math.ceil(len(self.train_loader(0)) / max(1, tc.accum)) * self.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(steps, tc.warmup_frac))
+        self._loader: DataLoader | None = None
+        steps = steps_per_epoch(len(self.train_set), tc, dist_info.world) * self.epochs
+        # heads that come out of a frozen stage (with their Adam state) skip a second warm-up; the backbone warms up
+        carried = not frozen and tc.freeze_epochs > 0
+        lambdas = [
+            _warmup_cosine(steps, 0.0 if carried and g["name"].startswith("head") else tc.warmup_frac)
+            for g in self.optimizer.param_groups
+        ]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
 
     @property
     def epochs(self) -> int:
@@ -232,22 +329,34 @@ class Stage:
         return frozen if self.name == FROZEN else tc.epochs - frozen
 
     def train_loader(self, epoch: int) -> DataLoader:
-        """A loader whose order and augmentation depend only on (seed, epoch): resumes repeat epochs exactly."""
+        """A loader whose order and augmentation depend only on (seed, epoch, rank): resumes repeat epochs exactly.
+
+        With workers the loader is built once per stage (`persistent_workers`: `--cache-images` survives the
+        epochs); its workers were seeded at the stage's first epoch, so a resume is exact with 0 workers only.
+        """
         tc, info = self.cfg.train, self.dist_info
+        workers = 0 if self.cached else self.cfg.data.num_workers
+        if isinstance(self.train_set, FeatureCacheDataset):
+            self.train_set.set_epoch(epoch)
+        if workers == 0 and hasattr(self.train_set, "set_random_seed"):
+            self.train_set.set_random_seed(rank_seed(tc.seed, epoch, info.rank))
+        if self._loader is not None:
+            self._loader.sampler.set_epoch(epoch)
+            return self._loader
         sampler = DistributedSampler(
             self.train_set, num_replicas=info.world, rank=info.rank, shuffle=True, seed=tc.seed
         )
         sampler.set_epoch(epoch)
-        if isinstance(self.train_set, FeatureCacheDataset):
-            self.train_set.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(tc.seed * 1000 + epoch)
-        workers = 0 if self.cached else self.cfg.data.num_workers
-        if workers == 0 and hasattr(self.train_set, "set_random_seed"):
-            self.train_set.set_random_seed(tc.seed * 1000 + epoch + info.rank)
-        return DataLoader(
+        # the generator seeds the workers: distinct per rank, or every rank's augmentation stream would repeat
+        generator = torch.Generator().manual_seed(rank_seed(tc.seed, epoch, info.rank))
+        loader = DataLoader(
             self.train_set, batch_size=tc.batch_size, sampler=sampler, num_workers=workers, worker_init_fn=worker_init,
             generator=generator, pin_memory=torch.cuda.is_available(), drop_last=False,
+            persistent_workers=workers > 0,
         )  # fmt: skip
+        if workers > 0:
+            self._loader = loader
+        return loader
 
     def val_loader(self) -> DataLoader:
         """Each rank takes a strided shard of the validation set; predictions are gathered."""
@@ -283,8 +392,12 @@ def fit(
     Reused by train.py (one fold), sweeps and test-time fine-tuning (pass `model` to start from trained
     weights; `run_dir=None` writes nothing; `cache` = a precomputed `feature_cache` of the same backbone).
     """
-    tc = cfg.train
     dist_info = dist_info or DistInfo()
+    if cfg.train.amp is None:  # --amp unset: on for CUDA; the resolved choice is what the run records
+        cfg = copy.deepcopy(cfg)
+        cfg.train.amp = resolve_amp(None, device)
+    tc = cfg.train
+    enable_tf32(device)
     seed_everything(tc.seed)
     stats = target_stats(train_frame)
     split = split_record(train_frame, val_frame)  # kept in best.pt: infer.py --oof checks its folds file against it
@@ -292,6 +405,7 @@ def fit(
         model = build_model(cfg.model)
         model.init_from_stats(stats)
     check_options(cfg, model)
+    unused = freeze_unused_heads(model, cfg)
     train_frame, val_frame = aux_regression_labels(train_frame, val_frame, model.cfg)
     if model.cfg.aux_bins > 0:  # edges of the training fold, kept in the checkpoint for the record
         train_frame, val_frame, edges = aux_bin_labels(train_frame, val_frame, model.cfg.aux_bins)
@@ -307,8 +421,22 @@ def fit(
             log.info(f"resuming from {last_path} after epoch {state.epoch}")
     if model.cfg.target_space == "raw":  # the checkpoint records the scale the model actually divides by
         stats["scale"] = model.target_scale.tolist()
-    # --ema-decay: a shadow copy of the weights is what gets validated, selected and saved
-    ema = make_ema(model, tc.ema_decay, saved, last_path)
+    per_epoch = steps_per_epoch(len(train_frame), tc, dist_info.world)
+    # --ema-decay / --ema-half-life: a shadow copy of the weights is what gets validated, selected and saved
+    decay = ema_decay_for(tc, per_epoch)
+    ema = make_ema(model, decay, saved, last_path, tc.ema_warmup)
+    scaler = make_scaler(device, tc.amp)
+    if saved is not None and "scaler" in saved and scaler.is_enabled():
+        scaler.load_state_dict(saved["scaler"])
+    if dist_info.is_main and (decay > 0 or unused or scaler.is_enabled()):
+        log.info(
+            f"precision {precision_note(device, tc.amp)}; {per_epoch} optimizer steps an epoch"
+            + (f"; EMA decay {decay:.5f}{' with warm-up' if tc.ema_warmup else ''}" if decay > 0 else "")
+            + (f"; aux heads without loss weight left out of training: {', '.join(unused)}" if unused else "")
+        )
+        advice = ema_advice(decay, tc.ema_warmup, per_epoch * tc.epochs, per_epoch) if decay > 0 else None
+        if advice:
+            log.warning(advice)
     evaluated = ema.module if ema is not None else model
     top_k: list[dict] = list(saved.get("swa_top", [])) if saved is not None else []
     oof = _read_oof(run_dir) if saved is not None else None
@@ -318,13 +446,16 @@ def fit(
     for epoch in range(state.epoch + 1, tc.epochs):
         name = stage_for_epoch(epoch, cfg)
         if stage is None or stage.name != name:
-            stage = _start_stage(name, model, train_frame, val_frame, cfg, device, dist_info, cache, saved, state)
+            previous = stage.optimizer if stage is not None else None
+            stage = _start_stage(
+                name, model, train_frame, val_frame, cfg, device, dist_info, cache, saved, state, previous
+            )
             saved = None
-        seed_everything(tc.seed * 1000 + epoch + dist_info.rank)
+        seed_everything(rank_seed(tc.seed, epoch, dist_info.rank))
         start = time.time()
         row = {"epoch": epoch, "stage": name}
         args = (stage.optimizer, stage.scheduler, cfg, device, stage.cached, dist_info, epoch)
-        row.update(train_one_epoch(stage.model, stage.train_loader(epoch), *args, ema=ema))
+        row.update(train_one_epoch(stage.model, stage.train_loader(epoch), *args, ema=ema, scaler=scaler))
         row.update(stage.lrs())
         improved = False
         if stage.val_set is not None:
@@ -355,8 +486,9 @@ def fit(
                     write_csv_atomic(pd.concat(epoch_oof, ignore_index=True), run_dir / "oof_epochs.csv")
                 write_csv_atomic(pd.DataFrame(state.history), run_dir / "metrics.csv")
                 swa_top = top_k if tc.swa_top_k > 0 else None
+                extra = {"scaler": scaler.state_dict()} if scaler.is_enabled() else None
                 save_resume_state(
-                    last_path, model, cfg, name, stage.optimizer, stage.scheduler, state.__dict__, ema, swa_top
+                    last_path, model, cfg, name, stage.optimizer, stage.scheduler, state.__dict__, ema, swa_top, extra
                 )
         barrier(dist_info)
         if name == FINETUNE and tc.patience > 0 and state.bad_epochs >= tc.patience:
@@ -374,17 +506,42 @@ def fit(
 
 
 def _start_stage(
-    name: str, model, train_frame, val_frame, cfg: Config, device, dist_info, cache, saved, state: FitState
+    name: str, model, train_frame, val_frame, cfg: Config, device, dist_info, cache, saved, state: FitState, previous
 ) -> Stage:
-    """Build a stage; a resumed run in the same stage gets its optimizer and scheduler back."""
+    """Build a stage; a resumed run in the same stage gets its optimizer and scheduler back.
+
+    Entering the finetune stage, the heads keep the frozen stage's Adam moments (`previous`, or the frozen
+    optimizer of a `last.pt` saved at the boundary), so they do not restart cold as the backbone starts moving.
+    """
     seed_everything(cfg.train.seed + STAGE_SEED[name])
     stage = Stage(name, model, train_frame, val_frame, cfg, device, dist_info, cache if name == FROZEN else None)
     if saved is not None and stage_of(saved) == name:
         stage.optimizer.load_state_dict(saved["optimizer"])
         stage.scheduler.load_state_dict(saved["scheduler"])
-    elif name == FINETUNE:
+        return stage
+    if name == FINETUNE:
         state.bad_epochs = 0  # patience counts within the finetune stage
+        if saved is not None and stage_of(saved) == FROZEN:
+            previous = torch.optim.AdamW(
+                model.param_groups(cfg.train.lr, cfg.train.backbone_lr, cfg.train.weight_decay, include_backbone=False)
+            )
+            previous.load_state_dict(saved["optimizer"])
+        if previous is not None:
+            carry_head_state(previous, stage.optimizer)
     return stage
+
+
+def carry_head_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> int:
+    """Copy the per-parameter state (Adam moments, step) of the head groups from `old` to `new`; returns the count."""
+    carried = 0
+    for group in new.param_groups:
+        if not group["name"].startswith("head"):
+            continue
+        for param in group["params"]:
+            if param in old.state and old.state[param]:
+                new.state[param] = {k: v.clone() if torch.is_tensor(v) else v for k, v in old.state[param].items()}
+                carried += 1
+    return carried
 
 
 def check_options(cfg: Config, model: BiomassModel) -> None:
@@ -482,6 +639,9 @@ def train_fold(
     `seed_dir` writes into fold<K>/seed<S>/ (seeds as an axis of the experiment) instead of fold<K>/.
     """
     dist_info, device = init_distributed(cfg.train.device)
+    if cfg.train.amp is None:  # resolved before config.yaml is written: the run records what it trained in
+        cfg = copy.deepcopy(cfg)
+        cfg.train.amp = resolve_amp(None, device)
     split = split_fold(load_fold_table(cfg.data), fold, cfg.data)
     run_dir = run_dir_for(cfg, fold, seed_dir)
     # Build the model (loading --backbone-weights) and check --resume before the run directory is touched:
@@ -498,7 +658,10 @@ def train_fold(
     barrier(dist_info)
     with log_file(run_dir / "train.log", enabled=dist_info.is_main):
         if dist_info.is_main:
-            log.info(f"fold {fold}: {len(split.train)} train / {len(split.val)} val images -> {run_dir}")
+            log.info(
+                f"fold {fold}: {len(split.train)} train / {len(split.val)} val images -> {run_dir} "
+                f"(--amp {cfg.train.amp}: {precision_note(device, cfg.train.amp)})"
+            )
             if split.note:
                 log.info(split.note)
         result = fit(cfg, split.train, split.val, run_dir, device, dist_info, resume=resume, model=model, fold=fold)

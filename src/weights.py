@@ -7,6 +7,7 @@ Run it once on a machine with internet; upload the file as a Kaggle dataset and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def export_weights(name: str, out_dir: str | os.PathLike) -> Path:
         ) from err
     out = Path(out_dir) / f"{name}.safetensors"
     with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        # the pretrained config rides along: training reads mean/std from it (src.backbone.file_norm_constants)
+        data_cfg = timm.data.resolve_data_config(model=model)
+        meta = {"pretrained_cfg": json.dumps({"architecture": name, "mean": data_cfg["mean"], "std": data_cfg["std"]})}
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     return out
 
 

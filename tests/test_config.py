@@ -203,7 +203,8 @@ def test_infer_config_precedence_defaults_preset_yaml_flags(tmp_path: Path):
 
 
 def test_infer_yaml_unknown_keys_and_bad_values_raise(tmp_path: Path):
-    with pytest.raises(BiomassError, match="unknown key pseudo_label.epoch; valid keys: blend, epochs, fold, weight"):
+    valid = "blend, epochs, fold, lr_scale, weight"
+    with pytest.raises(BiomassError, match=f"unknown key pseudo_label.epoch; valid keys: {valid}"):
         _resolve_infer("--config", _yaml(tmp_path, {"pseudo_label": {"epoch": 1}}))
     with pytest.raises(BiomassError, match="unknown key 'tta_mode'"):
         _resolve_infer("--config", _yaml(tmp_path, {"tta_mode": "full"}, "top.yaml"))

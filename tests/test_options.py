@@ -320,7 +320,9 @@ def test_layer_decay_gives_backbone_lr_times_decay_to_the_depth_below_the_top(sy
 def test_ema_weights_are_validated_selected_and_saved(synthetic_dir, folds_csv, tmp_path):
     # one stage-1 epoch, one optimizer step (batch > 26 training images): EMA = d * init + (1 - d) * trained
     decay = 0.6
-    cfg = config(synthetic_dir, folds_csv, "--epochs", "1", "--batch-size", "32", "--ema-decay", str(decay))
+    cfg = config(
+        synthetic_dir, folds_csv, "--epochs", "1", "--batch-size", "32", "--ema-decay", str(decay), "--no-ema-warmup"
+    )
     train, val = split(synthetic_dir, folds_csv)
     model = model_of(cfg, stats=target_stats(train))
     init = state_of(model)
