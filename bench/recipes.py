@@ -103,7 +103,7 @@ def project(path: Path) -> tuple[list[dict], list[dict]]:
         flops = cache + finetune * per_epoch
         # memory: fp32 weights (+ EMA copy), fp32 grads + AdamW moments of the trainable part, activations (fp16)
         p_all, p_train = shape["params"], shape["params"] * trainable_fwd
-        weights = 4 * p_all * (2 if tc.ema_decay > 0 else 1) + 12 * p_train
+        weights = 4 * p_all * (2 if tc.ema_decay > 0 or tc.ema_half_life > 0 else 1) + 12 * p_train
         seqs = tc.batch_size * 2 * tiles
         trainable_blocks = shape["depth"] - min(tc.freeze_blocks, shape["depth"])
         per_block = ACT_BYTES * shape["tokens"] * shape["width"] * seqs

@@ -85,7 +85,7 @@ def test_recipe_values_are_the_designs_they_name():
     with torch.device("meta"):
         depth = len(timm.create_model("vit_large_patch16_dinov3", pretrained=False, num_classes=0).blocks)
     assert top.train.freeze_blocks == depth // 2 == 12  # half the blocks
-    assert top.train.layer_decay < 1 and top.train.ema_decay > 0
+    assert top.train.layer_decay < 1 and top.train.ema_half_life > 0 and top.train.global_batch == 8
     assert top.model.aux_ndvi_weight > 0 and top.model.aux_height_weight > 0
     assert top.data.clean_stamps and top.data.crop_bottom > 0
 
