@@ -24,11 +24,17 @@ import pandas as pd
 import yaml
 from scipy.optimize import nnls
 
+from src.checkpoint import find_checkpoints
+from src.config import InferConfig
 from src.errors import BiomassError, run_cli
+from src.head_inference import HeadEnsemble, head_runs
+from src.inference import fallback_values, load_predictors, predict_ensemble, upper_bounds
 from src.io_utils import write_csv_atomic, write_text_atomic
 from src.logs import get_logger
 from src.metric import score
+from src.postprocess import apply_physics
 from src.report import TRUE_COLUMNS, load_runs, per_image_predictions
+from src.runtime import resolve_device
 from src.schema import TARGET_WEIGHTS, TARGETS
 
 log = get_logger(__name__)
@@ -172,6 +178,46 @@ def read_blend(directory: str | Path) -> tuple[list[Path], BlendFit]:
 
 def is_blend(directory: str | Path) -> bool:
     return (Path(directory) / BLEND_FILE).is_file()
+
+
+# ---- inference: infer.py --checkpoints checkpoints/<blend> (and head experiments) ---------------------------------
+def _member_dir(path: Path, blend_dir: Path) -> Path:
+    """A member as written in blend.yaml, else beside the blend directory (a moved checkpoints root, the kernel)."""
+    return path if path.is_dir() else blend_dir.parent / path.name
+
+
+def experiment_values(exp: Path, cfg: InferConfig, images: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 5) grams of one experiment after its physics, and its clamp maxima: the network ensemble (seeds x folds x
+    grids, `--tta`, training-median fallback for unreadable images) or its heads' mean over folds."""
+    if head_runs(exp):
+        heads = HeadEnsemble(exp, cache=Path(cfg.out).resolve().parent / "embedding_cache")
+        upper = heads.max_grams
+        return apply_physics(heads.predict(images), cfg.physics, upper), upper
+    predictors = load_predictors(find_checkpoints([exp]), resolve_device(cfg.device), cfg.tta, cfg.amp)
+    pred = predict_ensemble(predictors, images, cfg.batch_size, None, cfg.on_bad_image, cfg.num_workers)
+    upper = upper_bounds(predictors)
+    values = apply_physics(pred.mean(cfg.tta), cfg.physics, upper)
+    values[~pred.ok] = apply_physics(fallback_values(predictors)[None], cfg.physics, upper)
+    return values, upper
+
+
+def blend_values(cfg: InferConfig, images: pd.DataFrame) -> np.ndarray | None:
+    """Submission values for a blend directory (blend.yaml weights) or for experiments that include heads (equal
+    shares per experiment); None when `--checkpoints` are networks only, which submit.py ensembles itself."""
+    dirs = [Path(d) for d in cfg.checkpoints]
+    if len(dirs) == 1 and is_blend(dirs[0]):
+        paths, fit = read_blend(dirs[0])
+        paths = [_member_dir(p, dirs[0]) for p in paths]
+        log.info(f"blend {dirs[0]}: {len(paths)} experiments, weights from {dirs[0] / BLEND_FILE}")
+    elif any(head_runs(d) for d in dirs):
+        paths = dirs
+        fit = BlendFit(np.full((len(TARGETS), len(dirs)), 1.0 / len(dirs)), np.tile([1.0, 0.0], (len(TARGETS), 1)))
+    else:
+        return None
+    members = [experiment_values(p, cfg, images) for p in paths]
+    preds = np.stack([values for values, _ in members], axis=1)
+    upper = np.max([u for _, u in members], axis=0)
+    return apply_physics(fit.apply(preds), cfg.physics, upper)
 
 
 def main(argv: list[str] | None = None) -> int:

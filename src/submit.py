@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from src.adapt import run_pseudo_label
+from src.blend import blend_values
 from src.checkpoint import experiment_dir, find_checkpoints, ids_hash
 from src.config import PHYSICS_CHOICES, DataConfig, InferConfig
 from src.data import load_sample_submission, load_test, read_test_csv
@@ -59,6 +60,11 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
         test_long = read_test_csv(data_dir)  # test.csv and sample_submission.csv come from the rerun: lenient
         test_images = load_test(data_dir, check_images=cfg.on_bad_image == "error", test_long=test_long)
         sample = load_sample_submission(data_dir, test_long)
+        blended = blend_values(cfg, test_images)  # issue 20: a blend.yaml directory or head experiments
+        if blended is not None:
+            if cfg.pseudo_label.enabled:
+                raise BiomassError("--pseudo-label-epochs fine-tunes networks; it does not go with heads or a blend")
+            return _write(cfg, blended, test_images, test_long, sample)
         predictors = load_predictors(find_checkpoints(cfg.checkpoints), resolve_device(cfg.device), cfg.tta, cfg.amp)
         weights = grid_weight_map(predictors, cfg.grid_weights)
         pred = predict_ensemble(predictors, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers)
@@ -67,11 +73,18 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
         values = _fill_fallback(values, pred, test_images, predictors, cfg)
         if cfg.pseudo_label.enabled:
             values = _pseudo_label_or_plain(cfg, predictors, test_images, values, pred, weights)
-        sub = build_submission(test_images["image_id"], values, test_long, sample)
-        guard(sub, test_long, sample, physics=cfg.physics == "project")
-        write_submission(sub, out)
-        save_config(cfg, out.with_suffix(".yaml"))
-        log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
+        sub = _write(cfg, values, test_images, test_long, sample)
+    return sub
+
+
+def _write(cfg: InferConfig, values: np.ndarray, test_images, test_long, sample) -> pd.DataFrame:
+    """Guard and write submission.csv and its resolved config."""
+    out = Path(cfg.out)
+    sub = build_submission(test_images["image_id"], values, test_long, sample)
+    guard(sub, test_long, sample, physics=cfg.physics == "project")
+    write_submission(sub, out)
+    save_config(cfg, out.with_suffix(".yaml"))
+    log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
     return sub
 
 

@@ -13,15 +13,19 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import StandardScaler
 
+from infer import main as infer_main
 from src.blend import fit_blend, load_members, nested_oof, read_blend, write_blend
-from src.colour import colour_features, feature_names
+from src.checkpoint import find_checkpoints
+from src.colour import colour_features, colour_table, feature_names
 from src.config import PRESETS, Config, DataConfig
-from src.data import load_train
+from src.data import load_test, load_train
 from src.embeddings import backbone_embeddings, cache_dir
 from src.errors import BiomassError
 from src.folds import load_fold_table, make_folds, save_folds
 from src.heads import ALPHAS, fit_head, fit_ridge, load_head, save_head, to_fit_space, to_grams
+from src.inference import load_predictors, predict_ensemble, upper_bounds
 from src.metric import score
+from src.postprocess import apply_physics
 from src.report import load_runs, run_compare
 from src.schema import TARGETS
 from tests.conftest import TINY_FLAGS
@@ -226,3 +230,44 @@ def test_blend_of_head_experiments_and_refusal_of_other_folds(head_exps, synthet
     with pytest.raises(BiomassError, match="other folds for the same images"):
         load_members([colour, moved])
     shutil.rmtree(moved)
+
+
+# ---- inference ----------------------------------------------------------------------------------------------------
+def _wide_of(sub: pd.DataFrame) -> pd.DataFrame:
+    parts = sub["sample_id"].str.rsplit("__", n=1)
+    return sub.assign(image_id=parts.str[0], name=parts.str[1]).pivot(
+        index="image_id", columns="name", values="target"
+    )[list(TARGETS)]
+
+
+def test_infer_applies_a_network_plus_head_blend_like_its_parts_by_hand(
+    trained_exp, synthetic_dir, folds_csv, tmp_path
+):
+    colour = tmp_path / "colour01"
+    for fold in ("0", "1"):  # the folds the network fixture trained
+        _train_head(
+            synthetic_dir, folds_csv, tmp_path, "colour01", "--fold", fold, "--regressor", "ridge", "--features",
+            "colour",
+        )  # fmt: skip
+    record = write_blend(load_members([trained_exp, colour]), tmp_path / "blend", calibrate=True)
+    out = tmp_path / "sub" / "submission.csv"
+    args = ["--data-dir", str(synthetic_dir), "--checkpoints", str(tmp_path / "blend"), "--out", str(out)]
+    assert infer_main([*args, "--device", "cpu", "--tta", "flip", "--quiet"]) == 0
+    got = _wide_of(pd.read_csv(out))
+    # by hand: the network ensemble (Predictor API), the heads' mean over folds, blend.yaml's weights, physics
+    images = load_test(synthetic_dir)
+    predictors = load_predictors(find_checkpoints([trained_exp]), "cpu", "flip", False)
+    net_upper = upper_bounds(predictors)
+    network = apply_physics(predict_ensemble(predictors, images, show=False).mean("flip"), "project", net_upper)
+    features = colour_table(images, (2, 2), vegetation=True, show=False)
+    heads = [load_head(r.path) for r in load_runs(colour)]
+    head = apply_physics(np.mean([h.predict_grams(features) for h in heads], axis=0), "project")
+    expected = np.zeros_like(network)
+    for j, name in enumerate(TARGETS):
+        w = record["weights"][name]
+        a, b = record["calibration"][name]
+        expected[:, j] = np.maximum(a * (w[str(trained_exp)] * network[:, j] + w[str(colour)] * head[:, j]) + b, 0)
+    upper = np.maximum(net_upper, np.max([h.meta["target_stats"]["max"] for h in heads], axis=0))
+    expected = apply_physics(expected, "project", upper)
+    np.testing.assert_allclose(got.loc[images["image_id"]].to_numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(expected, network, rtol=1e-3)  # the head did change the submission
