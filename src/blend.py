@@ -1,8 +1,8 @@
 """`python -m src.blend EXP [EXP ...] --out checkpoints/<blend> [--calibrate]`: OOF-fitted blend of experiments.
 
-Per target, non-negative weights of the experiments' out-of-fold predictions by least squares (scipy's NNLS; the
-metric is a weighted sum of per-target squared errors, so each target's weights are its own problem), and with
-`--calibrate` a per-target line y = a * blend + b after it (the principled form of hand scalings such as
+Per target, non-negative weights summing to 1 of the experiments' out-of-fold predictions by least squares (scipy's
+NNLS; the metric is a weighted sum of per-target squared errors, so each target's weights are its own problem), and
+with `--calibrate` a per-target line y = a * blend + b fitted with them (the principled form of hand scalings such as
 clover x 0.8). Weights chosen on the same labels they are scored on flatter the blend, so its own OOF is
 estimated by nested cross-validation: each fold's predictions use weights (and calibration) fitted on the other
 folds only. That nested score is what `blend.yaml` reports as the blend's OOF, beside the in-sample one.
@@ -55,28 +55,33 @@ class BlendFit:
 
 
 def fit_blend(preds: np.ndarray, truth: np.ndarray, calibrate: bool = False) -> BlendFit:
-    """NNLS weights per target of (N, M, 5) predictions against (N, 5) truth (rows scaled by the target's metric
-    weight: each target's solution is unchanged, the objective is the metric's).
+    """Non-negative weights summing to 1 per target of (N, M, 5) predictions against (N, 5) truth, by NNLS.
 
-    With `calibrate` the least squares also get a free intercept b (NNLS columns +1 and -1); the weights are then
-    reported as a convex mixture (sum 1) and their sum a as the line's slope: y = a * mixture + b.
+    Rows are scaled by the target's metric weight (each target's solution is unchanged, the objective is the
+    metric's). The sum-to-1 constraint is a heavily weighted extra NNLS row: without it the weights also rescale
+    the predictions, which on held-out folds mostly amplifies their errors. With `calibrate` the scale is set free
+    on purpose, with an intercept (NNLS columns +1 and -1): y = a * mixture + b, fitted in the same least squares.
     """
     preds, truth = np.asarray(preds, dtype=np.float64), np.asarray(truth, dtype=np.float64)
     members = preds.shape[1]
     weights = np.zeros((len(TARGETS), members))
     calibration = np.tile([1.0, 0.0], (len(TARGETS), 1))
     for j, w in enumerate(TARGET_WEIGHTS):
-        design = preds[:, :, j]
+        design, target = np.sqrt(w) * preds[:, :, j], np.sqrt(w) * truth[:, j]
         if calibrate:
-            ones = np.ones((len(design), 1))
+            ones = np.full((len(design), 1), np.sqrt(w))
             design = np.concatenate([design, ones, -ones], axis=1)
-        solution, _ = nnls(np.sqrt(w) * design, np.sqrt(w) * truth[:, j])
+        else:
+            big = 1e3 * max(float(np.sqrt((design**2).sum())), 1.0)
+            design = np.vstack([design, np.full((1, members), big)])
+            target = np.append(target, big)
+        solution, _ = nnls(design, target)
         weights[j] = solution[:members]
+        total = weights[j].sum()
+        if total > 0:
+            weights[j] /= total
         if calibrate:
-            slope = weights[j].sum()
-            if slope > 0:
-                weights[j] /= slope
-            calibration[j] = (slope, solution[members] - solution[members + 1])
+            calibration[j] = (total, solution[members] - solution[members + 1])
     return BlendFit(weights, calibration)
 
 

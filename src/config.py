@@ -236,7 +236,9 @@ class HeadConfig:
     embed_flips: bool = _opt(False, "backbone features averaged over the 4 flips of both views (4x the cost)")
     embed_cache: str = _opt("cache/embeddings", "directory of the content-keyed, resumable embedding cache")
     embed_chunk: int = _opt(64, "images per cache chunk (a killed run loses at most one)", check=_at_least(1))
-    hgb_max_iter: int = _opt(300, "boosting rounds of --regressor hgb (early stopping inside)", check=_at_least(1))
+    hgb_max_iter: int = _opt(
+        100, "boosting rounds per target of --regressor hgb (no early stopping)", check=_at_least(1)
+    )
 
 
 @dataclass

@@ -187,7 +187,7 @@ def fit_kernel_ridge(x: np.ndarray, y: np.ndarray, seed: int = 0) -> HeadModel:
 TREE_FIELDS = ("value", "feature_idx", "num_threshold", "missing_go_to_left", "left", "right", "is_leaf")
 
 
-def fit_hgb(x: np.ndarray, y: np.ndarray, max_iter: int = 300, seed: int = 0) -> HeadModel:
+def fit_hgb(x: np.ndarray, y: np.ndarray, max_iter: int = 100, seed: int = 0) -> HeadModel:
     """sklearn HistGradientBoostingRegressor per target (no early stopping: deterministic), its trees as arrays."""
     mean, scale = standardize(x)
     z = (x - mean) / scale
@@ -232,7 +232,7 @@ def _predict_trees(a: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_head(kind: str, x: np.ndarray, y: np.ndarray, seed: int = 0, hgb_max_iter: int = 300) -> HeadModel:
+def fit_head(kind: str, x: np.ndarray, y: np.ndarray, seed: int = 0, hgb_max_iter: int = 100) -> HeadModel:
     """One head of `kind` on (N, F) features and (N, k) targets in the fitted space."""
     if kind == "ridge":
         return fit_ridge(x, y, seed)
