@@ -856,7 +856,8 @@ OPTION_KEYS = (
     ("model", "target_space"), ("model", "heads"), ("model", "fusion"), ("model", "aux_ndvi_weight"),
     ("model", "aux_height_weight"), ("model", "aux_bins"), ("model", "feature"), ("train", "ema_decay"),
     ("train", "swa_top_k"), ("train", "freeze_blocks"), ("train", "layer_decay"), ("data", "clean_stamps"),
-    ("data", "crop_bottom"), ("data", "aug_artifacts"), ("data", "drop_ids"),
+    ("data", "crop_bottom"), ("data", "aug_artifacts"), ("data", "drop_ids"), ("head", "regressor"),
+    ("head", "features"),
 )  # fmt: skip
 
 

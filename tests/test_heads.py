@@ -157,6 +157,10 @@ def test_head_experiment_writes_the_run_layout_that_report_and_compare_read(head
     np.testing.assert_allclose(emb_oof["GDM_g"], emb_oof["Dry_Green_g"] + emb_oof["Dry_Clover_g"])
     compare = run_compare([str(colour), str(emb)], out=out / "cmp")
     assert list(compare["experiment"].str.rstrip(" *")) == ["colour", "emb"]
+    assert list(compare["options"]) == [
+        "regressor=ridge features=colour",
+        "heads=green-dead-clover regressor=kernel-ridge features=backbone",
+    ]
     pooled = pd.concat([r.oof for r in runs])
     truth = pooled[[f"true_{t}" for t in TARGETS]].to_numpy()
     assert compare["weighted_r2"].iloc[0] == pytest.approx(
