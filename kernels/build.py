@@ -234,7 +234,8 @@ def oof_summary(exp_dir: Path, tta: str, physics: str) -> str | None:
         return None
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    chosen = next((r for r in rows if r.get("tta") == tta and r.get("physics") == physics), None)
+    plain = [r for r in rows if r.get("structural_zeros", "False") != "True"]  # the kernel's default: zeros off
+    chosen = next((r for r in plain if r.get("tta") == tta and r.get("physics") == physics), None)
     best = max(rows, key=lambda r: float(r.get("weighted_r2") or "nan"), default=None)
     if chosen is None or best is None:
         return None

@@ -32,10 +32,11 @@ from src.inference import fallback_values, load_predictors, predict_ensemble, up
 from src.io_utils import write_csv_atomic, write_text_atomic
 from src.logs import get_logger
 from src.metric import score
-from src.postprocess import apply_physics
+from src.postprocess import apply_physics, structural_zeros
 from src.report import TRUE_COLUMNS, load_runs, per_image_predictions
 from src.runtime import resolve_device
 from src.schema import TARGET_WEIGHTS, TARGETS
+from src.state_probs import state_probabilities
 
 log = get_logger(__name__)
 BLEND_FILE = "blend.yaml"
@@ -203,6 +204,9 @@ def experiment_values(exp: Path, cfg: InferConfig, images: pd.DataFrame) -> tupl
     upper = upper_bounds(predictors)
     values = apply_physics(pred.mean(cfg.tta), cfg.physics, upper)
     values[~pred.ok] = apply_physics(fallback_values(predictors)[None], cfg.physics, upper)
+    if cfg.structural_zeros:  # the State head's probabilities, applied to each network member
+        p_state = state_probabilities(predictors, images, cfg.batch_size, cfg.on_bad_image)
+        values = apply_physics(structural_zeros(values, p_state), cfg.physics, upper)
     return values, upper
 
 

@@ -260,6 +260,10 @@ class InferConfig(_Configurable):
     out: str = _opt("submission.csv", "submission file to write (its resolved config goes beside it as .yaml)")
     tta: str = _opt("full", "none | flip (orig+h+v) | full (+stereo swap)", choices=TTA_CHOICES)
     physics: str = _opt("project", "post-processing of the 5 targets", choices=PHYSICS_CHOICES)
+    structural_zeros: bool = _opt(
+        False,
+        "Dead x (1 - p(WA)), Clover x (1 - p(NSW)) from the State head, then --physics (--oof: scored on and off)",
+    )
     grid_weights: list[str] | None = _opt(None, "RxC=W per grid, e.g. 2x2=1 3x3=0.5 (default equal)")
     batch_size: int = _opt(8, "images per batch", check=_at_least(1))
     device: str = _opt("auto", "cpu | cuda | cuda:N | auto", check=DEVICE)

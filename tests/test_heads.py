@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
@@ -19,14 +20,15 @@ from src.checkpoint import find_checkpoints
 from src.colour import colour_features, colour_table, feature_names
 from src.config import PRESETS, Config, DataConfig
 from src.data import load_test, load_train
+from src.dataset import image_dataset
 from src.embeddings import backbone_embeddings, cache_dir
 from src.errors import BiomassError
 from src.folds import load_fold_table, make_folds, save_folds
 from src.heads import ALPHAS, fit_head, fit_ridge, load_head, save_head, to_fit_space, to_grams
-from src.inference import load_predictors, predict_ensemble, upper_bounds
+from src.inference import Predictor, load_predictors, predict_ensemble, upper_bounds
 from src.metric import score
-from src.postprocess import apply_physics
-from src.report import load_runs, run_compare
+from src.postprocess import apply_physics, structural_zeros
+from src.report import default_setting_row, load_runs, run_compare
 from src.schema import TARGETS
 from tests.conftest import TINY_FLAGS
 from train import main as train_main
@@ -275,3 +277,58 @@ def test_infer_applies_a_network_plus_head_blend_like_its_parts_by_hand(
     expected = apply_physics(expected, "project", upper)
     np.testing.assert_allclose(got.loc[images["image_id"]].to_numpy(), expected, rtol=1e-6, atol=1e-6)
     assert not np.allclose(expected, network, rtol=1e-3)  # the head did change the submission
+
+
+# ---- structural zeros ---------------------------------------------------------------------------------------------
+def test_structural_zeros_scale_dead_by_not_wa_and_clover_by_not_nsw():
+    pred = np.array([[10.0, 4.0, 2.0, 12.0, 16.0], [5.0, 3.0, 1.0, 6.0, 9.0]])
+    p_state = np.array([[0.0, 0.0, 0.25, 0.75], [1.0, 0.0, 0.0, 0.0]])  # STATES = Tas Vic NSW WA
+    out = structural_zeros(pred, p_state)
+    np.testing.assert_allclose(out[0], [10.0, 1.0, 1.5, 12.0, 16.0])
+    np.testing.assert_allclose(out[1], pred[1])  # a Tas image keeps both
+    assert (
+        default_setting_row(
+            pd.DataFrame(
+                {
+                    "tta": ["full"] * 2,
+                    "physics": ["project"] * 2,
+                    "structural_zeros": [True, False],
+                    "weighted_r2": [0.9, 0.5],
+                }
+            )  # fmt: skip
+        )["weighted_r2"]
+        == 0.5
+    )  # compare's default row is infer.py's default: zeros off
+
+
+def test_oof_scores_structural_zeros_from_the_state_head_by_hand(trained_exp, synthetic_dir, folds_csv, tmp_path):
+    exp = tmp_path / "tiny"
+    for best in find_checkpoints([trained_exp]):
+        run_dir = exp / best.parent.relative_to(trained_exp)
+        run_dir.mkdir(parents=True)
+        for name in ("best.pt", "oof.csv"):
+            shutil.copy(best.parent / name, run_dir / name)
+    argv = ["--oof", "--data-dir", str(synthetic_dir), "--checkpoints", str(exp), "--folds", str(folds_csv)]
+    assert infer_main([*argv, "--device", "cpu", "--structural-zeros", "--quiet"]) == 0
+    report = pd.read_csv(exp / "oof_report.csv")
+    assert len(report) == 3 * 3 * 2 and set(report["structural_zeros"]) == {True, False}
+    # by hand: each fold's two models (one per grid), no TTA; State softmax of the model's own forward
+    table = load_fold_table(DataConfig(data_dir=str(synthetic_dir), folds=str(folds_csv)))
+    held = table[table["fold"].isin([0, 1])].reset_index(drop=True)
+    pred, p_state = np.zeros((len(held), 5)), np.zeros((len(held), 4))
+    for best in find_checkpoints([exp]):
+        p = Predictor(best, "cpu", tta="none")
+        mask = (held["fold"] == p.fold).to_numpy()
+        frame = held[mask].reset_index(drop=True)
+        pred[mask] += 0.5 * predict_ensemble([p], frame, show=False).mean("none")
+        for i, item in zip(np.flatnonzero(mask), image_dataset(frame, p.view_size, p.cfg.data)):
+            with torch.no_grad():
+                logits = p.model(item["left"][None], item["right"][None])["state"]
+            p_state[i] += 0.5 * torch.softmax(logits, -1)[0].numpy()
+    zeroed = structural_zeros(pred, p_state)
+    truth = held[list(TARGETS)].to_numpy(np.float64)
+    row = report[(report["tta"] == "none") & (report["physics"] == "none") & report["structural_zeros"]].iloc[0]
+    assert row["weighted_r2"] == pytest.approx(score(truth, np.clip(zeroed, 0, None))["weighted_r2"], abs=1e-5)
+    plain = report[(report["tta"] == "none") & (report["physics"] == "none") & ~report["structural_zeros"]].iloc[0]
+    assert plain["weighted_r2"] == pytest.approx(score(truth, np.clip(pred, 0, None))["weighted_r2"], abs=1e-5)
+    assert row["weighted_r2"] != plain["weighted_r2"]
