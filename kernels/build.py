@@ -62,7 +62,8 @@ DEFAULT_TIMM_MIN = "0.9.0"
 
 # The share of infer.py's flags (InferConfig fields) that the kernel build sets; the kernel fills in the paths.
 KERNEL_FIELDS = {
-    "checkpoints", "tta", "physics", "grid_weights", "batch_size", "amp", "num_workers", "on_bad_image", "time_budget",
+    "checkpoints", "tta", "physics", "structural_zeros", "grid_weights", "batch_size", "amp", "num_workers",
+    "on_bad_image", "time_budget",
     "pseudo_label.epochs", "pseudo_label.weight", "pseudo_label.blend", "pseudo_label.fold",
 }  # fmt: skip
 
