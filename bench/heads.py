@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> str:
     embed_s = time.perf_counter() - start
     colour = run("colour_ridge", "--regressor", "ridge", "--features", "colour")
     backbone = run("backbone_ridge", "--regressor", "ridge", "--features", "backbone")
-    hgb = run("both_hgb", "--regressor", "hgb", "--features", "both", "--hgb-max-iter", "50")
+    hgb = run("both_hgb", "--regressor", "hgb", "--features", "both", "--hgb-max-iter", "10" if args.quick else "50")
     metrics = pd.concat([pd.read_csv(r.path / "metrics.csv") for r in load_runs(network)])
     finetune = metrics[metrics["stage"] == "finetune"]["seconds"]
     epoch_s = float(np.median(finetune)) if len(finetune) else float("nan")
