@@ -16,6 +16,7 @@ from src.backbone import check_backbone_name
 from src.config import add_config_flags, check_backbone_weights, resolve_config
 from src.errors import BiomassError, run_cli
 from src.folds import fold_numbers, load_fold_table
+from src.head_training import train_heads
 from src.logs import add_quiet_flag
 from src.training import train_fold
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None and getattr(args, "train.seed") is not None:
         raise BiomassError("give --seed S (one run in fold<K>/) or --seeds S [S ...] (fold<K>/seed<S>/), not both")
     seeds = list(dict.fromkeys(args.seeds)) if args.seeds is not None else [None]
+    if cfg.head.regressor != "network":  # frozen-feature heads (src/head_training.py): same run layout
+        train_heads(cfg, folds, seeds, resume=args.resume, overwrite=args.overwrite, command=command)
+        return 0
     for seed in seeds:
         run_cfg = copy.deepcopy(cfg)
         if seed is not None:

@@ -62,7 +62,8 @@ DEFAULT_TIMM_MIN = "0.9.0"
 
 # The share of infer.py's flags (InferConfig fields) that the kernel build sets; the kernel fills in the paths.
 KERNEL_FIELDS = {
-    "checkpoints", "tta", "physics", "grid_weights", "batch_size", "amp", "num_workers", "on_bad_image", "time_budget",
+    "checkpoints", "tta", "physics", "structural_zeros", "grid_weights", "batch_size", "amp", "num_workers",
+    "on_bad_image", "time_budget",
     "pseudo_label.epochs", "pseudo_label.weight", "pseudo_label.blend", "pseudo_label.fold",
 }  # fmt: skip
 
@@ -234,7 +235,8 @@ def oof_summary(exp_dir: Path, tta: str, physics: str) -> str | None:
         return None
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    chosen = next((r for r in rows if r.get("tta") == tta and r.get("physics") == physics), None)
+    plain = [r for r in rows if r.get("structural_zeros", "False") != "True"]  # the kernel's default: zeros off
+    chosen = next((r for r in plain if r.get("tta") == tta and r.get("physics") == physics), None)
     best = max(rows, key=lambda r: float(r.get("weighted_r2") or "nan"), default=None)
     if chosen is None or best is None:
         return None

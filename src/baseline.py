@@ -22,18 +22,16 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from src.colour import FEATURE_NAMES, colour_features
-from src.data import jpeg_reduce_factor, load_train, read_image
-from src.dataset import jpeg_header_size
+from src.colour import colour_table
+from src.data import load_train
 from src.errors import run_cli
 from src.folds import load_folds
 from src.io_utils import write_csv_atomic
-from src.logs import get_logger, progress
+from src.logs import get_logger
 from src.metric import score
 from src.schema import TARGETS
 
 log = get_logger(__name__)
-FEATURE_SIDE = 120  # px per view the colour features are computed at (a reduced JPEG decode: fractions barely move)
 RIDGE_ALPHAS = np.logspace(-2, 4, 13)
 
 
@@ -46,16 +44,6 @@ def mean_baseline_oof(wide: pd.DataFrame, folds: pd.DataFrame) -> np.ndarray:
         oof[held] = merged.loc[~held, list(TARGETS)].mean().to_numpy()
     order = pd.Index(merged["image_id"]).get_indexer(wide["image_id"])
     return oof[order]
-
-
-def colour_table(wide: pd.DataFrame, show: bool = True) -> np.ndarray:
-    """(N, features) colour features of every image of `wide` (its `path` column), in wide order."""
-    rows = []
-    for path in progress(wide["path"], desc="colour features", disable=not show, leave=False):
-        header = jpeg_header_size(path)
-        reduce = jpeg_reduce_factor(header, (FEATURE_SIDE, FEATURE_SIDE)) if header is not None else 1
-        rows.append(list(colour_features(read_image(path, reduce=reduce)).values()))
-    return np.asarray(rows, dtype=np.float64).reshape(len(wide), len(FEATURE_NAMES))
 
 
 def colour_ridge_oof(wide: pd.DataFrame, folds: pd.DataFrame, features: np.ndarray | None = None) -> np.ndarray:

@@ -1,9 +1,12 @@
 """Colour features of an image: what a pasture photo's colours alone say about its biomass.
 
-One function, `colour_features(image)`: RGB uint8 -> named values for the left view, the right view and the
-whole image. They feed the colour-ridge peer baseline (`python -m src.baseline --colour`), the floor a model
-trained on the pixels must beat, and are meant to grow into vegetation-index features (excess green, CIVE,
-saturation histograms, cover fractions) that a model head can reuse; add them here, under new names.
+One function, `colour_features(image, grid, vegetation)`: RGB uint8 -> named values for the left view, the right
+view and the whole image, and with `grid=(R, C)` for each of the R x C tiles of each view too. The classic set
+(`vegetation=False`: pixel fractions, channel means, hue histogram) feeds the colour-ridge peer baseline
+(`python -m src.baseline --colour`), the floor a model trained on the pixels must beat. `vegetation=True` adds
+the hand features of pasture imaging that the frozen-feature heads (`train.py --features colour`) use: excess
+green (ExG = 2g - r - b on chromatic coordinates), excess red (ExR = 1.4 r - g), ExG - ExR, CIVE, their green
+cover fraction (ExG - ExR > 0) and a saturation histogram.
 
 The thresholds are physical, not fitted: living leaves are green to blue-green and saturated; straw and dead
 litter are yellowish, brighter than soil and only moderately saturated; soil is darker or grey.
@@ -13,8 +16,11 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pandas as pd
 
-from src.data import split_views
+from src.data import jpeg_reduce_factor, read_image, split_views
+from src.dataset import jpeg_header_size
+from src.logs import progress
 
 SCOPES = ("left", "right", "image")
 HUE_BINS = 12  # 30 degrees each
@@ -27,6 +33,43 @@ PER_SCOPE = (
     *(f"hue{k:02d}" for k in range(HUE_BINS)),
 )  # fmt: skip
 FEATURE_NAMES = tuple(f"{scope}_{name}" for scope in SCOPES for name in PER_SCOPE)
+SAT_BINS = 8
+VEGETATION = (
+    "exg", "exr", "exg_minus_exr", "cive", "exgr_cover", *(f"sat{k}" for k in range(SAT_BINS)),
+)  # fmt: skip
+FEATURE_SIDE = 120  # px per view the features are computed at (a reduced JPEG decode: fractions barely move)
+
+
+def feature_names(grid: tuple[int, int] = (1, 1), vegetation: bool = False) -> tuple[str, ...]:
+    """Names of `colour_features(image, grid, vegetation)`, in its order (grid (1, 1): no tile scopes)."""
+    per = PER_SCOPE + (VEGETATION if vegetation else ())
+    rows, cols = grid
+    tiles = (
+        []
+        if (rows, cols) == (1, 1)
+        else [f"{v}_t{r}{c}" for v in ("left", "right") for r in range(rows) for c in range(cols)]
+    )
+    return tuple(f"{scope}_{name}" for scope in (*SCOPES, *tiles) for name in per)
+
+
+def _vegetation_features(rgb: np.ndarray) -> list[float]:
+    """The VEGETATION values of one RGB uint8 array: mean indices on chromatic coordinates, cover, saturation."""
+    pix = rgb.reshape(-1, 3).astype(np.float64)
+    total = np.maximum(pix.sum(axis=1, keepdims=True), 1.0)
+    r, g, b = (pix / total).T  # chromatic coordinates: brightness divided out
+    exg, exr = 2 * g - r - b, 1.4 * r - g
+    # CIVE (Kataoka 2003) on 0-255 values, scaled by 1/255 so it lives on the same range as the others
+    cive = (0.441 * pix[:, 0] - 0.811 * pix[:, 1] + 0.385 * pix[:, 2]) / 255.0 + 18.78745 / 255.0
+    sat = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV).reshape(-1, 3)[:, 1].astype(np.int32)
+    hist = np.bincount(sat * SAT_BINS // 256, minlength=SAT_BINS)[:SAT_BINS] / max(len(sat), 1)
+    return [
+        float(exg.mean()),
+        float(exr.mean()),
+        float((exg - exr).mean()),
+        float(cive.mean()),
+        float((exg - exr > 0).mean()),
+        *(float(x) for x in hist),
+    ]
 
 
 def _scope_features(rgb: np.ndarray) -> list[float]:
@@ -48,13 +91,40 @@ def _scope_features(rgb: np.ndarray) -> list[float]:
     ]
 
 
-def colour_features(image: np.ndarray) -> dict[str, float]:
-    """RGB uint8 (H, W, 3) image of two views side by side -> {FEATURE_NAMES[i]: value}, in that order.
+def _tiles(view: np.ndarray, grid: tuple[int, int]) -> list[np.ndarray]:
+    """R x C tiles of a view, row-major (the model's tile order); edges split as evenly as the pixels allow."""
+    rows, cols = grid
+    ys = np.linspace(0, view.shape[0], rows + 1).astype(int)
+    xs = np.linspace(0, view.shape[1], cols + 1).astype(int)
+    return [view[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] for r in range(rows) for c in range(cols)]
 
-    Any resolution: every value is a fraction of pixels or a mean, so a reduced JPEG decode gives about the same.
+
+def colour_features(image: np.ndarray, grid: tuple[int, int] = (1, 1), vegetation: bool = False) -> dict[str, float]:
+    """RGB uint8 (H, W, 3) image of two views side by side -> {feature_names(grid, vegetation)[i]: value}.
+
+    Scopes: left view, right view, whole image, then (grid other than 1x1) each tile of the left then the right
+    view. Any resolution: every value is a fraction of pixels or a mean, so a reduced JPEG decode gives about the
+    same.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
     left, right = split_views(image)
-    values = [*_scope_features(left), *_scope_features(right), *_scope_features(image)]
-    return dict(zip(FEATURE_NAMES, values))
+    scopes = [left, right, image]
+    if tuple(grid) != (1, 1):
+        scopes += [*_tiles(left, grid), *_tiles(right, grid)]
+    values = []
+    for part in scopes:
+        values += _scope_features(part) + (_vegetation_features(part) if vegetation else [])
+    return dict(zip(feature_names(tuple(grid), vegetation), values))
+
+
+def colour_table(
+    wide: pd.DataFrame, grid: tuple[int, int] = (1, 1), vegetation: bool = False, show: bool = True
+) -> np.ndarray:
+    """(N, features) colour features of every image of `wide` (its `path` column), in wide order."""
+    rows = []
+    for path in progress(wide["path"], desc="colour features", disable=not show, leave=False):
+        header = jpeg_header_size(path)
+        reduce = jpeg_reduce_factor(header, (FEATURE_SIDE, FEATURE_SIDE)) if header is not None else 1
+        rows.append(list(colour_features(read_image(path, reduce=reduce), grid, vegetation).values()))
+    return np.asarray(rows, dtype=np.float64).reshape(len(wide), len(feature_names(tuple(grid), vegetation)))

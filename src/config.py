@@ -37,6 +37,9 @@ LOSSES = ("mse", "huber")
 TTA_CHOICES = ("none", "flip", "full")
 PHYSICS_CHOICES = ("none", "seed", "project")
 ON_BAD_IMAGE = ("error", "fallback")
+# frozen-feature heads (src/heads.py, train.py --regressor): "network" is the trained model of src/model.py
+REGRESSORS = ("network", "ridge", "kernel-ridge", "hgb")
+HEAD_FEATURES = ("backbone", "colour", "both")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -271,10 +274,31 @@ class _Configurable:
 
 
 @dataclass
+class HeadConfig:
+    """Frozen-feature heads instead of the network (src/heads.py, docs/OPTIONS.md); flags without a prefix.
+
+    They reuse --backbone/--backbone-weights/--grid/--tile-size/--feature (the embedding), --target-space (log1p
+    or raw targets) and --heads (five, or three parts with GDM and Total derived) of the model section.
+    """
+
+    regressor: str = _opt(
+        "network", "network (the model) | ridge | kernel-ridge | hgb on frozen features", choices=REGRESSORS
+    )
+    features: str = _opt("both", "what the head regresses on (--regressor other than network)", choices=HEAD_FEATURES)
+    embed_flips: bool = _opt(False, "backbone features averaged over the 4 flips of both views (4x the cost)")
+    embed_cache: str = _opt("cache/embeddings", "directory of the content-keyed, resumable embedding cache")
+    embed_chunk: int = _opt(64, "images per cache chunk (a killed run loses at most one)", check=_at_least(1))
+    hgb_max_iter: int = _opt(
+        100, "boosting rounds per target of --regressor hgb (no early stopping)", check=_at_least(1)
+    )
+
+
+@dataclass
 class Config(_Configurable):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    head: HeadConfig = field(default_factory=HeadConfig, metadata={"flag_prefix": ""})
     exp: str = _opt("default", "experiment name (checkpoints/<exp>)")
     out_dir: str = _opt("checkpoints", "root of the experiment directories")
 
@@ -288,6 +312,10 @@ class InferConfig(_Configurable):
     out: str = _opt("submission.csv", "submission file to write (its resolved config goes beside it as .yaml)")
     tta: str = _opt("full", "none | flip (orig+h+v) | full (+stereo swap)", choices=TTA_CHOICES)
     physics: str = _opt("project", "post-processing of the 5 targets", choices=PHYSICS_CHOICES)
+    structural_zeros: bool = _opt(
+        False,
+        "Dead x (1 - p(WA)), Clover x (1 - p(NSW)) from the State head, then --physics (--oof: scored on and off)",
+    )
     grid_weights: list[str] | None = _opt(None, "RxC=W per grid, e.g. 2x2=1 3x3=0.5 (default equal)")
     batch_size: int = _opt(8, "images per batch", check=_at_least(1))
     device: str = _opt("auto", "cpu | cuda | cuda:N | auto", check=DEVICE)

@@ -11,7 +11,7 @@ import numpy as np
 
 from src.config import PHYSICS_CHOICES
 from src.errors import BiomassError
-from src.schema import TARGET_WEIGHTS
+from src.schema import STATES, TARGET_WEIGHTS, TARGETS
 
 MODES = PHYSICS_CHOICES  # --physics: the config owns the names, this module what they do
 
@@ -100,3 +100,14 @@ def physics_gap(pred: np.ndarray) -> np.ndarray:
     """Per image, the largest absolute violation of the two identities (grams)."""
     p = np.asarray(pred, dtype=np.float64)
     return np.maximum(np.abs(p[:, 3] - p[:, 0] - p[:, 2]), np.abs(p[:, 4] - p[:, 0] - p[:, 1] - p[:, 2]))
+
+
+def structural_zeros(pred: np.ndarray, p_state: np.ndarray) -> np.ndarray:
+    """Dead x (1 - p(WA)) and Clover x (1 - p(NSW)): the expected value when WA images have no dead matter and NSW
+    images no clover (real labels: 32 of 32 WA Dead = 0, 74 of 75 NSW Clover = 0), given the State head's
+    probabilities (N, 4) in `STATES` order. Only those two parts move; apply the physics projection after it."""
+    out = np.array(pred, dtype=np.float64, copy=True)
+    p = np.asarray(p_state, dtype=np.float64)
+    out[:, TARGETS.index("Dry_Dead_g")] *= 1.0 - p[:, STATES.index("WA")]
+    out[:, TARGETS.index("Dry_Clover_g")] *= 1.0 - p[:, STATES.index("NSW")]
+    return out

@@ -296,6 +296,8 @@ def ensemble_table(exp_dir: Path) -> pd.DataFrame | None:
 def default_setting_row(report: pd.DataFrame) -> pd.Series:
     """The tta=full, physics=project row (what infer.py submits by default), else the first row."""
     hit = report[(report["tta"] == DEFAULT_SETTING["tta"]) & (report["physics"] == DEFAULT_SETTING["physics"])]
+    if "structural_zeros" in report.columns:  # infer.py's default leaves them off
+        hit = hit[~hit["structural_zeros"].astype(str).str.lower().eq("true")]
     return (hit if len(hit) else report).iloc[0]
 
 
@@ -856,7 +858,8 @@ OPTION_KEYS = (
     ("model", "target_space"), ("model", "heads"), ("model", "fusion"), ("model", "aux_ndvi_weight"),
     ("model", "aux_height_weight"), ("model", "aux_bins"), ("model", "feature"), ("train", "ema_decay"),
     ("train", "swa_top_k"), ("train", "freeze_blocks"), ("train", "layer_decay"), ("data", "clean_stamps"),
-    ("data", "crop_bottom"), ("data", "aug_artifacts"), ("data", "drop_ids"),
+    ("data", "crop_bottom"), ("data", "aug_artifacts"), ("data", "drop_ids"), ("head", "regressor"),
+    ("head", "features"),
 )  # fmt: skip
 
 

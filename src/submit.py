@@ -15,6 +15,7 @@ import pandas as pd
 
 from src.adapt import run_pseudo_label
 from src.bias import corrected, nested_factors
+from src.blend import blend_values
 from src.checkpoint import experiment_dir, find_checkpoints, ids_hash
 from src.config import PHYSICS_CHOICES, DataConfig, InferConfig
 from src.data import load_sample_submission, load_test, read_test_csv
@@ -32,10 +33,11 @@ from src.inference import (
 from src.io_utils import check_writable, save_config, write_csv_atomic
 from src.logs import get_logger, log_file
 from src.metric import score
-from src.postprocess import apply_physics
+from src.postprocess import apply_physics, structural_zeros
 from src.report import load_runs, selection_table, to_markdown
 from src.runtime import resolve_device
-from src.schema import TARGETS
+from src.schema import STATES, TARGETS
+from src.state_probs import state_probabilities
 from src.submission import build_submission, guard, write_submission
 
 log = get_logger(__name__)
@@ -60,19 +62,34 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
         test_long = read_test_csv(data_dir)  # test.csv and sample_submission.csv come from the rerun: lenient
         test_images = load_test(data_dir, check_images=cfg.on_bad_image == "error", test_long=test_long)
         sample = load_sample_submission(data_dir, test_long)
+        blended = blend_values(cfg, test_images)  # issue 20: a blend.yaml directory or head experiments
+        if blended is not None:
+            if cfg.pseudo_label.enabled:
+                raise BiomassError("--pseudo-label-epochs fine-tunes networks; it does not go with heads or a blend")
+            return _write(cfg, blended, test_images, test_long, sample)
         predictors = load_predictors(find_checkpoints(cfg.checkpoints), resolve_device(cfg.device), cfg.tta, cfg.amp)
         weights = grid_weight_map(predictors, cfg.grid_weights)
         pred = predict_ensemble(predictors, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers)
         upper = upper_bounds(predictors)
         values = apply_physics(pred.mean(cfg.tta), cfg.physics, upper)
         values = _fill_fallback(values, pred, test_images, predictors, cfg)
+        if cfg.structural_zeros:  # issue 20: the State head's probabilities zero Dead in WA, Clover in NSW
+            p_state = state_probabilities(predictors, test_images, cfg.batch_size, cfg.on_bad_image)
+            values = apply_physics(structural_zeros(values, p_state), cfg.physics, upper)
         if cfg.pseudo_label.enabled:
             values = _pseudo_label_or_plain(cfg, predictors, test_images, values, pred, weights)
-        sub = build_submission(test_images["image_id"], values, test_long, sample)
-        guard(sub, test_long, sample, physics=cfg.physics == "project")
-        write_submission(sub, out)
-        save_config(cfg, out.with_suffix(".yaml"))
-        log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
+        sub = _write(cfg, values, test_images, test_long, sample)
+    return sub
+
+
+def _write(cfg: InferConfig, values: np.ndarray, test_images, test_long, sample) -> pd.DataFrame:
+    """Guard and write submission.csv and its resolved config."""
+    out = Path(cfg.out)
+    sub = build_submission(test_images["image_id"], values, test_long, sample)
+    guard(sub, test_long, sample, physics=cfg.physics == "project")
+    write_submission(sub, out)
+    save_config(cfg, out.with_suffix(".yaml"))
+    log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
     return sub
 
 
@@ -145,16 +162,24 @@ def run_oof(cfg: InferConfig) -> pd.DataFrame:
         scored = ~np.isnan(per_view[:, 0, 0])
         truth = wide.loc[scored, list(TARGETS)].to_numpy(dtype=np.float64)
         upper = fold_upper_bounds(predictors, wide.loc[scored, "fold"].to_numpy())
+        # issue 20: with --structural-zeros every setting is also scored with the zeros (one more pass per model)
+        p_state = _oof_state(predictors, wide, cfg)[scored] if cfg.structural_zeros else None
         rows = []
         for tta in TTA_MODES:
             mean = per_view[scored, : TTA_MODES[tta]].mean(axis=1)
             for physics in PHYSICS_CHOICES:
-                scores = score(truth, apply_physics(mean, physics, upper))
-                rows.append({"tta": tta, "physics": physics, "images": int(scored.sum()), **scores})
+                for zeros in (False, True) if p_state is not None else (False,):
+                    values = structural_zeros(mean, p_state) if zeros else mean
+                    scores = score(truth, apply_physics(values, physics, upper))
+                    row = {"tta": tta, "physics": physics, "images": int(scored.sum())}
+                    row |= {"structural_zeros": zeros} if p_state is not None else {}
+                    rows.append({**row, **scores})
             # issue 21: the same, times per-target factors fitted on the other folds' rows (src/bias.py)
             factors = nested_factors(mean, truth, wide.loc[scored, "fold"].to_numpy())
             scores = score(truth, apply_physics(corrected(mean, factors), "project", upper))
-            rows.append({"tta": tta, "physics": "project+bias", "images": int(scored.sum()), **scores})
+            row = {"tta": tta, "physics": "project+bias", "images": int(scored.sum())}
+            row |= {"structural_zeros": False} if p_state is not None else {}
+            rows.append({**row, **scores})
         report = pd.DataFrame(rows).sort_values("weighted_r2", ascending=False).reset_index(drop=True)
         write_csv_atomic(report, exp_dir / "oof_report.csv")
         best = apply_physics(per_view[scored].mean(axis=1), "project")
@@ -223,6 +248,18 @@ def fold_upper_bounds(predictors: list[Predictor], row_folds: np.ndarray) -> np.
     out = np.zeros((len(row_folds), len(TARGETS)))
     for fold, members in by_fold.items():
         out[np.asarray(row_folds) == fold] = upper_bounds(members)
+    return out
+
+
+def _oof_state(predictors: list[Predictor], wide: pd.DataFrame, cfg: InferConfig) -> np.ndarray:
+    """(N, 4) State probabilities of each fold's models on that fold's images."""
+    out = np.zeros((len(wide), len(STATES)))
+    by_fold: dict[int, list[Predictor]] = defaultdict(list)
+    for p in predictors:
+        by_fold[int(p.fold)].append(p)
+    for fold, members in sorted(by_fold.items()):
+        mask = (wide["fold"] == fold).to_numpy()
+        out[mask] = state_probabilities(members, wide[mask].reset_index(drop=True), cfg.batch_size)
     return out
 
 

@@ -15,7 +15,17 @@ import torch
 
 from bench import common
 
-BENCHES = ("frozen_cache", "tta", "backbone_flops", "data_pipeline", "infer_e2e", "scaling", "amp", "sweep_speed")
+BENCHES = (
+    "frozen_cache",
+    "tta",
+    "backbone_flops",
+    "data_pipeline",
+    "infer_e2e",
+    "scaling",
+    "amp",
+    "sweep_speed",
+    "heads",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -149,7 +149,7 @@ def test_to_dict_from_dict_round_trip():
     cfg = _resolve("--preset", "tiny", "--grid", "1", "3", "--backbone-weights", "w.safetensors", "--no-amp")
     data = cfg.to_dict()
     assert data["model"]["grid"] == [1, 3] and isinstance(data["train"]["target_weights"], list)
-    assert set(data) == {"data", "model", "train", "exp", "out_dir"}
+    assert set(data) == {"data", "model", "train", "head", "exp", "out_dir"}
     back = Config.from_dict(data)
     assert back == cfg and back.model.grid == (1, 3) and isinstance(back.train.target_weights, tuple)
     with pytest.raises(BiomassError, match="unknown key train.learning_rate"):
