@@ -311,7 +311,7 @@ def test_oof_scores_structural_zeros_from_the_state_head_by_hand(trained_exp, sy
     argv = ["--oof", "--data-dir", str(synthetic_dir), "--checkpoints", str(exp), "--folds", str(folds_csv)]
     assert infer_main([*argv, "--device", "cpu", "--structural-zeros", "--quiet"]) == 0
     report = pd.read_csv(exp / "oof_report.csv")
-    assert len(report) == 3 * 3 * 2 and set(report["structural_zeros"]) == {True, False}
+    assert len(report) == 3 * (3 * 2 + 1) and set(report["structural_zeros"]) == {True, False}  # + project+bias per tta
     # by hand: each fold's two models (one per grid), no TTA; State softmax of the model's own forward
     table = load_fold_table(DataConfig(data_dir=str(synthetic_dir), folds=str(folds_csv)))
     held = table[table["fold"].isin([0, 1])].reset_index(drop=True)
