@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,20 @@ log = get_logger(__name__)
 
 AUX_INDEX_COLUMNS = tuple(AUX_COLUMNS.values())  # state, month and species labels: unknown (-1) for test images
 BACKWARD_FACTOR = 3.0  # a training step costs about a forward and two for the backward pass
+
+
+class FineTuneStopped(Exception):
+    """Raised inside the fine-tune's forward when `should_stop()` (the deadline) says so: the plain ensemble stays."""
+
+
+def stop_hook(should_stop: Callable[[], bool]) -> Callable:
+    """A forward pre-hook that checks the clock at every step (training and re-prediction alike)."""
+
+    def hook(module, args):
+        if should_stop():
+            raise FineTuneStopped("the deadline came")
+
+    return hook
 
 
 def pick_predictors(predictors: list[Predictor], fold: str = "best") -> list[Predictor]:
@@ -155,6 +170,7 @@ def finetune(
     amp: bool,
     num_workers: int,
     show: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ):
     """A copy of `predictor` whose model was trained `epochs` more epochs on train + pseudo-labelled test images.
 
@@ -165,6 +181,8 @@ def finetune(
     cfg.train.epochs, cfg.train.freeze_epochs, cfg.train.swa_top_k, cfg.train.patience = epochs, 0, 0, 0
     cfg.train.amp, cfg.data.num_workers = amp, num_workers
     model = copy.deepcopy(predictor.model)
+    if should_stop is not None:
+        model.register_forward_pre_hook(stop_hook(should_stop))
     frame = pd.concat([train, pseudo], ignore_index=True)
     if show:
         grid = f"{predictor.grid[0]}x{predictor.grid[1]}"
@@ -198,8 +216,20 @@ def run_pseudo_label(
     values: np.ndarray,
     ensemble,
     grid_weights: dict,
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
-    """The submission values after pseudo-label adaptation (or `values` unchanged when skipped)."""
+    """The submission values after pseudo-label adaptation (or `values` unchanged when skipped or stopped).
+
+    `should_stop` is checked at every forward step of the fine-tune and its re-prediction (the deadline).
+    """
+    try:
+        return _run_pseudo_label(cfg, predictors, test_images, values, ensemble, grid_weights, should_stop)
+    except FineTuneStopped:
+        log.warning("pseudo-label fine-tune stopped by the deadline; submitting the plain ensemble")
+        return values
+
+
+def _run_pseudo_label(cfg, predictors, test_images, values, ensemble, grid_weights, should_stop) -> np.ndarray:
     settings = cfg.pseudo_label
     ok = ensemble.ok
     chosen = pick_predictors(predictors, settings.fold)
@@ -221,7 +251,10 @@ def run_pseudo_label(
     start = time.time()
     pseudo = pseudo_label_frame(test_images, values, ok, settings.weight)
     device = chosen[0].device
-    adapted = [finetune(p, train, pseudo, settings.epochs, device, p.amp, cfg.num_workers) for p in chosen]
+    adapted = [
+        finetune(p, train, pseudo, settings.epochs, device, p.amp, cfg.num_workers, should_stop=should_stop)
+        for p in chosen
+    ]
     used = {p.grid for p in adapted}
     weights = {g: w for g, w in grid_weights.items() if g in used}
     total = sum(weights.values())
