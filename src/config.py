@@ -60,7 +60,7 @@ PROBABILITY = (lambda v: 0.0 <= v <= 1.0, "must be a probability in [0, 1]")
 DEVICE = (lambda v: bool(DEVICE_RE.match(str(v))), "must be cpu, cuda, cuda:N or auto")
 # infer.py: a comma-separated list runs one worker process per device (src/parallel.py)
 DEVICES_RE = re.compile(r"^(auto|(cpu|cuda(:\d+)?)(,(cpu|cuda(:\d+)?))*)$")
-DEVICES = (lambda v: bool(DEVICES_RE.match(str(v))), "must be auto, or cpu, cuda, cuda:N or a list like cuda:0,cuda:1")
+DEVICES = (lambda v: bool(DEVICES_RE.match(str(v))), "must be cpu, cuda, cuda:N or auto, or a list like cuda:0,cuda:1")
 
 
 @dataclass

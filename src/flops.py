@@ -44,3 +44,11 @@ def image_flops(cfg: ModelConfig, tta: str) -> float:
     """Backbone FLOPs to predict one image: tiles x 2 views x TTA backbone passes x FLOPs per tile."""
     tiles = int(cfg.grid[0]) * int(cfg.grid[1])
     return tiles * N_VIEWS * FLIPS_PER_TTA[tta] * tile_flops(cfg)
+
+
+# The stated GPU throughput of the kernel's projections (there is no GPU here: figures are FLOP counts over this).
+# T4: 65 TFLOP/s fp16 tensor-core peak (datasheet); 30% of it assumed achieved by a ViT in eager PyTorch at fp16
+# (a 70 W card whose clocks drop under sustained load), as bench/common.py's GPUS table assumes.
+T4_FP16_PEAK = 65e12
+T4_FP16_SHARE = 0.30
+T4_FP16_FLOPS = T4_FP16_PEAK * T4_FP16_SHARE

@@ -162,6 +162,20 @@ def load_predictors(paths: list[Path], device, tta: str, amp: bool, stream: bool
         return [kind(p, device, tta, amp) for p in bar]
 
 
+def deadline_order(members: Sequence) -> list[int]:
+    """Member indices in the order a deadline should meet them: one of every grid, then a second of every grid...
+
+    A deadline that cuts the ensemble then keeps a mix of grids; the order never changes the full ensemble's mean.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    grids = list(dict.fromkeys(m.grid for m in members))
+    keys = []
+    for i, m in enumerate(members):
+        keys.append((seen.get(m.grid, 0), grids.index(m.grid), i))
+        seen[m.grid] = seen.get(m.grid, 0) + 1
+    return [i for *_, i in sorted(keys)]
+
+
 def grid_weight_map(predictors: list[Predictor], grid_weights: list[str] | None) -> dict[tuple[int, int], float]:
     """`--grid-weights 2x2=1 3x3=0.5` -> normalized weight per grid; default equal."""
     grids = sorted({p.grid for p in predictors})
@@ -485,9 +499,10 @@ def predict_ensemble(
     result = run.result(source.readable, show=True)
     if show:
         rate = len(frame) / max(result.seconds, 1e-9)
+        skipped = f"; {len(result.skipped)} skipped by the deadline" if result.skipped else ""
         log.info(
-            f"predicted {len(frame)} images with {result.members_ran} of {len(members)} models in "
-            f"{result.seconds:.1f}s ({rate:.2f} images/s)"
+            f"predicted {len(frame)} images with {result.members_ran} models in {result.seconds:.1f}s "
+            f"({rate:.2f} images/s){skipped}"
         )
     return result
 

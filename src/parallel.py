@@ -40,7 +40,7 @@ def _worker(rank: int, job: dict, tasks, results) -> None:
         views = CachedViews(frame, members, job["batch_size"], job["on_bad_image"], 0, job["jpeg_reduce"], False)
         deadline = Deadline(job["deadline_minutes"], job["deadline_start"])
         run = EnsembleRun(members, len(frame), job["grid_weights"], job["on_bad_image"], deadline)
-        results.put(("readable", rank, rows, views.readable))
+        results.put(("readable", rank, None, rows, views.readable, None))
         while (m := tasks.get()) is not None:
             done = run.run_member(m, views)
             results.put(("member", rank, m, rows, run.preds[m] if done else None, run.errors.get(str(members[m].path))))
@@ -115,7 +115,7 @@ def predict_parallel(
                         finished.add(rank)
                 continue
             if kind == "readable":
-                readable[a] = rows
+                readable[rows] = preds
             elif kind == "member":
                 _take(run, a, rows, preds, error, parts, lost, n if split == "images" else 1, on_update, readable)
             elif kind == "error":
@@ -134,7 +134,7 @@ def predict_parallel(
         log.warning(f"parallel ensemble: {line}; the members it had not finished are left out")
     result = run.result(readable, show=True)
     log.info(
-        f"predicted {len(frame)} images with {result.members_ran} of {len(members)} models on {n} devices "
+        f"predicted {len(frame)} images with {result.members_ran} models on {n} devices "
         f"({', '.join(str(d) for d in devices)}, split by {split}) in {result.seconds:.1f}s"
     )
     return result

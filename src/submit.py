@@ -24,6 +24,7 @@ from src.folds import drop_training_ids, load_fold_table
 from src.inference import (
     TTA_MODES,
     Predictor,
+    deadline_order,
     fallback_values,
     grid_weight_map,
     load_predictors,
@@ -69,6 +70,8 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
         paths = find_checkpoints(cfg.checkpoints)
         devices = resolve_devices(cfg.device)
         members = load_predictors(paths, devices[0], cfg.tta, cfg.amp, stream=True)
+        order = deadline_order(members)  # one fold of every grid first: what a cut ensemble keeps
+        members, paths = [members[i] for i in order], [paths[i] for i in order]
         weights = grid_weight_map(members, cfg.grid_weights)
         writer = _Writer(cfg, members, test_images, test_long, sample, out)
         if deadline.active:
