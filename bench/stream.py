@@ -94,7 +94,7 @@ def child(variant: str, paths: list[str], data_dir: str, out: str) -> None:
         pred = predict_parallel(paths, [torch.device("cpu")] * 2, frame, "full", split=split, threads=1)
     seconds = time.time() - start
     np.save(out + ".npy", pred.per_view)
-    Path(out + ".json").write_text(json.dumps({"seconds": seconds}))
+    Path(out + ".json").write_text(json.dumps({"seconds": seconds, "startup": pred.startup_seconds}))
 
 
 def measure(variant: str, paths: list[Path], data_dir: Path, tmp: Path) -> dict:
@@ -111,7 +111,12 @@ def measure(variant: str, paths: list[Path], data_dir: Path, tmp: Path) -> dict:
     if status != 0:
         raise SystemExit(f"{variant} with {len(paths)} checkpoints failed (status {status})")
     info = json.loads(Path(out + ".json").read_text())
-    return {"seconds": info["seconds"], "peak_mb": usage.ru_maxrss / 1024, "pred": np.load(out + ".npy")}
+    return {
+        "seconds": info["seconds"],
+        "startup": info["startup"],
+        "peak_mb": usage.ru_maxrss / 1024,
+        "pred": np.load(out + ".npy"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,13 +154,16 @@ def main(argv: list[str] | None = None) -> None:
             diff = float(np.nanmax(np.abs(r["pred"] - serial["pred"])))
             par_rows.append(
                 {"variant": f"2 processes x 1 thread, split by {split}", "wall s": f"{r['seconds']:.2f}",
-                 "speed-up": f"{serial['seconds'] / r['seconds']:.2f}x", "max |diff| (g)": f"{diff:.1e}"}
+                 "speed-up": f"{serial['seconds'] / r['seconds']:.2f}x", "max |diff| (g)": f"{diff:.1e}",
+                 "less worker start-up s": f"{r['seconds'] - r['startup']:.2f}",
+                 "speed-up less start-up": f"{serial['seconds'] / (r['seconds'] - r['startup']):.2f}x"}
             )  # fmt: skip
     peak_ratio = results["stream", n_max]["peak_mb"] / results["stream", counts[0]]["peak_mb"]
     time_ratio = results["stream", n_max]["seconds"] / results["image_major", n_max]["seconds"]
     redecode_ratio = results["redecode", n_max]["seconds"] / results["stream", n_max]["seconds"]
     best = max(("models", "images"), key=lambda s: -results[f"parallel_{s}"]["seconds"])
     speedup = serial["seconds"] / results[f"parallel_{best}"]["seconds"]
+    net = serial["seconds"] / (results[f"parallel_{best}"]["seconds"] - results[f"parallel_{best}"]["startup"])
     body = "\n".join(
         [
             f"{n_images} test images (2000x1000 JPEG), `{kind}` 2x2 random-init checkpoints, full TTA, batch 8, "
@@ -164,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
             "",
             common.table(rows),
             "",
-            common.table(par_rows, ["variant", "wall s", "speed-up", "max |diff| (g)"]),
+            common.table(
+                par_rows,
+                ["variant", "wall s", "speed-up", "less worker start-up s", "speed-up less start-up", "max |diff| (g)"],
+            ),
+            "Worker start-up = spawn + importing torch/timm/src in each worker, until both have (a fixed cost of the "
+            "run, seconds here under load, against hours of a kernel).",
             "",
             common.bar_line(
                 f"streaming peak RSS {n_max} vs {counts[0]} checkpoints {peak_ratio:.2f}x (<= {PEAK_BAR}x)",
@@ -177,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             f"- decoding again per model / decoding once (cache): {redecode_ratio:.2f}x the time "
             f"({'the cache is kept' if redecode_ratio >= 1 else 'redecoding measured cheaper'})",
             common.bar_line(
-                f"2 processes (best split: {best}) vs 1 process: {speedup:.2f}x (>= {PARALLEL_BAR}x)",
+                f"2 processes (best split: {best}) vs 1 process: {speedup:.2f}x wall, {net:.2f}x less the workers' "
+                f"start-up (>= {PARALLEL_BAR}x; the bar is judged on the wall time)",
                 speedup >= PARALLEL_BAR,
             ),  # fmt: skip
         ]

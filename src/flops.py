@@ -23,7 +23,15 @@ FLIPS_PER_TTA = {"none": 1, "flip": 3, "full": 3}  # backbone passes per view: t
 
 def tile_size_of(cfg: ModelConfig) -> int:
     """The tile side the model is built with (the config's, else the native one for its grid and patch)."""
-    return int(cfg.tile_size or default_tile_size(tuple(cfg.grid), probe_patch_size(cfg)))
+    if cfg.tile_size:
+        return int(cfg.tile_size)
+    return default_tile_size(tuple(cfg.grid), _patch(cfg.backbone, json.dumps(cfg.backbone_kwargs, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=64)
+def _patch(backbone: str, kwargs_json: str) -> int:
+    """Patch size of a backbone (one meta-device build per backbone, not per checkpoint)."""
+    return probe_patch_size(ModelConfig(backbone=backbone, backbone_kwargs=json.loads(kwargs_json)))
 
 
 @functools.lru_cache(maxsize=64)

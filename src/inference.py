@@ -240,6 +240,7 @@ class EnsemblePrediction:
     left_out: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # members the deadline left out (skipped or cut)
     members_ran: int = 0
+    startup_seconds: float = 0.0  # of `seconds`: starting worker processes (src.parallel), else 0
 
     def mean(self, tta: str = "full") -> np.ndarray:
         return self.per_view[:, : TTA_MODES[tta]].mean(axis=1)

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import torch.multiprocessing as mp
 
-from src.deadline import Deadline
+from src.deadline import Deadline, now
 from src.errors import BiomassError
 from src.inference import CachedViews, EnsemblePrediction, EnsembleRun, ModelRef
 from src.logs import get_logger
@@ -32,6 +32,7 @@ POLL_SECONDS = 1.0
 
 def _worker(rank: int, job: dict, tasks, results) -> None:
     """One device: decode its images once, then run members from `tasks` until the None, reporting each."""
+    results.put(("started", rank, None, None, None, None))  # imports done: the rest is work
     try:
         if job["threads"]:
             torch.set_num_threads(job["threads"])
@@ -104,6 +105,8 @@ def predict_parallel(
     lost = np.zeros(len(members), dtype=bool)
     finished: set[int] = set()
     failures: list[str] = []
+    started: set[int] = set()
+    startup = 0.0  # seconds until every worker had imported torch and the repo (spawn start-up)
     try:
         while len(finished) < n:
             try:
@@ -114,7 +117,11 @@ def predict_parallel(
                         failures.append(f"worker {rank} ({devices[rank]}) died (exit code {proc.exitcode})")
                         finished.add(rank)
                 continue
-            if kind == "readable":
+            if kind == "started":
+                started.add(rank)
+                if len(started) == n:
+                    startup = now() - run.started
+            elif kind == "readable":
                 readable[rows] = preds
             elif kind == "member":
                 _take(run, a, rows, preds, error, parts, lost, n if split == "images" else 1, on_update, readable)
@@ -133,9 +140,11 @@ def predict_parallel(
             raise BiomassError(f"parallel ensemble: {line}")
         log.warning(f"parallel ensemble: {line}; the members it had not finished are left out")
     result = run.result(readable, show=True)
+    result.startup_seconds = startup
     log.info(
         f"predicted {len(frame)} images with {result.members_ran} models on {n} devices "
-        f"({', '.join(str(d) for d in devices)}, split by {split}) in {result.seconds:.1f}s"
+        f"({', '.join(str(d) for d in devices)}, split by {split}) in {result.seconds:.1f}s "
+        f"({startup:.1f}s of it starting the workers)"
     )
     return result
 

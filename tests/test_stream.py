@@ -15,9 +15,15 @@ import infer
 import src.deadline
 from bench import common
 from bench.stream import predict_image_major
+from kernels import build, plan
+from kernels import kernel_template as kt
+from src.config import InferConfig
 from src.data import load_test
 from src.deadline import Deadline
-from src.inference import ModelRef, Predictor, predict_ensemble
+from src.devices import resolve_devices
+from src.errors import BiomassError
+from src.flops import T4_FP16_FLOPS, image_flops, tile_flops
+from src.inference import ModelRef, Predictor, deadline_order, predict_ensemble
 from src.parallel import predict_parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,3 +154,44 @@ def test_two_cpu_worker_processes_equal_one_device(synthetic_dir, paths, images,
     two = predict_parallel(paths, [torch.device("cpu")] * 2, images, "full", split="models", threads=1)
     np.testing.assert_allclose(two.per_view, one.per_view, atol=1e-6)
     assert two.members_ran == 4 and two.ok.all()  # (split by images: bench/stream.py compares it too)
+
+
+def test_deadline_order_takes_one_fold_of_every_grid_first(paths):
+    members = [ModelRef(p, "cpu", "none") for p in sorted(paths)]  # find_checkpoints order: grid by grid
+    order = [members[i] for i in deadline_order(members)]
+    assert [(m.grid, m.fold) for m in order] == [((1, 2), 0), ((2, 2), 0), ((1, 2), 1), ((2, 2), 1)]
+
+
+def test_device_lists(monkeypatch):
+    assert resolve_devices("cpu,cpu") == [torch.device("cpu")] * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_devices("auto") == [torch.device("cpu")]
+    with pytest.raises(BiomassError, match="--device gpu,cpu: must be"):
+        InferConfig.from_dict({"device": "gpu,cpu"}, "command line")
+
+
+def test_the_kernel_runs_every_usable_gpu_and_passes_the_minutes_left(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    lines, device = kt.check_devices(probe=lambda d: None)
+    assert device == "cuda:0,cuda:1" and lines[1].endswith("usable; runs the ensemble (a worker each)")
+    monkeypatch.setattr(kt, "BUILD", {"infer": {"device": "auto", "deadline": 495.0}, "experiments": ["e"]})
+    monkeypatch.setattr(kt, "KERNEL_START", kt.time.time() - 30 * 60)  # the kernel spent 30 min before infer.py
+    config = kt.infer_config(tmp_path, tmp_path, tmp_path, device)
+    assert config["device"] == "cuda:0,cuda:1" and 464.9 <= config["deadline"] <= 465.0
+
+
+def test_the_plan_is_flops_times_images_over_the_stated_rate(paths, capsys):
+    cfg = common.make_config("tiny_quick", grid=(2, 2)).model
+    tile = tile_flops(cfg)
+    assert image_flops(cfg, "full") == 4 * 2 * 3 * tile and image_flops(cfg, "none") == 4 * 2 * tile
+    p = plan.project([cfg] * 5, "flip", images=1000)
+    assert p.seconds == pytest.approx(5 * 24 * tile * 1000 / (T4_FP16_FLOPS * 2))
+    assert (
+        build.main(["--checkpoints", str(paths[0].parents[2]), "--plan", "--tta", "none", "--time-budget", "1e-9"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "plan: 4 checkpoint(s), TTA none, 1000 hidden-test images" in out and "warning: over the deadline" in out
