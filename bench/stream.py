@@ -119,7 +119,7 @@ def measure(variant: str, paths: list[Path], data_dir: Path, tmp: Path) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = common.parser(__doc__, repeats=1)
     parser.add_argument("--images", type=int, default=16, help="test images (full-resolution 2000x1000 JPEGs)")
     parser.add_argument("--kind", default="vit_s", help="model of bench.common.MODELS")
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     common.report(args, argv, "Streaming ensemble and 2-process split (bench/stream.py)", body, info)
+    return body
 
 
 if __name__ == "__main__":

@@ -428,7 +428,7 @@ def test_the_kernel_template_stays_standalone():
     """kernel.py must run before the code dataset is on the path: it may import only the standard library at top."""
     text = (REPO / "kernels" / "kernel_template.py").read_text()
     top = [ln for ln in text.splitlines() if ln.startswith(("import ", "from ")) and "__future__" not in ln]
-    assert all(ln.split()[1].split(".")[0] in ("importlib", "json", "os", "re", "subprocess", "sys", "tempfile",
+    assert all(ln.split()[1].split(".")[0] in ("importlib", "json", "os", "re", "subprocess", "sys", "tempfile", "time",
                                                "zipfile", "pathlib") for ln in top), top  # fmt: skip
 
 
