@@ -36,10 +36,14 @@ def _patch(backbone: str, kwargs_json: str) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _tile_flops(backbone: str, tile: int, kwargs_json: str) -> float:
-    with torch.device("meta"):
-        model = create_backbone(backbone, tile_size=tile, **json.loads(kwargs_json))
-        with FlopCounterMode(display=False) as counter:
-            model.forward_features(torch.empty(1, 3, tile, tile))
+    kwargs = json.loads(kwargs_json)
+    try:
+        with torch.device("meta"):
+            model = create_backbone(backbone, tile_size=tile, **kwargs)
+    except RuntimeError:  # older timm (1.0.19) calls .item() while building: build on the CPU, then move to meta
+        model = create_backbone(backbone, tile_size=tile, **kwargs).to("meta")
+    with FlopCounterMode(display=False) as counter:
+        model.forward_features(torch.empty(1, 3, tile, tile, device="meta"))
     return float(counter.get_total_flops())
 
 
