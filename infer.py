@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+import src.deadline  # noqa: F401  first: its PROCESS_START is what --deadline counts from
 from src.config import InferConfig, add_infer_flags, resolve_infer_config
 from src.errors import run_cli
 from src.logs import add_quiet_flag

@@ -28,6 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python kernels/build.py`: `src` and `kernels` live in the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.plan import DEFAULT_DEADLINE_MIN, DEFAULT_IMAGES, describe  # noqa: E402
 from kernels.push import (  # noqa: E402
     DEFAULT_ACCELERATOR,
     NO_ACCELERATOR,
@@ -42,7 +43,7 @@ from kernels.wheel import pack_installed, version_tuple  # noqa: E402
 from src.adapt import RUN_FILES  # noqa: E402
 from src.artifacts import Cleaning  # noqa: E402
 from src.checkpoint import find_checkpoints, git_description, load_checkpoint  # noqa: E402
-from src.config import INFER_PRESETS, InferConfig, add_infer_flags, resolve_infer_config  # noqa: E402
+from src.config import INFER_PRESETS, Config, InferConfig, add_infer_flags, resolve_infer_config  # noqa: E402
 from src.download import COMPETITION, kaggle_username  # noqa: E402
 from src.errors import BiomassError, run_cli  # noqa: E402
 from src.logs import add_quiet_flag, get_logger  # noqa: E402
@@ -317,7 +318,7 @@ def build_into(
         "weights_dataset": ids["weights"],
         "weights_id": weights_id,
         "experiments": list(experiments),
-        "infer": options.infer.to_dict(),
+        "infer": {**options.infer.to_dict(), "deadline": kernel_deadline(options.infer)},
         "timm": {"min_version": timm_min_version([d["backbone"] for d in described]), "wheel": timm_wheel},
         "cleaning": sorted({Cleaning(d["clean_stamps"], d["crop_bottom"]).key or "none" for d in described}),
         "accelerator": options.accelerator,
@@ -352,6 +353,20 @@ def build_into(
     }
     write_json(root / "build.json", info)
     return info
+
+
+def kernel_deadline(infer: InferConfig) -> float:
+    """--deadline of the kernel's infer.py: --time-budget, else 495 min of the 9 hours (the kernel subtracts
+    the minutes it spent before infer.py starts)."""
+    return float(infer.time_budget or DEFAULT_DEADLINE_MIN)
+
+
+def plan_lines(checkpoints: list[str], infer: InferConfig, images: int = DEFAULT_IMAGES) -> list[str]:
+    """The budget planner's projection of this ensemble on T4 x2 (kernels/plan.py), against the kernel deadline."""
+    paths = [p for _, items in collect_checkpoints(checkpoints).values() for p, _ in items]
+    cfgs = [Config.from_dict(load_checkpoint(p)["config"], source=str(p)).model for p in paths]
+    head = f"plan: {len(paths)} checkpoint(s), TTA {infer.tta}, {images} hidden-test images"
+    return [head, *describe(cfgs, infer.tta, images, kernel_deadline(infer))]
 
 
 def build(
@@ -393,6 +408,8 @@ def build(
         f"wrote {out}/{{weights,code,kernel}}: kernel {info['kernel']}, datasets {info['weights_dataset']} and "
         f"{info['code_dataset']}"
     )
+    for line in plan_lines(checkpoints, options.infer):
+        (log.warning if line.startswith("warning:") else log.info)(line.removeprefix("warning: "))
     log.info(f"next: python kernels/push.py {out} --dry-run")
     return info
 
@@ -423,11 +440,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="ship this machine's timm as a wheel; the kernel installs it offline if Kaggle's is older",
     )
+    parser.add_argument(
+        "--plan", action="store_true", help="print the projected kernel time on T4 x2 (kernels/plan.py) and stop"
+    )
+    parser.add_argument(
+        "--plan-images", type=int, default=DEFAULT_IMAGES, help="hidden-test images the plan assumes (default 1000)"
+    )
     # infer.py's own flags (InferConfig), the kernel's share of them; defaults from the `kaggle` preset
     add_infer_flags(parser, only=KERNEL_FIELDS)
     add_quiet_flag(parser)
     args = parser.parse_args(argv)
     infer = resolve_infer_config(args, preset="kaggle")  # its checkpoints: the experiments to ship
+    if args.plan:
+        for line in plan_lines(infer.checkpoints, infer, args.plan_images):
+            print(line)
+        return 0
     options = KernelOptions(infer, args.bundle_timm, check_accelerator(args.accelerator))
     build(infer.checkpoints, args.out, args.owner, args.slug, options, args.backbone_weights)
     return 0

@@ -32,8 +32,11 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
+
+KERNEL_START = time.time()  # the build's --deadline minutes count from here
 
 # Filled in by kernels/build.py: dataset ids and content ids, experiments, infer.py's config. Empty = the template.
 BUILD: dict = {}
@@ -243,7 +246,7 @@ def _probe(device: str) -> None:
 
 
 def check_devices(probe=_probe) -> tuple[list[str], str]:
-    """(one log line per device, the device infer.py runs on): the first GPU torch can use, else the CPU.
+    """(one log line per device, the devices infer.py runs on): every GPU torch can use (cuda:0,cuda:1), else the CPU.
 
     Every GPU is checked: its compute capability against the architectures torch was built for, then one
     small operation. One that fails is logged with the reason and left out, never a crash.
@@ -277,9 +280,9 @@ def check_devices(probe=_probe) -> tuple[list[str], str]:
             lines.append(f"{label}: not usable: a test operation failed ({type(err).__name__}: {first}); left out")
             continue
         usable.append(device)
-        lines.append(f"{label}: usable" + ("; runs the ensemble" if len(usable) == 1 else ""))
+        lines.append(f"{label}: usable; runs the ensemble" + (" (a worker each)" if len(usable) > 1 else ""))
     lines.append(f"device cpu ({os.cpu_count()} cores)" + ("" if usable else ": runs the ensemble (no usable GPU)"))
-    return lines, usable[0] if usable else "cpu"
+    return lines, ",".join(usable) if usable else "cpu"  # every usable GPU: infer.py runs a worker on each
 
 
 def infer_config(data: Path, weights: Path, out_dir: Path, device: str | None = None) -> dict:
@@ -295,6 +298,9 @@ def infer_config(data: Path, weights: Path, out_dir: Path, device: str | None = 
     }
     if device and config.get("device", "auto") == "auto":
         config["device"] = device
+    if config.get("deadline"):  # the build's minutes count from the kernel's start: pass what is left of them
+        spent = (time.time() - KERNEL_START) / 60
+        config["deadline"] = max(round(config["deadline"] - spent, 2), 0.01)
     return config
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,20 @@ log = get_logger(__name__)
 
 AUX_INDEX_COLUMNS = tuple(AUX_COLUMNS.values())  # state, month and species labels: unknown (-1) for test images
 BACKWARD_FACTOR = 3.0  # a training step costs about a forward and two for the backward pass
+
+
+class FineTuneStopped(Exception):
+    """Raised inside the fine-tune's forward when `should_stop()` (the deadline) says so: the plain ensemble stays."""
+
+
+def stop_hook(should_stop: Callable[[], bool]) -> Callable:
+    """A forward pre-hook that checks the clock at every step (training and re-prediction alike)."""
+
+    def hook(module, args):
+        if should_stop():
+            raise FineTuneStopped("the deadline came")
+
+    return hook
 
 
 def pick_predictors(predictors: list[Predictor], fold: str = "best") -> list[Predictor]:
@@ -156,6 +171,7 @@ def finetune(
     num_workers: int,
     show: bool = True,
     lr_scale: float = 0.1,
+    should_stop: Callable[[], bool] | None = None,
 ):
     """A copy of `predictor` whose model was trained `epochs` more epochs on train + pseudo-labelled test images.
 
@@ -173,6 +189,8 @@ def finetune(
     backbone = getattr(model, "backbone", None)
     if hasattr(backbone, "set_grad_checkpointing"):  # timm ViTs: same gradients, a fraction of the memory
         backbone.set_grad_checkpointing(True)
+    if should_stop is not None:
+        model.register_forward_pre_hook(stop_hook(should_stop))
     frame = pd.concat([train, pseudo], ignore_index=True)
     if show:
         grid = f"{predictor.grid[0]}x{predictor.grid[1]}"
@@ -209,8 +227,20 @@ def run_pseudo_label(
     values: np.ndarray,
     ensemble,
     grid_weights: dict,
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
-    """The submission values after pseudo-label adaptation (or `values` unchanged when skipped)."""
+    """The submission values after pseudo-label adaptation (or `values` unchanged when skipped or stopped).
+
+    `should_stop` is checked at every forward step of the fine-tune and its re-prediction (the deadline).
+    """
+    try:
+        return _run_pseudo_label(cfg, predictors, test_images, values, ensemble, grid_weights, should_stop)
+    except FineTuneStopped:
+        log.warning("pseudo-label fine-tune stopped by the deadline; submitting the plain ensemble")
+        return values
+
+
+def _run_pseudo_label(cfg, predictors, test_images, values, ensemble, grid_weights, should_stop) -> np.ndarray:
     settings = cfg.pseudo_label
     ok = ensemble.ok
     chosen = pick_predictors(predictors, settings.fold)
@@ -233,7 +263,7 @@ def run_pseudo_label(
     pseudo = pseudo_label_frame(test_images, values, ok, settings.weight)
     device = chosen[0].device
     adapted = [
-        finetune(p, train, pseudo, settings.epochs, device, p.amp, cfg.num_workers, lr_scale=settings.lr_scale)
+        finetune(p, train, pseudo, settings.epochs, device, p.amp, cfg.num_workers, settings.lr_scale, should_stop)
         for p in chosen
     ]
     used = {p.grid for p in adapted}

@@ -26,6 +26,7 @@ from scipy.optimize import nnls
 
 from src.checkpoint import find_checkpoints
 from src.config import InferConfig
+from src.devices import resolve_devices
 from src.errors import BiomassError, run_cli
 from src.head_inference import HeadEnsemble, head_runs
 from src.inference import fallback_values, load_predictors, predict_ensemble, upper_bounds
@@ -34,7 +35,6 @@ from src.logs import get_logger
 from src.metric import score
 from src.postprocess import apply_physics, structural_zeros
 from src.report import TRUE_COLUMNS, load_runs, per_image_predictions
-from src.runtime import resolve_device
 from src.schema import TARGET_WEIGHTS, TARGETS
 from src.state_probs import state_probabilities
 
@@ -199,7 +199,7 @@ def experiment_values(exp: Path, cfg: InferConfig, images: pd.DataFrame) -> tupl
         heads = HeadEnsemble(exp, cache=Path(cfg.out).resolve().parent / "embedding_cache")
         upper = heads.max_grams
         return apply_physics(heads.predict(images), cfg.physics, upper), upper
-    predictors = load_predictors(find_checkpoints([exp]), resolve_device(cfg.device), cfg.tta, cfg.amp)
+    predictors = load_predictors(find_checkpoints([exp]), resolve_devices(cfg.device)[0], cfg.tta, cfg.amp, stream=True)
     pred = predict_ensemble(predictors, images, cfg.batch_size, None, cfg.on_bad_image, cfg.num_workers)
     upper = upper_bounds(predictors)
     values = apply_physics(pred.mean(cfg.tta), cfg.physics, upper)

@@ -72,6 +72,9 @@ def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
 
 PROBABILITY = (lambda v: 0.0 <= v <= 1.0, "must be a probability in [0, 1]")
 DEVICE = (lambda v: bool(DEVICE_RE.match(str(v))), "must be cpu, cuda, cuda:N or auto")
+# infer.py: a comma-separated list runs one worker process per device (src/parallel.py)
+DEVICES_RE = re.compile(r"^(auto|(cpu|cuda(:\d+)?)(,(cpu|cuda(:\d+)?))*)$")
+DEVICES = (lambda v: bool(DEVICES_RE.match(str(v))), "must be cpu, cuda, cuda:N or auto, or a list like cuda:0,cuda:1")
 
 
 @dataclass
@@ -318,7 +321,11 @@ class InferConfig(_Configurable):
     )
     grid_weights: list[str] | None = _opt(None, "RxC=W per grid, e.g. 2x2=1 3x3=0.5 (default equal)")
     batch_size: int = _opt(8, "images per batch", check=_at_least(1))
-    device: str = _opt("auto", "cpu | cuda | cuda:N | auto", check=DEVICE)
+    device: str = _opt(
+        "auto",
+        "cpu | cuda | cuda:N | a list (cuda:0,cuda:1 or cpu,cpu: a worker each) | auto (every usable GPU)",
+        check=DEVICES,
+    )
     amp: bool = _opt(False, "autocast (bf16 on CPU and Ampere+, fp16 on older GPUs)")
     num_workers: int = _opt(0, "DataLoader workers for decoding", check=_at_least(0))
     oof: bool = _opt(False, "score the checkpoints out of fold instead of writing a submission")
@@ -327,6 +334,12 @@ class InferConfig(_Configurable):
     time_budget: float | None = _opt(
         None,
         "minutes the pseudo-label fine-tune may take; over the estimate it is skipped with a warning",
+        check=(lambda v: v is None or v > 0, "must be > 0 minutes"),
+    )
+    deadline: float | None = _opt(
+        None,
+        "minutes from process start: models projected past it are skipped, the fine-tune stops at it "
+        "(the kernel passes what is left of --time-budget)",
         check=(lambda v: v is None or v > 0, "must be > 0 minutes"),
     )
     pseudo_label: PseudoLabelConfig = field(

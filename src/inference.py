@@ -8,8 +8,7 @@ geometric mean and biased low. The jobs that use it (submission, OOF scoring) li
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from src.artifacts import Cleaning
 from src.checkpoint import load_checkpoint
 from src.config import TTA_CHOICES, Config
 from src.dataset import MultiSizeViewDataset, input_key
+from src.deadline import Deadline, now
 from src.errors import BiomassError
+from src.flops import image_flops, tile_size_of
 from src.logs import get_logger, progress
 from src.model import FLIP_VARIANTS, build_model
 from src.runtime import autocast, worker_init
@@ -35,25 +36,43 @@ assert tuple(TTA_MODES) == TTA_CHOICES
 TTA_VIEWS = ("orig", "hflip", "vflip", "swap")
 
 
+def _check_tta(tta: str) -> None:
+    if tta not in TTA_MODES:  # InferConfig checks --tta; this guards the Python API
+        raise BiomassError(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A best.pt with the targets in today's order (each checks its own, so any set of them can be averaged)."""
+    ckpt = load_checkpoint(path)
+    if "target_stats" not in ckpt:  # last.pt carries optimizer state for --resume, not what inference needs
+        raise BiomassError(f"{path}: a resume state (last.pt), not a best.pt; pass best.pt or the experiment directory")
+    if list(ckpt.get("targets", [])) != list(TARGETS):
+        raise BiomassError(f"{path}: target order {ckpt.get('targets')} differs from {list(TARGETS)}; re-train it")
+    return ckpt
+
+
+def _set_metadata(member, ckpt: dict) -> None:
+    """What the ensemble knows of a checkpoint without its weights: config, statistics, fold, seed, split, cleaning."""
+    member.cfg = Config.from_dict(ckpt["config"], source=str(member.path))
+    member.stats = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt["target_stats"].items()}
+    member.fold = ckpt.get("fold")
+    member.seed = member.cfg.train.seed
+    member.val_metric = ckpt.get("val_metric")
+    member.split = ckpt.get("split")  # id hashes of its training / validation images (None: older checkpoints)
+    # the image cleaning the checkpoint was trained with (--clean-stamps, --crop-bottom), and so its batch key
+    member.cleaning = Cleaning.from_config(member.cfg.data)
+
+
 class Predictor:
     """A trained checkpoint ready to predict: the only inference API (infer.py, OOF, kernel, TTA)."""
 
     def __init__(
         self, checkpoint: str | Path, device: torch.device | str = "cpu", tta: str = "full", amp: bool = False
     ) -> None:
-        if tta not in TTA_MODES:  # InferConfig checks --tta; this guards the Python API
-            raise BiomassError(f"unknown --tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+        _check_tta(tta)
         self.path = Path(checkpoint)
-        ckpt = load_checkpoint(self.path)
-        if "target_stats" not in ckpt:  # last.pt carries optimizer state for --resume, not what inference needs
-            raise BiomassError(
-                f"{self.path}: a resume state (last.pt), not a best.pt; pass best.pt or the experiment directory"
-            )
-        if list(ckpt.get("targets", [])) != list(TARGETS):
-            raise BiomassError(
-                f"{self.path}: target order {ckpt.get('targets')} differs from {list(TARGETS)}; re-train it"
-            )
-        self.cfg = Config.from_dict(ckpt["config"], source=str(self.path))
+        ckpt = read_checkpoint(self.path)
+        _set_metadata(self, ckpt)
         self.device = torch.device(device)
         self.model = build_model(self.cfg.model, load_backbone_weights=False)
         try:
@@ -64,17 +83,18 @@ class Predictor:
                 :200
             ]  # line 0 is "Error(s) in loading state_dict for ..."
             raise BiomassError(f"{self.path}: weights do not fit its own config ({detail}); re-train it") from err
+        del ckpt
         self.model.to(self.device).eval()
         self.tta = tta
         self.amp = amp
-        self.stats = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt["target_stats"].items()}
-        self.fold = ckpt.get("fold")
-        self.seed = self.cfg.train.seed
-        self.val_metric = ckpt.get("val_metric")
-        self.split = ckpt.get("split")  # id hashes of its training / validation images (None: older checkpoints)
-        # the image cleaning the checkpoint was trained with (--clean-stamps, --crop-bottom), and so its batch key
-        self.cleaning = Cleaning.from_config(self.cfg.data)
         self.input_key = input_key(self.view_size, self.cleaning)
+
+    def open(self) -> Predictor:
+        """Already resident: the member interface of `predict_ensemble` (see `ModelRef.open`)."""
+        return self
+
+    def flops_per_image(self) -> float:
+        return image_flops(self.cfg.model, self.tta)
 
     def with_model(self, model: torch.nn.Module) -> Predictor:
         """This predictor (config, statistics, TTA) with other weights of the same model: test-time fine-tuning."""
@@ -106,10 +126,54 @@ class Predictor:
         return self.model.to_grams(torch.stack(outs, dim=1)).cpu().numpy()  # any target space / head layout
 
 
-def load_predictors(paths: list[Path], device, tta: str, amp: bool) -> list[Predictor]:
-    """Load every checkpoint (each one checks its target order, so any set of them can be averaged)."""
+class ModelRef:
+    """A checkpoint as an ensemble member whose weights are loaded only when its turn comes (model-major streaming).
+
+    It reads the checkpoint once to check it and keep what the ensemble needs up front (config, statistics, fold,
+    grid, input size); `open()` builds the `Predictor` and the caller drops it after its pass.
+    """
+
+    def __init__(
+        self, checkpoint: str | Path, device: torch.device | str = "cpu", tta: str = "full", amp: bool = False
+    ) -> None:
+        _check_tta(tta)
+        self.path = Path(checkpoint)
+        _set_metadata(self, read_checkpoint(self.path))
+        self.device, self.tta, self.amp = torch.device(device), tta, amp
+        self.grid = tuple(int(g) for g in self.cfg.model.grid)
+        tile = tile_size_of(self.cfg.model)
+        self.view_size = (self.grid[0] * tile, self.grid[1] * tile)
+        self.input_key = input_key(self.view_size, self.cleaning)
+
+    def open(self) -> Predictor:
+        predictor = Predictor(self.path, self.device, self.tta, self.amp)
+        if predictor.input_key != self.input_key:  # the config arithmetic and the built model must agree
+            raise BiomassError(f"{self.path}: built input {predictor.input_key}, expected {self.input_key}")
+        return predictor
+
+    def flops_per_image(self) -> float:
+        return image_flops(self.cfg.model, self.tta)
+
+
+def load_predictors(paths: list[Path], device, tta: str, amp: bool, stream: bool = False) -> list:
+    """Every checkpoint as a member: resident `Predictor`s, or `ModelRef`s (metadata only) when `stream`."""
+    kind = ModelRef if stream else Predictor
     with progress(paths, desc="loading models", leave=False) as bar:  # closed (line cleared) before an error is printed
-        return [Predictor(p, device, tta, amp) for p in bar]
+        return [kind(p, device, tta, amp) for p in bar]
+
+
+def deadline_order(members: Sequence) -> list[int]:
+    """Member indices in the order a deadline should meet them: one of every grid, then a second of every grid...
+
+    A deadline that cuts the ensemble then keeps a mix of grids; the order never changes the full ensemble's mean.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    grids = list(dict.fromkeys(m.grid for m in members))
+    keys = []
+    for i, m in enumerate(members):
+        keys.append((seen.get(m.grid, 0), grids.index(m.grid), i))
+        seen[m.grid] = seen.get(m.grid, 0) + 1
+    return [i for *_, i in sorted(keys)]
 
 
 def grid_weight_map(predictors: list[Predictor], grid_weights: list[str] | None) -> dict[tuple[int, int], float]:
@@ -174,6 +238,9 @@ class EnsemblePrediction:
     readable: np.ndarray | None = None
     models_used: np.ndarray | None = None
     left_out: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # members the deadline left out (skipped or cut)
+    members_ran: int = 0
+    startup_seconds: float = 0.0  # of `seconds`: starting worker processes (src.parallel), else 0
 
     def mean(self, tta: str = "full") -> np.ndarray:
         return self.per_view[:, : TTA_MODES[tta]].mean(axis=1)
@@ -252,8 +319,156 @@ def _predict_or_nan(p: Predictor, pair: torch.Tensor, on_bad_image: str, errors:
         return np.full((len(pair), TTA_MODES[p.tta], len(TARGETS)), np.nan)
 
 
+class CachedViews:
+    """The images decoded once for the whole ensemble, kept in RAM as uint8 view pairs at each model input's size.
+
+    Memory is images x inputs (distinct view size x cleaning), never x checkpoints; every model reads its batches
+    from here. Measured against decoding again per model in bench/stream.py (docs/BENCHMARKS.md).
+    """
+
+    def __init__(self, frame, members, batch_size, on_bad_image, num_workers, jpeg_reduce, show) -> None:
+        dataset = MultiSizeViewDataset(
+            frame, [m.view_size for m in members], jpeg_reduce, on_bad_image, [m.cleaning for m in members]
+        )
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init)
+        n = len(frame)
+        self.views = {input_key(v, c): torch.empty((n, 2, 3, *v), dtype=torch.uint8) for v, c in dataset.inputs}
+        self.readable = np.ones(n, dtype=bool)
+        self.batch_size = batch_size
+        for batch in progress(loader, desc="decoding", disable=not show):
+            idx = batch["index"].numpy()
+            self.readable[idx] = batch["ok"].numpy()
+            for key, tensor in self.views.items():
+                tensor[idx] = batch[key]
+
+    def batches(self, member) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        views = self.views[member.input_key]
+        for lo in range(0, len(views), self.batch_size):
+            yield np.arange(lo, min(lo + self.batch_size, len(views))), views[lo : lo + self.batch_size]
+
+
+class RedecodedViews:
+    """The alternative to `CachedViews`: each model decodes the images again (no RAM but the batch in flight)."""
+
+    def __init__(self, frame, members, batch_size, on_bad_image, num_workers, jpeg_reduce, show) -> None:
+        self.frame, self.batch_size, self.on_bad_image = frame, batch_size, on_bad_image
+        self.num_workers, self.jpeg_reduce = num_workers, jpeg_reduce
+        self.readable = np.ones(len(frame), dtype=bool)
+
+    def batches(self, member) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        dataset = MultiSizeViewDataset(
+            self.frame, [member.view_size], self.jpeg_reduce, self.on_bad_image, [member.cleaning]
+        )
+        loader = DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, worker_init_fn=worker_init
+        )
+        for batch in loader:
+            idx = batch["index"].numpy()
+            self.readable[idx] = batch["ok"].numpy()
+            yield idx, batch[member.input_key]
+
+
+VIEW_SOURCES = {"cache": CachedViews, "redecode": RedecodedViews}
+
+
+class EnsembleRun:
+    """Model-major ensemble state: each member's predictions of every image (M, N, V, 5), who ran, who was skipped.
+
+    Members run one at a time (`run_member`: open, predict every image, release), so one checkpoint is resident
+    per device. Before each member its time is projected from the throughput measured so far (seconds per backbone
+    FLOP-image, `src.flops`); one that would cross the deadline is skipped and logged, one the deadline catches
+    mid-way is dropped whole. The first member of the ensemble always runs (it is the minimum submission), unless
+    the deadline has passed before it starts. `result()` is the nested finite mean over the members that ran.
+    """
+
+    def __init__(self, members, n_images, grid_weights=None, on_bad_image="error", deadline=None) -> None:
+        self.members = list(members)
+        self.n_views = max(TTA_MODES[m.tta] for m in self.members)
+        self.groups, self.weights = ensemble_groups(self.members, grid_weights)
+        self.preds = np.full((len(self.members), n_images, self.n_views, len(TARGETS)), np.nan)
+        self.ran = np.zeros(len(self.members), dtype=bool)
+        self.skipped: list[str] = []
+        self.errors: dict[str, str] = {}
+        self.on_bad_image = on_bad_image
+        self.deadline = deadline or Deadline()
+        self.spent = 0.0  # seconds measured over `flop_images` backbone FLOP-images: the throughput
+        self.flop_images = 0.0
+        self.started = now()
+
+    def projected(self, m: int, n_images: int) -> float | None:
+        """Seconds member m is projected to take on n_images (None before anything was measured)."""
+        if self.flop_images <= 0:
+            return None
+        return self.spent / self.flop_images * self.members[m].flops_per_image() * n_images
+
+    def may_start(self, m: int, n_images: int) -> bool:
+        """Does the deadline leave time for member m? (logged when not)"""
+        path = str(self.members[m].path)
+        if m == 0 and not self.deadline.passed():
+            return True
+        guess = self.projected(m, n_images)
+        if self.deadline.passed() or (guess is not None and not self.deadline.fits(guess)):
+            why = "passed" if guess is None else f"projected {guess:.0f}s, {max(self.deadline.left(), 0):.0f}s left"
+            log.warning(f"{path}: skipped, it would cross the deadline ({why}; {self.deadline.describe()})")
+            self.skipped.append(path)
+            return False
+        return True
+
+    def run_member(self, m: int, views) -> bool:
+        """Member m on every image of `views` (one resident at a time); False when skipped or cut by the deadline."""
+        n_images = len(views.readable)
+        if not self.may_start(m, n_images):
+            return False
+        start = now()
+        member = self.members[m]
+        predictor = member.open()
+        out = np.full((n_images, self.n_views, len(TARGETS)), np.nan)
+        for idx, pair in views.batches(member):
+            if m > 0 and self.deadline.passed():
+                log.warning(f"{member.path}: cut by the deadline mid-way and left out ({self.deadline.describe()})")
+                self.skipped.append(str(member.path))
+                return False
+            out[idx] = _predict_or_nan(predictor, pair, self.on_bad_image, self.errors)
+        del predictor  # a ModelRef's weights go now: the next member loads into the freed memory
+        if member.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.record(m, out, now() - start)
+        return True
+
+    def record(self, m: int, preds: np.ndarray, seconds: float, rows: np.ndarray | None = None) -> None:
+        """Member m's predictions (of `rows`, default all) and the seconds they took (the throughput)."""
+        self.preds[m, slice(None) if rows is None else rows] = preds
+        self.ran[m] = True
+        self.spent += seconds
+        self.flop_images += self.members[m].flops_per_image() * len(preds)
+
+    def result(self, readable: np.ndarray, show: bool = False) -> EnsemblePrediction:
+        """The ensemble of the members that ran so far (NaN-left-out nested mean) and its counts."""
+        ran = np.flatnonzero(self.ran)
+        n_images = self.preds.shape[1]
+        used = np.zeros((len(self.members), n_images), dtype=bool)
+        out = np.full((n_images, self.n_views, len(TARGETS)), np.nan)
+        if len(ran):
+            mean = finite_ensemble_mean(self.preds[ran], [self.groups[m] for m in ran], self.weights)
+            out, used[ran] = mean.values, mean.used
+        left_out = {str(self.members[m].path): int((~used[m] & readable).sum()) for m in ran}
+        left_out = {path: n for path, n in left_out.items() if n}
+        if show:
+            for path, n in left_out.items():
+                why = f" ({self.errors[path]})" if path in self.errors else ""
+                log.warning(
+                    f"{path}: non-finite prediction for {n} of {int(readable.sum())} readable image(s), left out of "
+                    f"their mean{why}"
+                )
+        counts = used.sum(axis=0)
+        ok = readable & (counts > 0)
+        return EnsemblePrediction(
+            out, ok, now() - self.started, readable, counts, left_out, list(self.skipped), len(ran)
+        )
+
+
 def predict_ensemble(
-    predictors: list[Predictor],
+    members: Sequence,
     frame: pd.DataFrame,
     batch_size: int = 8,
     grid_weights: dict[tuple[int, int], float] | None = None,
@@ -261,48 +476,36 @@ def predict_ensemble(
     num_workers: int = 0,
     jpeg_reduce: bool = True,
     show: bool = True,
+    deadline: Deadline | None = None,
+    on_update: Callable[[EnsemblePrediction], None] | None = None,
+    views: str = "cache",
 ) -> EnsemblePrediction:
-    """Read each image once, run every model on it; mean over seeds in a fold, folds in a grid; grids by weight.
+    """Model-major: decode the images once, then each member in turn predicts all of them; the nested mean.
 
-    A model's non-finite values for an image are left out of that image's mean (`finite_ensemble_mean`: the rest of
-    its fold, else the other folds, take its share); the counts go to the log.
+    `members`: `Predictor`s (resident) or `ModelRef`s (loaded one at a time: streaming). Mean over seeds in a
+    fold, folds in a grid, grids by weight; a member's non-finite values for an image are left out of that image's
+    mean (`finite_ensemble_mean`). `on_update` gets the ensemble so far after each member (the submission is
+    rewritten then); `deadline` skips members that would cross it (`EnsembleRun`).
     """
-    if not predictors:
+    if not members:
         raise BiomassError("no models to ensemble")
-    n_views = max(TTA_MODES[p.tta] for p in predictors)
-    if any(TTA_MODES[p.tta] != n_views for p in predictors):
+    if len({TTA_MODES[m.tta] for m in members}) > 1:
         raise BiomassError("all predictors of an ensemble must use the same --tta")
-    groups, weights = ensemble_groups(predictors, grid_weights)
-    dataset = MultiSizeViewDataset(
-        frame, [p.view_size for p in predictors], jpeg_reduce, on_bad_image, [p.cleaning for p in predictors]
-    )
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init)
-    out = np.zeros((len(frame), n_views, len(TARGETS)))
-    readable = np.ones(len(frame), dtype=bool)
-    used = np.zeros((len(predictors), len(frame)), dtype=bool)
-    errors: dict[str, str] = {}
-    start = time.time()
-    for batch in progress(loader, desc="predicting", disable=not show):
-        idx = batch["index"].numpy()
-        readable[idx] = batch["ok"].numpy()
-        preds = np.stack([_predict_or_nan(p, batch[p.input_key], on_bad_image, errors) for p in predictors])
-        mean = finite_ensemble_mean(preds, groups, weights)
-        out[idx], used[:, idx] = mean.values, mean.used
-    seconds = time.time() - start
-    left_out = {str(p.path): int((~used[m] & readable).sum()) for m, p in enumerate(predictors)}
-    left_out = {path: n for path, n in left_out.items() if n}
-    for path, n in left_out.items():
-        why = f" ({errors[path]})" if path in errors else ""
-        log.warning(
-            f"{path}: non-finite prediction for {n} of {int(readable.sum())} readable image(s), left out of their "
-            f"mean{why}"
-        )
-    counts = used.sum(axis=0)
-    ok = readable & (counts > 0)
+    run = EnsembleRun(members, len(frame), grid_weights, on_bad_image, deadline)
+    source = VIEW_SOURCES[views](frame, members, batch_size, on_bad_image, num_workers, jpeg_reduce, show)
+    with progress(range(len(members)), desc="models", disable=not show) as bar:
+        for m in bar:
+            if run.run_member(m, source) and on_update is not None:
+                on_update(run.result(source.readable))
+    result = run.result(source.readable, show=True)
     if show:
-        rate = len(frame) / max(seconds, 1e-9)
-        log.info(f"predicted {len(frame)} images with {len(predictors)} models in {seconds:.1f}s ({rate:.2f} images/s)")
-    return EnsemblePrediction(out, ok, seconds, readable, counts, left_out)
+        rate = len(frame) / max(result.seconds, 1e-9)
+        skipped = f"; {len(result.skipped)} skipped by the deadline" if result.skipped else ""
+        log.info(
+            f"predicted {len(frame)} images with {result.members_ran} models in {result.seconds:.1f}s "
+            f"({rate:.2f} images/s){skipped}"
+        )
+    return result
 
 
 def fallback_values(predictors: list[Predictor]) -> np.ndarray:

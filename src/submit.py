@@ -13,17 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.adapt import run_pseudo_label
+from src.adapt import pick_predictors, run_pseudo_label
 from src.bias import corrected, nested_factors
 from src.blend import blend_values
 from src.checkpoint import experiment_dir, find_checkpoints, ids_hash
 from src.config import PHYSICS_CHOICES, DataConfig, InferConfig
 from src.data import load_sample_submission, load_test, read_test_csv
+from src.deadline import Deadline
+from src.devices import resolve_devices
 from src.errors import BiomassError
 from src.folds import drop_training_ids, load_fold_table
 from src.inference import (
     TTA_MODES,
     Predictor,
+    deadline_order,
     fallback_values,
     grid_weight_map,
     load_predictors,
@@ -33,14 +36,15 @@ from src.inference import (
 from src.io_utils import check_writable, save_config, write_csv_atomic
 from src.logs import get_logger, log_file
 from src.metric import score
+from src.parallel import predict_parallel
 from src.postprocess import apply_physics, structural_zeros
 from src.report import load_runs, selection_table, to_markdown
-from src.runtime import resolve_device
 from src.schema import STATES, TARGETS
 from src.state_probs import state_probabilities
 from src.submission import build_submission, guard, write_submission
 
 log = get_logger(__name__)
+DEADLINE_MARGIN_S = 60.0  # kept free at the deadline for the last write of submission.csv and the exit
 
 
 def run(cfg: InferConfig) -> pd.DataFrame:
@@ -53,10 +57,14 @@ def run(cfg: InferConfig) -> pd.DataFrame:
 def run_submission(cfg: InferConfig) -> pd.DataFrame:
     """test.csv -> ensemble -> physics -> (pseudo-label adaptation) -> guard -> submission.csv (atomic).
 
-    The resolved config is written beside it as `<out>.yaml` and the log as `infer.log`. Returns the submission.
+    Model-major: one checkpoint resident per device at a time (`ModelRef`), on every device of `--device`
+    (`src.parallel` for more than one). submission.csv is written as soon as the first model has predicted every
+    image and rewritten after each further one, so whatever `--deadline` cuts, a complete one exists. The resolved
+    config is written beside it as `<out>.yaml` and the log as `infer.log`. Returns the submission.
     """
     out = Path(cfg.out)
     check_writable(out)  # a read-only --out fails now, not after the whole ensemble ran
+    deadline = Deadline(cfg.deadline)
     with log_file(out.with_name("infer.log")):
         data_dir = Path(cfg.data_dir)
         test_long = read_test_csv(data_dir)  # test.csv and sample_submission.csv come from the rerun: lenient
@@ -66,35 +74,75 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
         if blended is not None:
             if cfg.pseudo_label.enabled:
                 raise BiomassError("--pseudo-label-epochs fine-tunes networks; it does not go with heads or a blend")
-            return _write(cfg, blended, test_images, test_long, sample)
-        predictors = load_predictors(find_checkpoints(cfg.checkpoints), resolve_device(cfg.device), cfg.tta, cfg.amp)
-        weights = grid_weight_map(predictors, cfg.grid_weights)
-        pred = predict_ensemble(predictors, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers)
-        upper = upper_bounds(predictors)
-        values = apply_physics(pred.mean(cfg.tta), cfg.physics, upper)
-        values = _fill_fallback(values, pred, test_images, predictors, cfg)
-        if cfg.structural_zeros:  # issue 20: the State head's probabilities zero Dead in WA, Clover in NSW
-            p_state = state_probabilities(predictors, test_images, cfg.batch_size, cfg.on_bad_image)
-            values = apply_physics(structural_zeros(values, p_state), cfg.physics, upper)
-        if cfg.pseudo_label.enabled:
-            values = _pseudo_label_or_plain(cfg, predictors, test_images, values, pred, weights)
-        sub = _write(cfg, values, test_images, test_long, sample)
+            sub = _Writer(cfg, [], test_images, test_long, sample, out).write(blended)
+            save_config(cfg, out.with_suffix(".yaml"))
+            log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
+            return sub
+        paths = find_checkpoints(cfg.checkpoints)
+        devices = resolve_devices(cfg.device)
+        members = load_predictors(paths, devices[0], cfg.tta, cfg.amp, stream=True)
+        order = deadline_order(members)  # one fold of every grid first: what a cut ensemble keeps
+        members, paths = [members[i] for i in order], [paths[i] for i in order]
+        weights = grid_weight_map(members, cfg.grid_weights)
+        writer = _Writer(cfg, members, test_images, test_long, sample, out)
+        if deadline.active:
+            log.info(f"{deadline.describe()}; {len(members)} model(s) in this order: " + ", ".join(map(str, paths)))
+        if len(devices) > 1:
+            pred = predict_parallel(
+                paths, devices, test_images, cfg.tta, cfg.amp, cfg.batch_size, weights, cfg.on_bad_image,
+                deadline=deadline, on_update=writer.update,
+            )  # fmt: skip
+        else:
+            pred = predict_ensemble(
+                members, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers,
+                deadline=deadline, on_update=writer.update,
+            )  # fmt: skip
+        if pred.skipped:
+            log.warning(
+                f"the deadline left out {len(pred.skipped)} of {len(members)} model(s): {', '.join(pred.skipped)}"
+            )
+        values = _fill_fallback(apply_physics(pred.mean(cfg.tta), cfg.physics, upper_bounds(members)), pred,
+                                test_images, members, cfg)  # fmt: skip
+        if cfg.structural_zeros and pred.members_ran:  # issue 20: the State head zeros Dead in WA, Clover in NSW
+            p_state = state_probabilities(members, test_images, cfg.batch_size, cfg.on_bad_image)
+            values = apply_physics(structural_zeros(values, p_state), cfg.physics, upper_bounds(members))
+            writer.write(values)
+        if cfg.pseudo_label.enabled and pred.members_ran:
+            values = _pseudo_label_or_plain(cfg, members, test_images, values, pred, weights, deadline)
+        sub = writer.write(values)
+        save_config(cfg, out.with_suffix(".yaml"))
+        log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
     return sub
 
 
-def _write(cfg: InferConfig, values: np.ndarray, test_images, test_long, sample) -> pd.DataFrame:
-    """Guard and write submission.csv and its resolved config."""
-    out = Path(cfg.out)
-    sub = build_submission(test_images["image_id"], values, test_long, sample)
-    guard(sub, test_long, sample, physics=cfg.physics == "project")
-    write_submission(sub, out)
-    save_config(cfg, out.with_suffix(".yaml"))
-    log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
-    return sub
+class _Writer:
+    """Turns an ensemble (so far) into a guarded submission.csv, written atomically: called after every model."""
+
+    def __init__(self, cfg, members, test_images, test_long, sample, out: Path) -> None:
+        self.cfg, self.members, self.test_images = cfg, members, test_images
+        self.test_long, self.sample, self.out = test_long, sample, out
+
+    def update(self, pred) -> None:
+        values = apply_physics(pred.mean(self.cfg.tta), self.cfg.physics, upper_bounds(self.members))
+        out = np.array(values, dtype=np.float64, copy=True)
+        if not pred.ok.all():
+            out[~pred.ok] = _fallback_row(self.members, self.cfg)
+        self.write(out)
+        log.info(f"wrote {self.out} from {pred.members_ran} of {len(self.members)} model(s)")
+
+    def write(self, values: np.ndarray) -> pd.DataFrame:
+        sub = build_submission(self.test_images["image_id"], values, self.test_long, self.sample)
+        guard(sub, self.test_long, self.sample, physics=self.cfg.physics == "project")
+        write_submission(sub, self.out)
+        return sub
+
+
+def _fallback_row(predictors, cfg: InferConfig) -> np.ndarray:
+    return apply_physics(fallback_values(predictors)[None], cfg.physics, upper_bounds(predictors))
 
 
 def _fill_fallback(
-    values: np.ndarray, pred, test_images: pd.DataFrame, predictors: list[Predictor], cfg: InferConfig
+    values: np.ndarray, pred, test_images: pd.DataFrame, predictors: list, cfg: InferConfig
 ) -> np.ndarray:
     """The training-median prediction for images without one: unreadable, or no model gave finite values."""
     readable = pred.readable if pred.readable is not None else pred.ok
@@ -109,24 +157,35 @@ def _fill_fallback(
             f"{len(no_finite)} image(s) with no finite prediction from any model got the training-median "
             f"prediction: {', '.join(no_finite)}"
         )
+    n_ran = pred.members_ran or len(predictors)
     if pred.models_used is not None and pred.left_out:
-        partial = int((pred.ok & (pred.models_used < len(predictors))).sum())
-        log.info(f"{partial} image(s) averaged over fewer than all {len(predictors)} models (non-finite left out)")
+        partial = int((pred.ok & (pred.models_used < n_ran)).sum())
+        log.info(f"{partial} image(s) averaged over fewer than all {n_ran} models (non-finite left out)")
     out = np.array(values, dtype=np.float64, copy=True)
     if not pred.ok.all():
-        out[~pred.ok] = apply_physics(fallback_values(predictors)[None], cfg.physics, upper_bounds(predictors))
+        out[~pred.ok] = _fallback_row(predictors, cfg)
     return out
 
 
-def _pseudo_label_or_plain(cfg: InferConfig, predictors, test_images, values, pred, weights) -> np.ndarray:
+def _pseudo_label_or_plain(cfg: InferConfig, members, test_images, values, pred, weights, deadline) -> np.ndarray:
     """The pseudo-label fine-tune's values; the plain ensemble's where they are not finite.
+
+    Only the checkpoints it fine-tunes (one per grid) are loaded; with a deadline the fine-tune checks the clock at
+    every step and stops when what is left would not cover re-predicting with them (then: the plain ensemble).
 
     Under --on-bad-image fallback (the kernel) a fine-tune that fails (say, train.csv missing on the rerun,
     or out of GPU memory) is a warning and the plain ensemble is submitted: the step is optional, the
     submission is not.
     """
+    should_stop = None
+    if deadline.active:
+        chosen_share = len({m.grid for m in members}) / max(pred.members_ran, 1)
+        reserve = pred.seconds * chosen_share + DEADLINE_MARGIN_S
+        should_stop = lambda: deadline.left() < reserve  # noqa: E731
     try:
-        adapted = run_pseudo_label(cfg, predictors, test_images, values, pred, weights)
+        chosen = pick_predictors(members, cfg.pseudo_label.fold)
+        predictors = [m.open() if m in chosen else m for m in members]  # only those it fine-tunes are resident
+        adapted = run_pseudo_label(cfg, predictors, test_images, values, pred, weights, should_stop)
     except Exception as err:  # noqa: BLE001 - see above; with --on-bad-image error it propagates
         if cfg.on_bad_image != "fallback":
             raise
@@ -154,7 +213,7 @@ def run_oof(cfg: InferConfig) -> pd.DataFrame:
     paths = find_checkpoints(cfg.checkpoints)
     exp_dir = experiment_dir(paths)
     with log_file(exp_dir / "infer.log"):
-        predictors = load_predictors(paths, resolve_device(cfg.device), "full", cfg.amp)
+        predictors = load_predictors(paths, resolve_devices(cfg.device)[0], "full", cfg.amp, stream=True)
         folds_path = cfg.folds or predictors[0].cfg.data.folds
         wide = load_fold_table(DataConfig(data_dir=cfg.data_dir, folds=folds_path))
         check_splits(predictors, wide, folds_path)

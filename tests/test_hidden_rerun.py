@@ -428,7 +428,7 @@ def test_the_kernel_template_stays_standalone():
     """kernel.py must run before the code dataset is on the path: it may import only the standard library at top."""
     text = (REPO / "kernels" / "kernel_template.py").read_text()
     top = [ln for ln in text.splitlines() if ln.startswith(("import ", "from ")) and "__future__" not in ln]
-    assert all(ln.split()[1].split(".")[0] in ("importlib", "json", "os", "re", "subprocess", "sys", "tempfile",
+    assert all(ln.split()[1].split(".")[0] in ("importlib", "json", "os", "re", "subprocess", "sys", "tempfile", "time",
                                                "zipfile", "pathlib") for ln in top), top  # fmt: skip
 
 
@@ -437,7 +437,7 @@ def test_a_failing_or_non_finite_fine_tune_submits_the_plain_ensemble(
 ):
     import src.submit
 
-    def failing(cfg, predictors, test_images, values, ensemble, weights):
+    def failing(cfg, predictors, test_images, values, ensemble, weights, should_stop=None):
         raise BiomassError(f"{cfg.data_dir}/train.csv: file not found; pass --data-dir")
 
     monkeypatch.setattr(src.submit, "run_pseudo_label", failing)
@@ -448,7 +448,7 @@ def test_a_failing_or_non_finite_fine_tune_submits_the_plain_ensemble(
     assert infer(data, best_pt, tmp_path / "x", *flags) == 1  # --on-bad-image error: the error itself
     assert "train.csv: file not found" in capsys.readouterr().err
 
-    def half_nan(cfg, predictors, test_images, values, ensemble, weights):
+    def half_nan(cfg, predictors, test_images, values, ensemble, weights, should_stop=None):
         out = values * 1.5
         out[[0, 4]] = np.nan
         return out
