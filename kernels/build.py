@@ -65,7 +65,7 @@ DEFAULT_TIMM_MIN = "0.9.0"
 KERNEL_FIELDS = {
     "checkpoints", "tta", "physics", "structural_zeros", "grid_weights", "batch_size", "amp", "num_workers",
     "on_bad_image", "time_budget",
-    "pseudo_label.epochs", "pseudo_label.weight", "pseudo_label.blend", "pseudo_label.fold",
+    "pseudo_label.epochs", "pseudo_label.weight", "pseudo_label.blend", "pseudo_label.fold", "pseudo_label.lr_scale",
 }  # fmt: skip
 
 

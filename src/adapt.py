@@ -263,7 +263,17 @@ def _run_pseudo_label(cfg, predictors, test_images, values, ensemble, grid_weigh
     pseudo = pseudo_label_frame(test_images, values, ok, settings.weight)
     device = chosen[0].device
     adapted = [
-        finetune(p, train, pseudo, settings.epochs, device, p.amp, cfg.num_workers, settings.lr_scale, should_stop)
+        finetune(
+            p,
+            train,
+            pseudo,
+            settings.epochs,
+            device,
+            p.amp,
+            cfg.num_workers,
+            lr_scale=settings.lr_scale,
+            should_stop=should_stop,
+        )
         for p in chosen
     ]
     used = {p.grid for p in adapted}

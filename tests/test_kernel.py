@@ -232,7 +232,8 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
     out = tmp_path / "build" / "kaggle"
     run_script(
         "kernels/build.py", "--checkpoints", str(exp), "--owner", OWNER, "--slug", SLUG, "--out", str(out),
-        "--pseudo-label-epochs", "1", "--pseudo-label-blend", "0.5", "--time-budget", "30", "--bundle-timm",
+        "--pseudo-label-epochs", "1", "--pseudo-label-blend", "0.5", "--pseudo-label-lr-scale", "0.2",
+        "--time-budget", "30", "--bundle-timm",
     )  # fmt: skip
     wheels = sorted((out / "code" / "wheels").glob("timm-*-py3-none-any.whl"))
     assert (
@@ -240,7 +241,7 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
         and f"wheels/{wheels[0].name}" in json.loads((out / "code" / "MANIFEST.json").read_text())["files"]
     )
     info = json.loads((out / "build.json").read_text())
-    assert info["infer"]["pseudo_label"] == {"epochs": 1, "weight": 1.0, "blend": 0.5, "fold": "best"}
+    assert info["infer"]["pseudo_label"] == {"epochs": 1, "weight": 1.0, "blend": 0.5, "fold": "best", "lr_scale": 0.2}
     assert info["infer"]["time_budget"] == 30.0
     assert info["timm"] == {"min_version": "0.9.0", "wheel": f"wheels/{wheels[0].name}"} and info["cleaning"] == [
         "stamps+crop0.05"
@@ -271,14 +272,15 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
     assert line == (f"fine-tune training set: 27 of 30 train.csv images; the run's images from {weights / shipped[1]}; "
                     f"3 left out by {weights / shipped[0]}")  # fmt: skip
     assert (
-        '"pseudo_label": {"blend": 0.5, "epochs": 1, "fold": "best", "weight": 1.0}' in proc.stdout
+        '"pseudo_label": {"blend": 0.5, "epochs": 1, "fold": "best", "lr_scale": 0.2, "weight": 1.0}' in proc.stdout
         and '"time_budget": 30.0' in proc.stdout
     )
 
     local = tmp_path / "local.csv"
     run_script(
         "infer.py", "--data-dir", str(stamp_dir), "--checkpoints", str(exp), "--out", str(local), "--amp",
-        "--pseudo-label-epochs", "1", "--pseudo-label-blend", "0.5", "--time-budget", "30",
+        "--pseudo-label-epochs", "1", "--pseudo-label-blend", "0.5", "--pseudo-label-lr-scale", "0.2",
+        "--time-budget", "30",
     )  # fmt: skip
     assert (dirs["I2B_OUT_DIR"] / "submission.csv").read_bytes() == local.read_bytes()
 
