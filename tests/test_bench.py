@@ -183,3 +183,16 @@ def test_bench_script_quick_smoke(name, tmp_path):
     assert text.count("\n## ") == 1 and "(quick smoke settings, not a result)" in text
     assert "- machine: " in text and "- command: `python bench/" in text
     assert "**Bar " in text  # every benchmark states its bar as met / NOT met / not measured
+
+
+def test_infer_e2e_holds_infer_py_against_the_encoder_measured_in_the_same_run(tmp_path):
+    """Issue 18: the end-to-end rate is a share of the encoder's own rate from the same run, with both bars stated."""
+    from bench import infer_e2e
+
+    doc = tmp_path / "BENCH.md"
+    result = infer_e2e.main(["--quick", "--doc", str(doc)])
+    row = result["rows"][0]
+    assert result["encoder_share"] > 0 and float(row["encoder alone GFLOP/s"]) >= 0
+    text = doc.read_text()
+    assert f"= {result['encoder_share']:.0%} of the encoder alone in this run" in text
+    assert "checkpoints (bar < 10 s)" in text and "one checkpoint resident at a time" in text
