@@ -122,7 +122,7 @@ def title_of(slug: str) -> str:
 
 
 # ---- contents ------------------------------------------------------------------------------------------------------
-def _place(src: Path, dst: Path) -> None:
+def place_file(src: Path, dst: Path) -> None:
     """Hard-link when possible (multi-GB ensembles; checkpoints are replaced atomically, never edited), else copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -218,7 +218,7 @@ def ship_run_files(described: dict, dst_dir: Path, fine_tune: bool) -> dict[str,
                 raise BiomassError(f"{what}; the kernel's fine-tune needs it: restore it or build without it")
             log.warning(f"{what}; not shipped")
         if found is not None:
-            _place(found, dst_dir / name)
+            place_file(found, dst_dir / name)
         shipped[kind] = f"{Path(described['path']).parent.as_posix()}/{name}" if found is not None else None
     return shipped
 
@@ -285,7 +285,7 @@ def build_into(
             item = {"path": rel, **describe_checkpoint(src)}
             item["shipped"] = ship_run_files(item, (weights / rel).parent, options.infer.pseudo_label.enabled)
             described.append(item)
-            _place(src, weights / rel)
+            place_file(src, weights / rel)
     if backbone_weights is not None:
         if not backbone_weights.is_file():
             raise BiomassError(f"--ship-backbone-weights {backbone_weights}: file not found")
@@ -293,7 +293,7 @@ def build_into(
             raise BiomassError(
                 f"--ship-backbone-weights {backbone_weights}: its name clashes with an experiment directory; rename it"
             )
-        _place(backbone_weights, weights / backbone_weights.name)
+        place_file(backbone_weights, weights / backbone_weights.name)
     weights_id = write_manifest(weights, "weights")
     write_json(
         weights / "dataset-metadata.json",

@@ -80,8 +80,9 @@ try:
     runpy.run_path(sys.argv[1], run_name="__main__")
 finally:
     mods = {name: getattr(sys.modules.get(name), "__file__", None) for name in ("infer", "src", "timm")}
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE")}
     with open(sys.argv[2], "w") as f:
-        json.dump({"modules": mods, "sys_path": sys.path}, f)
+        json.dump({"modules": mods, "sys_path": sys.path, "env": env}, f)
 """
 
 
@@ -110,15 +111,6 @@ class Run:
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
-def _link(src: Path, dst: Path) -> None:
-    """Hard link (cheap, read-only use), else copy."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def tiny_experiment(work: Path) -> tuple[Path, Path]:
     """(experiment dir, data dir): 40+6 synthetic 400x200 images, two folds of the tiny preset via train.py."""
     data = generate(work / "data", 40, 6, seed=0, size=(400, 200))
@@ -143,7 +135,7 @@ def poisoned_copy(exp_dir: Path, dst_root: Path) -> tuple[Path, Path, list[Path]
         raise BiomassError(f"{exp_dir}: the rehearsal needs >= 2 checkpoints (one is poisoned), found {len(paths)}")
     copy = dst_root / exp_dir.resolve().name
     for path in paths:
-        _link(path, copy / path.relative_to(exp_dir))
+        kbuild.place_file(path, copy / path.relative_to(exp_dir))
     poisoned = copy / paths[0].relative_to(exp_dir)
     ckpt = torch.load(poisoned, weights_only=True)
     for key, value in ckpt["model"].items():
@@ -157,15 +149,15 @@ def poisoned_copy(exp_dir: Path, dst_root: Path) -> tuple[Path, Path, list[Path]
 def competition_data(data_dir: Path, dst: Path) -> dict:
     """The competition folder as the rerun may serve it: test.csv + a column, sample order shuffled, 2 bad images."""
     for name in ("train.csv",):
-        _link(data_dir / name, dst / name)
+        kbuild.place_file(data_dir / name, dst / name)
     for image in sorted((data_dir / "train").glob("*")):
-        _link(image, dst / "train" / image.name)
+        kbuild.place_file(image, dst / "train" / image.name)
     test = pd.read_csv(data_dir / "test.csv", dtype=str)
     images = list(dict.fromkeys(test["image_path"]))
     if len(images) < 3:
         raise BiomassError(f"{data_dir / 'test.csv'}: the rehearsal needs >= 3 test images (2 are corrupted)")
     for rel in images:
-        _link(data_dir / rel, dst / rel)
+        kbuild.place_file(data_dir / rel, dst / rel)
     test.insert(1, EXTRA_TEST_COLUMN, "2015/9/4")  # a column the kernel must ignore
     test.to_csv(dst / "test.csv", index=False)
     sample = test[["sample_id"]].assign(target=0.0).iloc[::-1]  # another order: the submission must follow it
@@ -204,7 +196,7 @@ def lay_out(build_out: Path, competition: Path, root: Path, layout: str) -> Path
             if entry.is_dir():
                 shutil.make_archive(str(weights / entry.name), "zip", entry)
             else:
-                _link(entry, weights / entry.name)
+                kbuild.place_file(entry, weights / entry.name)
     else:
         shutil.copytree(build_out / "weights", weights, copy_function=os.link)
     (root / "working").mkdir(parents=True)

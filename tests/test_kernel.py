@@ -18,30 +18,13 @@ from conftest import REPO, run_script
 
 from kernels import build as kbuild
 from kernels import kernel_template, push
+from kernels.rehearse import WRAPPER  # the one network-cut runner of the kernel tests and the rehearsal
 from src import download
 from src.config import InferConfig, load_yaml
 from src.errors import run_cli
 
 OWNER, SLUG = "tester", "i2b-test"
 IDS = {"kernel": f"{OWNER}/{SLUG}", "weights": f"{OWNER}/{SLUG}-weights", "code": f"{OWNER}/{SLUG}-code"}
-
-# Runs a script with the network cut: every connect raises. Afterwards it reports where `infer`/`src` came from.
-WRAPPER = """
-import json, os, runpy, socket, sys
-
-def blocked(*args, **kwargs):
-    raise OSError("network blocked in test")
-
-socket.socket.connect = blocked
-socket.create_connection = blocked
-try:
-    runpy.run_path(sys.argv[1], run_name="__main__")
-finally:
-    mods = {name: getattr(sys.modules.get(name), "__file__", None) for name in ("infer", "src", "timm")}
-    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE")}
-    with open(sys.argv[2], "w") as f:
-        json.dump({"modules": mods, "sys_path": sys.path, "env": env}, f)
-"""
 
 
 def _no_credentials(monkeypatch, home: Path) -> None:

@@ -195,3 +195,10 @@ def test_the_plan_is_flops_times_images_over_the_stated_rate(paths, capsys):
     )
     out = capsys.readouterr().out
     assert "plan: 4 checkpoint(s), TTA none, 1000 hidden-test images" in out and "warning: over the deadline" in out
+
+
+def test_the_kaggle_md_plan_table_is_what_kernels_plan_prints():
+    """docs/KAGGLE.md's projected-time table is `python kernels/plan.py`'s output: a change to the planner or the
+    FLOP count that is not copied into the doc fails here instead of leaving a stale figure."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "KAGGLE.md").read_text()
+    assert plan.reference_table() in doc, "rerun `python kernels/plan.py` and paste its table into docs/KAGGLE.md"
