@@ -6,6 +6,7 @@ lives in `losses.py`, the files it writes in `checkpoint.py`, the weight average
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -180,8 +181,10 @@ def train_one_epoch(
 ) -> dict:
     """One pass over the loader: mixup, accumulation, clipping, non-finite-loss skipping, EMA update per step.
 
-    A non-finite loss on any rank skips the step on every rank (one all-reduce), so no rank waits alone in
-    DDP's gradient all-reduce. Under fp16 the `scaler` skips an overflowing step and lowers its scale: that is
+    A non-finite loss on any rank drops that micro-batch on every rank (one all-reduce), so no rank waits alone
+    in DDP's gradient all-reduce; the gradient its accumulation partners left stays, and each optimizer step
+    divides the summed gradient by the group's real count of finite micro-batches (an odd last group: by 1).
+    Under DDP only the micro-batch that ends a group all-reduces (`no_sync()` on the others). Under fp16 the `scaler` skips an overflowing step and lowers its scale: that is
     counted as `overflow_steps`, not as a bad step.
     """
     model.train()
@@ -190,8 +193,10 @@ def train_one_epoch(
     scaling = scaler is not None and scaler.is_enabled()
     optimizer.zero_grad(set_to_none=True)
     accum = accum_steps(cfg.train, dist_info.world)
+    good = 0  # finite micro-batches whose gradient is accumulated since the last optimizer step
     bar = progress(loader, desc=f"epoch {epoch}", leave=False, disable=not dist_info.is_main)
     for step, batch in enumerate(bar):
+        boundary = (step + 1) % accum == 0 or step + 1 == len(loader)
         batch = _to_device(batch, device)
         mix, raw = None, batch
         if cfg.train.mixup_prob > 0 and rng.random() < cfg.train.mixup_prob and len(batch["targets"]) > 1:
@@ -200,41 +205,77 @@ def train_one_epoch(
             batch, mix = mixup(batch, lam, perm), (lam, perm)
         for observe in BATCH_OBSERVERS:
             observe(raw, batch, mix, cached)
-        loss = batch_loss(model, batch, cfg, device, cached, mix)
-        if not all_ranks_true(bool(torch.isfinite(loss)), dist_info, device):
+        # DDP all-reduces in backward: only the micro-batch that ends an accumulation group syncs (no_sync otherwise)
+        with _sync_context(model, boundary):
+            loss = batch_loss(model, batch, cfg, device, cached, mix)
+            finite = all_ranks_true(bool(torch.isfinite(loss)), dist_info, device)
+            if finite:
+                # summed here, divided by the group's real count of finite micro-batches before the step
+                (scaler.scale(loss) if scaling else loss).backward()
+        if finite:
+            good += 1
+            bad_in_row = 0
+            total += float(loss.detach()) * len(batch["targets"])
+            count += len(batch["targets"])
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        else:  # only this micro-batch is dropped: its partners' accumulated gradient stays
             bad_in_row += 1
             bad_total += 1
-            optimizer.zero_grad(set_to_none=True)
             if bad_in_row >= cfg.train.max_bad_steps:
                 raise BiomassError(
                     f"{bad_in_row} non-finite losses in a row (epoch {epoch}, step {step}); the last good checkpoint "
                     "is kept; lower --lr, check the input images, or try --no-amp"
                 )
-            continue
-        bad_in_row = 0
-        (scaler.scale(loss / accum) if scaling else loss / accum).backward()
-        if (step + 1) % accum == 0 or step + 1 == len(loader):
-            if scaling:
-                scaler.unscale_(optimizer)  # clip the true gradients
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
-            stepped = True
-            if scaling:
-                before = scaler.get_scale()
-                scaler.step(optimizer)  # skipped when the gradients overflowed
-                scaler.update()
-                stepped = scaler.get_scale() >= before
-                overflow += not stepped
-            else:
-                optimizer.step()
-            scheduler.step()  # the schedule follows the step count either way (resumes stay exact)
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None and stepped:
-                ema.update(_unwrap(model))
-        total += float(loss.detach()) * len(batch["targets"])
-        count += len(batch["targets"])
-        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        if not boundary or good == 0:
+            continue  # a group with no finite micro-batch takes no step (nor a scheduler step), as before
+        if not finite and isinstance(model, DistributedDataParallel):
+            _all_reduce_grads(model, dist_info.world)  # the syncing backward was the dropped one: average by hand
+        if scaling:
+            scaler.unscale_(optimizer)  # clip the true gradients
+        _scale_grads(model, 1.0 / good)
+        good = 0
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
+        stepped = True
+        if scaling:
+            before = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when the gradients overflowed
+            scaler.update()
+            stepped = scaler.get_scale() >= before
+            overflow += not stepped
+        else:
+            optimizer.step()
+        scheduler.step()  # the schedule follows the step count either way (resumes stay exact)
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None and stepped:
+            ema.update(_unwrap(model))
     return {"train_loss": total / max(count, 1), "bad_steps": bad_total, "overflow_steps": overflow}
+
+
+def _sync_context(model, boundary: bool):
+    """DDP's `no_sync()` on a micro-batch that does not end its accumulation group; a plain no-op otherwise."""
+    if isinstance(model, DistributedDataParallel) and not boundary:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _scale_grads(model, factor: float) -> None:
+    """Multiply every accumulated gradient by factor (1 / the group's finite micro-batches)."""
+    if factor == 1.0:
+        return
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.mul_(factor)
+
+
+def _all_reduce_grads(model, world: int) -> None:
+    """Average the gradients over the ranks by hand (what DDP's syncing backward would have done)."""
+    for param in model.parameters():
+        if param.requires_grad:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            torch.distributed.all_reduce(param.grad)
+            param.grad.div_(world)
 
 
 @torch.no_grad()

@@ -452,3 +452,92 @@ def test_feature_cache_is_sharded_over_ranks_and_gathered(synthetic_dir: Path, t
     whole = compute_feature_cache(head_model(cfg), load_train(synthetic_dir).iloc[:5].reset_index(drop=True), cfg, CPU)
     for rank in range(2):  # 5 images over 2 ranks (3 + 2), back in the original order on every rank
         torch.testing.assert_close(torch.load(tmp_path / f"cache{rank}.pt", weights_only=True), whole)
+
+
+# ---- issue 28: accumulation edge cases --------------------------------------------------------------------------
+def _sgd_epoch(cfg: Config, model, batches: list[dict], info: DistInfo | None = None) -> tuple[dict, dict]:
+    """One epoch with plain SGD (its step is linear in the gradient: a halved gradient shows, unlike Adam's)."""
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    groups = net.param_groups(cfg.train.lr, cfg.train.backbone_lr, 0.0, include_backbone=False)
+    optimizer = torch.optim.SGD([{"params": g["params"], "lr": 0.5, "name": g["name"]} for g in groups])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = train_one_epoch(model, batches, optimizer, scheduler, cfg, CPU, True, info or DistInfo(), 0)
+    return stats, weights(model)
+
+
+def _cat(*batches: dict) -> dict:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def _assert_same(a: dict, b: dict, atol: float = 1e-6) -> None:
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("nan_first", [False, True])
+def test_a_non_finite_micro_batch_keeps_its_partners_gradient(nan_first: bool):
+    cfg = tiny_cfg(accum=2, grad_clip=0.0)
+    model = head_model(cfg)
+    good, bad = feature_batch(model, 1), feature_batch(model, 2, nan=True)
+    stats, accumulated = _sgd_epoch(cfg, copy.deepcopy(model), [bad, good] if nan_first else [good, bad])
+    assert stats["bad_steps"] == 1
+    _, alone = _sgd_epoch(tiny_cfg(accum=1, grad_clip=0.0), copy.deepcopy(model), [good])  # the good half alone
+    _assert_same(accumulated, alone)
+    assert any(not torch.equal(alone[k], weights(model)[k]) for k in alone)  # and it did move the weights
+
+
+def test_an_odd_last_micro_batch_is_divided_by_its_real_count():
+    cfg = tiny_cfg(accum=2, grad_clip=0.0)
+    model = head_model(cfg)
+    a, b, c = (feature_batch(model, s) for s in (1, 2, 3))
+    _, accumulated = _sgd_epoch(cfg, copy.deepcopy(model), [a, b, c])  # steps: mean(a, b), then c alone
+    _, reference = _sgd_epoch(tiny_cfg(accum=1, grad_clip=0.0), copy.deepcopy(model), [_cat(a, b), c])
+    _assert_same(accumulated, reference, atol=1e-5)
+
+
+def _ddp_accum_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank: 4 micro-batches at accum 2 (the last one NaN on rank 1); counts its gradient all-reduces."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = tiny_cfg(accum=2, grad_clip=0.0)
+        ddp = DistributedDataParallel(head_model(cfg))
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        batches = [feature_batch(ddp.module, s, n=8, nan=s == 4 and rank == 1, nan_row=1) for s in (1, 2, 3, 4)]
+        stats, after = _sgd_epoch(cfg, ddp, [half(b, rank) for b in batches], DistInfo(rank, world))
+        torch.save({"weights": after, "stats": stats, "calls": len(calls)}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_accumulation_syncs_once_per_step_and_matches_one_process(tmp_path: Path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    context = mp.start_processes(
+        _ddp_accum_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.time() + 60
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail("DDP ranks did not finish")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    cfg = tiny_cfg(accum=2, grad_clip=0.0)
+    model = head_model(cfg)
+    batches = [feature_batch(model, s, n=8) for s in (1, 2, 3, 4)]
+    # one process: step 1 = mean of full batches 1 and 2; step 2 = batch 3 alone (batch 4 is dropped on every rank)
+    _, single = _sgd_epoch(tiny_cfg(accum=1, grad_clip=0.0), model, [_cat(batches[0], batches[1]), batches[2]])
+    # the tiny head is one DDP bucket: 1 all-reduce for step 1 (micro-batch 1 under no_sync); step 2's syncing
+    # micro-batch was the dropped one, so its average is done by hand, not by the hook
+    assert [r["calls"] for r in ranks] == [1, 1]
+    for result in ranks:
+        assert result["stats"]["bad_steps"] == 1
+        _assert_same(result["weights"], single, atol=1e-5)
