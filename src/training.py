@@ -184,7 +184,8 @@ def train_one_epoch(
     A non-finite loss on any rank drops that micro-batch on every rank (one all-reduce), so no rank waits alone
     in DDP's gradient all-reduce; the gradient its accumulation partners left stays, and each optimizer step
     divides the summed gradient by the group's real count of finite micro-batches (an odd last group: by 1).
-    Under DDP only the micro-batch that ends a group all-reduces (`no_sync()` on the others). Under fp16 the `scaler` skips an overflowing step and lowers its scale: that is
+    Under DDP only the micro-batch that ends a group all-reduces (`no_sync()` on the others).
+    Under fp16 the `scaler` skips an overflowing step and lowers its scale: that is
     counted as `overflow_steps`, not as a bad step.
     """
     model.train()
