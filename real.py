@@ -18,6 +18,7 @@ configs/overrides/tiny.yaml); the merged config is written to <out-dir>/<exp>/re
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import queue
 import shlex
@@ -32,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from src.checkpoint import load_checkpoint
+from src.checkpoint import load_checkpoint, read_last_sidecar
 from src.config import (
     Config,
     add_config_flags,
@@ -46,10 +47,12 @@ from src.config import (
 from src.download import COMPETITION, competition_files_present
 from src.errors import BiomassError, run_cli
 from src.io_utils import make_dir, write_text_atomic
+from src.memory import device_memory_bytes, fit_to_memory, parse_fit_memory, projected_peak_bytes
 
 REPO = Path(__file__).resolve().parent
 CONFIGS = REPO / "configs"
 DEFAULT_N_FOLDS = 5  # folds.py's default: the fold list of a dry run before the folds file exists
+T4_BYTES = 15.64e9  # a T4's 16 GB as CUDA reports them (15,095 MiB usable is less: the fit keeps a 10% margin)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Job:
     fold: int
     seed: int | None
     run_dir: Path
-    state: str  # "new", "resume" (killed: last.pt of an unfinished run) or "done"
+    state: str  # "new", "resume" (killed: last.pt of an unfinished run), "redo" (finished short, slim) or "done"
 
     @property
     def name(self) -> str:
@@ -117,14 +120,36 @@ def weights_problem(cfg: Config) -> str | None:
 
 
 def fold_state(run_dir: Path, cfg: Config) -> str:
-    """done (its last.pt reached the last epoch or early stopping), resume (a killed run) or new (nothing there)."""
+    """done (the fold finished: last.json says so, or last.pt reached the last epoch or early stopping),
+    resume (a killed run) or new (nothing there). last.json (a few bytes) is read before last.pt (up to GBs)."""
     last = run_dir / "last.pt"
-    if not last.is_file():
+    sidecar = read_last_sidecar(last)
+    if sidecar is None and not last.is_file():
         return "resume" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
-    state = load_checkpoint(last).get("state") or {}
-    epoch, bad = int(state.get("epoch", -1)), int(state.get("bad_epochs", 0))
+    state = sidecar if sidecar is not None else (load_checkpoint(last).get("state") or {})
+    epoch, bad = int(state.get("epoch", -1)), int(state.get("bad_epochs") or 0)
     stopped = cfg.train.patience > 0 and bad >= cfg.train.patience
-    return "done" if (epoch >= cfg.train.epochs - 1 or stopped) and (run_dir / "best.pt").is_file() else "resume"
+    if (epoch >= cfg.train.epochs - 1 or stopped) and (run_dir / "best.pt").is_file():
+        return "done"
+    if sidecar is not None and sidecar.get("last") in ("slim", "none"):
+        return "redo"  # finished with fewer epochs than the recipe now asks; no optimizer state left to resume
+    return "resume" if last.is_file() else "new"
+
+
+def fit_note(cfg: Config, fit_memory: str) -> str:
+    """What train.py --fit-memory will choose for this recipe, for the plan printed before any work.
+
+    auto without a GPU here: the choice a 16 GB T4 (Kaggle's GPU) would get, labelled as such.
+    """
+    value = fit_memory.strip().lower()
+    if value in ("off", "none", ""):
+        return f"any GPU (fit-memory off): {projected_peak_bytes(cfg)['total'] / 1e9:.1f} GB projected per process"
+    budget = device_memory_bytes() if value == "auto" else parse_fit_memory(value)
+    label = "this GPU" if value == "auto" else f"{value} GB"
+    if budget is None:
+        budget, label = T4_BYTES, "a 16 GB T4 (no GPU here; each train.py fits to its own GPU)"
+    _, note = fit_to_memory(cfg, budget)
+    return f"{label}: {note}"
 
 
 def fold_numbers_of(recipe: dict, folds_file: Path) -> list[int]:
@@ -153,12 +178,21 @@ def plan_jobs(recipe: dict, cfg: Config, folds_file: Path) -> list[Job]:
     return jobs
 
 
-def train_command(job: Job, config_file: Path, data_dir: Path, folds: Path, out_dir: Path) -> list[str]:
+def train_command(
+    job: Job, config_file: Path, data_dir: Path, folds: Path, out_dir: Path, extra: list[str] | None = None
+) -> list[str]:
     cmd = [sys.executable, "train.py", "--config", str(config_file), "--grid", *map(str, job.grid)]
     cmd += ["--fold", str(job.fold), "--data-dir", str(data_dir), "--folds", str(folds), "--out-dir", str(out_dir)]
     if job.seed is not None:
         cmd += ["--seeds", str(job.seed)]
-    return cmd + (["--resume"] if job.state == "resume" else [])
+    state = {"resume": ["--resume"], "redo": ["--overwrite"]}.get(job.state, [])
+    return cmd + list(extra or []) + state
+
+
+def loader_workers(gpus: list[str]) -> int:
+    """DataLoader workers per train.py: the cores this machine lets us use, shared by the side-by-side folds."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(16, cores // max(1, len(gpus)) - 1))
 
 
 def show(cmd: list[str], env: dict | None = None) -> str:
@@ -243,6 +277,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default="checkpoints", help="root of the experiment directories")
     parser.add_argument("--build", default=None, help="kernel build folder (default build/kaggle-<exp>)")
     parser.add_argument("--no-submit", action="store_true", help="push the kernel but do not wait and submit")
+    parser.add_argument(
+        "--fit-memory",
+        default="auto",
+        help="train.py --fit-memory: GB, auto (each process fits its GPU) or off (default auto)",
+    )
+    parser.add_argument(
+        "--keep-last", default=None, choices=("full", "slim", "none"), help="train.py --keep-last (default: recipe's)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print every command and run none")
     return parser.parse_args(argv)
 
@@ -291,13 +333,20 @@ def main(argv: list[str] | None = None) -> int:
         run([sys.executable, "folds.py", "--data-dir", str(data_dir), "--out", str(folds)], dry)
     # 4. training
     jobs = plan_jobs(recipe, cfg, folds)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+    for grid in recipe["grids"] or [tuple(cfg.model.grid)]:  # what train.py --grid R C resolves (native tile)
+        grid_cfg = copy.deepcopy(cfg)
+        grid_cfg.model.grid = list(grid)
+        print(f"# grid {grid[0]}x{grid[1]} on {fit_note(grid_cfg, args.fit_memory)}")
+    extra = ["--fit-memory", args.fit_memory] + (["--keep-last", args.keep_last] if args.keep_last else [])
+    if gpus:  # side-by-side folds share the CPU: each gets its share of the cores
+        extra += ["--num-workers", str(loader_workers(gpus))]
     commands = []
     for job in jobs:
         if job.state == "done":
             print(f"# {job.name}: finished ({job.run_dir}), skipped")
         else:
-            commands.append((job, train_command(job, config_file, data_dir, folds, out_dir)))
-    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+            commands.append((job, train_command(job, config_file, data_dir, folds, out_dir, extra)))
     if dry:
         for i, (_, cmd) in enumerate(commands):
             # a real run hands each fold to the first free device; the dry run shows them round-robin

@@ -12,6 +12,7 @@ from a fresh computation (a recipe or an assumption changed and the docs were no
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from bench.common import GPUS  # noqa: E402
 from src.config import Config, add_config_flags, check_recipe, load_yaml, resolve_config  # noqa: E402
 from src.errors import BiomassError, run_cli  # noqa: E402
 from src.io_utils import write_csv_atomic  # noqa: E402
+from src.memory import fit_to_memory, projected_peak_bytes  # noqa: E402
 from src.model import default_tile_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,15 +44,20 @@ N_TRAIN = N_IMAGES - N_VAL
 # (orig, h, v; the stereo swap reuses them) as in docs/BENCHMARKS.md's kernel projection; 9 h limit
 N_TEST, HOST_S, TTA_PASSES, KERNEL_S = 1000, 0.062, 3, 9 * 3600
 FLIP_VARIANTS = 4  # the frozen stage caches train tiles under 4 flips, val under 1 (src/feature_cache.py)
-# (dense fp16/bf16 peak FLOP/s, assumed share of it, memory GB): T4 as bench/common.py's GPUS; A100/H100 datasheets
-T4_PEAK, T4_SHARE = GPUS["Kaggle T4"]["fp16 autocast"]
+# (dense fp16/bf16 peak FLOP/s, assumed share of it, memory GB); A100/H100 datasheet peaks at an assumed 40%.
+# T4: a RANGE, assumed (no T4 was measured): 10-15 TFLOP/s sustained of its 65 fp16 peak, because sm_75 has no
+# FlashAttention-2 (SDPA falls back to the memory-efficient kernel), attention adds ~37% FLOPs at 2,309 tokens,
+# and eager PyTorch with LayerNorm / GELU / softmax between the matmuls rarely sustains more on Turing. The
+# kernel projection of docs/BENCHMARKS.md (bench/common.py: 30% of 65 = 19.5 TFLOP/s) is above this range; the
+# issue-29 GPU check replaces it with a measured figure.
+T4_PEAK = GPUS["Kaggle T4"]["fp16 autocast"][0]
+T4_RATE = (10e12, 15e12)  # assumed sustained FLOP/s: (low, high); minutes are given at both, the low one first
 DEVICES = {
-    "T4": (T4_PEAK, T4_SHARE, 16),
+    "T4": (T4_PEAK, T4_RATE[0] / T4_PEAK, 16),
     "A100": (312e12, 0.40, 80),
     "H100": (989e12, 0.40, 80),
 }
-ACT_BYTES = 34  # activation bytes per token x width of one transformer block in fp16 with fused (SDPA) attention
-OVERHEAD_GB = 1.0  # CUDA context, allocator slack, the fusion/heads and their activations
+FIT_CARDS = {"T4": 15.64e9, "A100": 85.1e9, "H100": 85.1e9}  # bytes CUDA reports for the 16 / 80 GB cards
 
 
 def _linear_weights(module: nn.Module) -> int:
@@ -101,27 +108,32 @@ def project(path: Path) -> tuple[list[dict], list[dict]]:
         cache = (N_TRAIN * FLIP_VARIANTS + N_VAL) * fwd_image if tc.freeze_epochs > 0 and tc.cache_features else 0
         per_epoch = N_TRAIN * fwd_image * step_factor + N_VAL * fwd_image
         flops = cache + finetune * per_epoch
-        # memory: fp32 weights (+ EMA copy), fp32 grads + AdamW moments of the trainable part, activations (fp16)
-        p_all, p_train = shape["params"], shape["params"] * trainable_fwd
-        weights = 4 * p_all * (2 if tc.ema_decay > 0 or tc.ema_half_life > 0 else 1) + 12 * p_train
-        seqs = tc.batch_size * 2 * tiles
-        trainable_blocks = shape["depth"] - min(tc.freeze_blocks, shape["depth"])
-        per_block = ACT_BYTES * shape["tokens"] * shape["width"] * seqs
-        if cfg.model.grad_checkpointing:  # only each block's input is kept, one block's activations at a time
-            acts = trainable_blocks * 2 * shape["tokens"] * shape["width"] * seqs + per_block
-        else:
-            acts = trainable_blocks * per_block
-        memory = weights + acts + OVERHEAD_GB * 1e9
-        ckpt = weights + trainable_blocks * 2 * shape["tokens"] * shape["width"] * seqs + per_block + OVERHEAD_GB * 1e9
-        runs.append((grid, tile, shape, fwd_image, step_factor, cache, finetune, flops, memory, weights, acts, ckpt))
+        # memory: src/memory.py's projection from the CPU-measured bytes per block (docs/memory_constants.csv)
+        grid_cfg = copy.deepcopy(cfg)
+        grid_cfg.model.grid = list(grid)
+        plain = projected_peak_bytes(grid_cfg, grad_checkpointing=False)
+        ckpt_parts = projected_peak_bytes(grid_cfg, grad_checkpointing=True)
+        memory = (ckpt_parts if cfg.model.grad_checkpointing else plain)["total"]
+        weights = plain["weights"] + plain["grads_optimizer"]
+        acts = (ckpt_parts if cfg.model.grad_checkpointing else plain)["activations"]
+        ckpt = ckpt_parts["total"]
+        fitted = {d: _fit(grid_cfg, FIT_CARDS[d]) for d in DEVICES}
+        disk = _disk_gb(shape["params"], plain, cfg, folds * seeds)
+        parts = (memory, weights, acts, ckpt, fitted, disk)
+        runs.append((grid, tile, shape, fwd_image, step_factor, cache, finetune, flops, *parts))
     for device, (peak, share, mem_gb) in DEVICES.items():
         rate = peak * share
-        for grid, tile, shape, fwd, factor, cache, finetune, flops, memory, weights, acts, ckpt in runs:
+        for grid, tile, shape, fwd, factor, cache, finetune, flops, memory, weights, acts, ckpt, fitted, disk in runs:
             seconds = flops / rate
             arithmetic = (
                 f"fwd {fwd / 1e12:.2f} TFLOP/img (2 views x {grid[0] * grid[1]} tiles x {shape['tokens']} tokens); "
                 f"cache {cache / 1e15:.2f} PFLOP + {finetune} ep x ({N_TRAIN} x {factor:.2f} + {N_VAL}) x fwd = "
-                f"{flops / 1e15:.2f} PFLOP / ({peak / 1e12:.0f} TFLOP/s x {share:.0%})"
+                f"{flops / 1e15:.2f} PFLOP / "
+                + (
+                    f"{T4_RATE[0] / 1e12:.0f}-{T4_RATE[1] / 1e12:.0f} TFLOP/s (assumed range)"
+                    if device == "T4"
+                    else f"({peak / 1e12:.0f} TFLOP/s x {share:.0%}, assumed)"
+                )
             )
             rows.append(
                 {
@@ -138,6 +150,11 @@ def project(path: Path) -> tuple[list[dict], list[dict]]:
                     "memory_gb_grad_checkpointing": round(ckpt / 1e9, 1),
                     "fits": memory / 1e9 <= mem_gb,
                     "device_gb": mem_gb,
+                    "fit_memory_choice": fitted[device],
+                    "minutes_per_fold_fast": round(flops / (T4_RATE[1] if device == "T4" else rate) / 60, 1),
+                    "disk_gb_slim": disk["slim"],
+                    "disk_gb_none": disk["none"],
+                    "disk_gb_full": disk["full"],
                     "runs": folds * seeds,
                     "hours_all_runs": round(seconds * folds * seeds / 3600, 1),
                     "arithmetic": arithmetic,
@@ -153,7 +170,7 @@ def project(path: Path) -> tuple[list[dict], list[dict]]:
     for label, parts in options:
         models = sum(n * seeds for _, n in parts)
         flops = sum(N_TEST * TTA_PASSES * by_grid[g] * n * seeds for g, n in parts)
-        seconds = flops / (T4_PEAK * T4_SHARE) + N_TEST * HOST_S * len(parts)
+        seconds = flops / T4_RATE[0] + N_TEST * HOST_S * len(parts)
         ensembles.append(
             {
                 "recipe": path.stem,
@@ -165,11 +182,35 @@ def project(path: Path) -> tuple[list[dict], list[dict]]:
                 "fits_9h": seconds <= KERNEL_S,
                 "arithmetic": (
                     f"{N_TEST} img x {TTA_PASSES} TTA x {models} models x fwd = {flops / 1e15:.2f} PFLOP / "
-                    f"({T4_PEAK / 1e12:.0f} TFLOP/s x {T4_SHARE:.0%}) + host {N_TEST} x {HOST_S} s x {len(parts)} grid"
+                    f"{T4_RATE[0] / 1e12:.0f} TFLOP/s (assumed, the low end) "
+                    f"+ host {N_TEST} x {HOST_S} s x {len(parts)} grid"
                 ),
             }
         )
     return rows, ensembles
+
+
+def _fit(cfg: Config, card: float) -> str:
+    """What train.py --fit-memory auto chooses on a card of `card` bytes, in a few words."""
+    try:
+        fitted, note = fit_to_memory(cfg, card)
+    except BiomassError:
+        return "does not fit"
+    tc = fitted.train
+    accum = tc.global_batch // tc.batch_size if tc.global_batch > 0 else tc.accum
+    kept = "kept" in note
+    return f"{'as is' if kept else 'fitted'}: ckpt {'on' if fitted.model.grad_checkpointing else 'off'}, " + (
+        f"batch {tc.batch_size} x {accum}"
+    )
+
+
+def _disk_gb(params: int, plain: dict, cfg: Config, runs: int) -> dict:
+    """Checkpoint disk of all runs: best.pt (fp32 weights) per run + last.pt per run after its fold (slim: the
+    weights; none: nothing; full: weights, EMA, AdamW moments) + one full last.pt of the fold in progress."""
+    best = 4.0 * params
+    full = plain["weights"] + 8.0 * (plain["grads_optimizer"] / 12.0)  # weights (+ EMA) + AdamW m and v
+    kept = {"slim": best, "none": 0.0, "full": full}
+    return {k: round((runs * (best + v) + full) / 1e9, 1) for k, v in kept.items()}
 
 
 def _g(grid: tuple[int, int]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -66,6 +67,19 @@ def _opt(
     return field(default=default, metadata=meta)
 
 
+def _positive_number(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def available_workers() -> int:
+    """DataLoader workers by default: the cores this process may use, less one for the main process (up to 16)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(16, cores - 1))
+
+
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v >= low, f"must be >= {low:g}")
 
@@ -81,7 +95,9 @@ DEVICES = (lambda v: bool(DEVICES_RE.match(str(v))), "must be cpu, cuda, cuda:N 
 class DataConfig:
     data_dir: str = _opt("data/synthetic", "competition-layout data directory")
     folds: str = _opt("data/folds.csv", "folds CSV written by folds.py")
-    num_workers: int = _opt(2, "DataLoader workers", check=_at_least(0))
+    num_workers: int = _opt(
+        -1, "DataLoader workers (-1 = the CPU cores this process may use, less one, up to 16)", check=_at_least(-1)
+    )
     jpeg_reduce: bool = _opt(True, "decode JPEGs at reduced resolution when tiles are small")
     cache_images: bool = _opt(False, "keep decoded images in RAM after the first epoch (one copy per worker)")
     # data hygiene (docs/HYGIENE.md): the cleaning is saved with the run, so inference reads images the same way
@@ -97,6 +113,10 @@ class DataConfig:
         0.0, "probability of painting synthetic date stamps / red flash dots on a training image", check=PROBABILITY
     )
     drop_ids: str | None = _opt(None, "file of image ids left out of training (validation still scores them)")
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            self.num_workers = available_workers()
 
 
 @dataclass
@@ -221,6 +241,18 @@ class TrainConfig:
         0,
         "images per optimizer step over all processes: accumulation = global / (batch x processes) (0 = off)",
         check=_at_least(0),
+    )
+    keep_last: str = _opt(
+        "slim",
+        "last.pt once the fold has finished: full (resumable as it was), slim (weights + loop state, no optimizer) "
+        "or none (removed; last.json still says the fold finished)",
+        choices=("full", "slim", "none"),
+    )
+    fit_memory: str = _opt(
+        "auto",
+        "fit grad checkpointing / batch / accumulation to GPU memory: GB, auto (the detected GPU) or off; "
+        "the global batch is kept and a recipe that fits is left as it is (src/memory.py)",
+        check=(lambda v: str(v).strip().lower() in ("auto", "off") or _positive_number(v), "must be GB, auto or off"),
     )
 
 
@@ -499,6 +531,8 @@ def check_config(cfg: Any, source: str = "config") -> Any:
         problem = _leaf_problem(leaf, _get(cfg, leaf.path))
         if problem:
             raise BiomassError(f"{source}: {problem}")
+    if isinstance(cfg, Config) and cfg.data.num_workers < 0:  # -1: this machine's cores, as the run records it
+        cfg.data.num_workers = available_workers()
     if isinstance(cfg, Config) and cfg.train.ema_half_life > 0 and cfg.train.ema_decay > 0:
         raise BiomassError(
             f"{source}: --ema-half-life {cfg.train.ema_half_life:g} and --ema-decay {cfg.train.ema_decay:g}: give one "

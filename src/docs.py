@@ -402,15 +402,17 @@ def _recipes(repo: Path) -> str:
     """docs/RECIPES.md: per recipe x grid x device the projected memory and time per fold, the arithmetic shown."""
     table, kernel = _recipe_tables(repo)
     lines = [
-        "| recipe | grid, tile | device | GB (fits?) | GB grad ckpt | min / fold | runs | h, all runs | arithmetic |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| recipe | grid, tile | device | GB as written (fits?) | GB grad ckpt | --fit-memory auto | min / fold | runs "
+        "| h, all runs | disk GB slim / none / full | arithmetic |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in table.itertuples():
         fits = "yes" if str(r.fits) == "True" else f"**no** (> {r.device_gb})"
+        minutes = f"{r.minutes_per_fold}" if r.device != "T4" else f"{r.minutes_per_fold_fast}-{r.minutes_per_fold}"
         lines.append(
             f"| {r.recipe} | {r.grid}, {r.tile} | {r.device} | {r.memory_gb} ({fits}) | "
-            f"{r.memory_gb_grad_checkpointing} | {r.minutes_per_fold} | {r.runs} | {r.hours_all_runs} | "
-            f"{r.arithmetic} |"
+            f"{r.memory_gb_grad_checkpointing} | {r.fit_memory_choice} | {minutes} | {r.runs} | {r.hours_all_runs} | "
+            f"{r.disk_gb_slim} / {r.disk_gb_none} / {r.disk_gb_full} | {r.arithmetic} |"
         )
     lines += ["", "Kernel ensembles (Kaggle T4, fp16 autocast, one GPU, 9 h limit):", ""]
     lines += [
@@ -438,7 +440,7 @@ def _recipes_readme(repo: Path) -> str:
             d: " + ".join(str(v) for v in rows[rows.device == d].minutes_per_fold) for d in ("T4", "A100", "H100")
         }
         t4 = rows[rows.device == "T4"]
-        fits = "yes" if (t4.fits.astype(str) == "True").all() else "no: grad ckpt"
+        fits = "yes" if (t4.fits.astype(str) == "True").all() else "fitted: --fit-memory"
         ens = kernel[(kernel.recipe == name) & (kernel.fits_9h.astype(str) == "True")]
         best = f"{ens.iloc[-1].ensemble} ({ens.iloc[-1].minutes_t4} min)" if len(ens) else "none"
         lines.append(

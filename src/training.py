@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from src.averaging import average_state_dicts, ema_advice, ema_decay_for, keep_top_k, make_ema
 from src.checkpoint import (
     check_resume,
+    finish_last,
     prepare_run_dir,
     run_dir_for,
     save_best,
@@ -39,6 +40,7 @@ from src.folds import load_fold_table, split_fold
 from src.io_utils import write_csv_atomic
 from src.logs import get_logger, log_file, progress
 from src.losses import AUX_WEIGHT_FIELDS, aux_bin_labels, aux_regression_labels, mixup, total_loss
+from src.memory import apply_fit_memory
 from src.metric import score
 from src.model import BiomassModel, build_model
 from src.runtime import (
@@ -544,6 +546,10 @@ def fit(
         )
         if swa_oof is not None:
             oof = swa_oof
+    if dist_info.is_main and last_path is not None:  # the fold is done: its optimizer state is dead weight on disk
+        freed = finish_last(last_path, tc.keep_last)
+        if freed:
+            log.info(f"last.pt {'removed' if tc.keep_last == 'none' else 'slimmed'}: {freed / 1e6:.0f} MB freed")
     return FitResult(state.best_metric, state.best_epoch, state.history, oof, run_dir, swa_metric, evaluated)
 
 
@@ -557,13 +563,13 @@ def _start_stage(
     """
     seed_everything(cfg.train.seed + STAGE_SEED[name])
     stage = Stage(name, model, train_frame, val_frame, cfg, device, dist_info, cache if name == FROZEN else None)
-    if saved is not None and stage_of(saved) == name:
+    if saved is not None and stage_of(saved) == name and "optimizer" in saved:  # a slim last.pt has none
         stage.optimizer.load_state_dict(saved["optimizer"])
         stage.scheduler.load_state_dict(saved["scheduler"])
         return stage
     if name == FINETUNE:
         state.bad_epochs = 0  # patience counts within the finetune stage
-        if saved is not None and stage_of(saved) == FROZEN:
+        if saved is not None and stage_of(saved) == FROZEN and "optimizer" in saved:
             previous = torch.optim.AdamW(
                 model.param_groups(cfg.train.lr, cfg.train.backbone_lr, cfg.train.weight_decay, include_backbone=False)
             )
@@ -684,6 +690,7 @@ def train_fold(
     if cfg.train.amp is None:  # resolved before config.yaml is written: the run records what it trained in
         cfg = copy.deepcopy(cfg)
         cfg.train.amp = resolve_amp(None, device)
+    cfg, fitted = apply_fit_memory(cfg, dist_info.world, device)  # before config.yaml: the run records the fit
     split = split_fold(load_fold_table(cfg.data), fold, cfg.data)
     run_dir = run_dir_for(cfg, fold, seed_dir)
     # Build the model (loading --backbone-weights) and check --resume before the run directory is touched:
@@ -706,6 +713,8 @@ def train_fold(
             )
             if split.note:
                 log.info(split.note)
+            if fitted:
+                log.info(fitted)
         result = fit(cfg, split.train, split.val, run_dir, device, dist_info, resume=resume, model=model, fold=fold)
         if dist_info.is_main:
             log.info(f"fold {fold}: best val weighted R2 {result.best_metric:.4f} at epoch {result.best_epoch}")

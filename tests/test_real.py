@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 
 from src.config import load_yaml, overlay
@@ -89,6 +90,8 @@ def test_make_real_chain_on_synthetic_data(synthetic_dir, folds_csv, tmp_path, c
     steps = [ln for ln in dry.splitlines() if ln.startswith("$ ")]
     assert [s.split()[2] for s in steps] == ["train.py", "infer.py", "report.py", "kernels/build.py", "kernels/push.py"]
     assert "--grid 2 2 --fold 0" in steps[0] and steps[-1].endswith("--submit")
+    assert "--fit-memory auto" in steps[0]  # each train.py fits its own GPU; no GPU here: a T4's fit is printed
+    assert "# grid 2x2 on a 16 GB T4 (no GPU here" in dry and "fit-memory: the recipe fits" in dry
     assert not ckpt.exists() and not build.exists() and not (fake.parent / "calls.jsonl").exists()
 
     capfd.readouterr()
@@ -108,11 +111,23 @@ def test_make_real_chain_on_synthetic_data(synthetic_dir, folds_csv, tmp_path, c
     assert submit[:4] == ["competitions", "submit", "csiro-biomass", "-k"] and submit[4].startswith("tester/")
     assert submit[5:7] == ["-v", "3"] and "submitted" in out  # the version kernels push reported
 
-    # again: the finished fold is skipped; with more epochs it is resumed, not restarted
+    # the finished fold's last.pt lost its optimizer state (--keep-last slim); last.json says it finished
+    fold0 = exp / "grid2x2" / "fold0"
+    assert json.loads((fold0 / "last.json").read_text()) | {"best_metric": 0} == {
+        "epoch": 0, "best_metric": 0, "best_epoch": 0, "bad_epochs": 0, "finished": True, "last": "slim"
+    }  # fmt: skip
+    assert "optimizer" not in torch.load(fold0 / "last.pt", weights_only=True)
+    # again: the finished fold is skipped, read from last.json alone (a broken last.pt is never opened)
+    (fold0 / "last.pt").write_bytes(b"not a checkpoint")
     again = _dry_run(flags, capfd)
     assert "grid2x2 fold0: finished" in again and "train.py" not in again
+    # with more epochs: no optimizer state is left to resume, so the fold is trained again (--overwrite)
     longer = tmp_path / "longer.yaml"
     longer.write_text(yaml.safe_dump(overlay(load_yaml(TINY), {"train": {"epochs": 2}})))
+    redo = _dry_run([*flags[:2], "--override", str(longer), *flags[4:]], capfd)
+    assert [ln for ln in redo.splitlines() if "train.py" in ln][0].endswith("--overwrite")
+    # a killed run (its last.json not finished) is resumed
+    (fold0 / "last.json").write_text(json.dumps({"epoch": 0, "bad_epochs": 0, "finished": False, "last": "full"}))
     resumed = _dry_run([*flags[:2], "--override", str(longer), *flags[4:]], capfd)
     assert [ln for ln in resumed.splitlines() if "train.py" in ln][0].endswith("--resume")
 
@@ -158,3 +173,37 @@ def test_make_real_target_is_a_thin_call_of_real_py():
     plain = subprocess.run([*argv[:4], "real", "DRY_RUN=0"], capture_output=True, text=True, check=True).stdout
     plain = " ".join(plain.replace("\\\n", " ").split())
     assert "real.py --recipe seed" in plain and "--dry-run" not in plain and "--owner" not in plain
+
+
+def test_finish_last_slims_or_removes_last_pt_and_a_slim_one_is_not_resumed(tmp_path):
+    from src.checkpoint import check_resume, finish_last, read_last_sidecar, save_resume_state
+    from src.config import Config
+    from src.errors import BiomassError
+
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    optimizer.step()  # AdamW moments: twice the weights
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = {"epoch": 3, "best_metric": 0.5, "best_epoch": 2, "bad_epochs": 1, "history": []}
+    sizes = {}
+    for keep in ("full", "slim", "none"):
+        last = tmp_path / keep / "last.pt"
+        last.parent.mkdir()
+        save_resume_state(last, model, Config(), "finetune", optimizer, scheduler, state)
+        assert read_last_sidecar(last) == {
+            "epoch": 3, "best_metric": 0.5, "best_epoch": 2, "bad_epochs": 1, "finished": False, "last": "full"
+        }  # fmt: skip
+        before = last.stat().st_size
+        freed = finish_last(last, keep)
+        sizes[keep] = last.stat().st_size if last.is_file() else 0
+        assert freed == before - sizes[keep]
+        assert read_last_sidecar(last)["finished"] is True and read_last_sidecar(last)["last"] == keep
+    weights = 64 * 64 * 4
+    assert sizes["full"] > 3 * weights and weights < sizes["slim"] < 1.5 * weights and sizes["none"] == 0
+    assert check_resume(tmp_path / "full" / "last.pt", Config()) is not None
+    try:
+        check_resume(tmp_path / "slim" / "last.pt", Config())
+        raise AssertionError("a slim last.pt must not be resumed")
+    except BiomassError as err:
+        assert "--overwrite" in str(err) and "slim" in str(err)
