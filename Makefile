@@ -69,14 +69,18 @@ kaggle-sim: install
 	$(PY) kernels/rehearse.py $(SIM_FLAGS)
 
 # competition files -> a submitted kernel with a recipe of configs/ (README "Real data", docs/RECIPES.md):
-# make real RECIPE=seed OWNER=me [GPUS=0,1,...] [DRY_RUN=1]; real.py runs the existing commands in order, each printed
+# make real RECIPE=seed OWNER=me [GPUS=0,1,...] [DRY_RUN=1] [FIT_MEMORY=auto|GB|off] [KEEP_LAST=slim|none|full];
+# real.py runs the existing commands in order, each printed
 RECIPE ?= seed
 GPUS ?=
 DRY_RUN ?=
 OVERRIDE ?=
+FIT_MEMORY ?=
+KEEP_LAST ?=
 real: install
 	$(PY) real.py --recipe $(RECIPE) $(if $(OWNER),--owner $(OWNER)) $(if $(GPUS),--gpus $(GPUS)) \
-		$(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
+		$(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) \
+		$(if $(FIT_MEMORY),--fit-memory $(FIT_MEMORY)) $(if $(KEEP_LAST),--keep-last $(KEEP_LAST))
 
 clean:
 	rm -rf $(DATA) $(FOLDS) checkpoints/$(EXP) submission.csv

@@ -169,7 +169,7 @@ def finish_last(last_path: Path, keep: str) -> int:
     if keep == "none":
         last_path.unlink()
     elif keep == "slim":
-        slim = {k: saved[k] for k in ("format", "model", "stage", "state", "config") if k in saved}
+        slim = {k: saved[k] for k in ("format", "model", "stage", "state", "config") if k in saved} | {"slim": True}
         torch_save_atomic(slim, last_path)
     write_last_sidecar(last_path, saved.get("state") or {}, finished=True, last=keep)
     return before - (last_path.stat().st_size if last_path.is_file() else 0)
@@ -210,7 +210,7 @@ def check_resume(last_path: Path, cfg: Config) -> dict | None:
     if not last_path.is_file():
         return None
     saved = load_checkpoint(last_path)
-    if "optimizer" not in saved:
+    if saved.get("slim"):
         raise BiomassError(
             f"{last_path}: this fold finished (--keep-last slim kept its weights, not the optimizer): nothing to "
             "resume; pass --overwrite to train it again"
