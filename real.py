@@ -283,7 +283,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train.py --fit-memory: GB, auto (each process fits its GPU) or off (default auto)",
     )
     parser.add_argument(
-        "--keep-last", default=None, choices=("full", "slim", "none"), help="train.py --keep-last (default: recipe's)"
+        "--keep-last",
+        default="slim",
+        choices=("full", "slim", "none"),
+        help="train.py --keep-last: a finished fold's last.pt slimmed to its weights (default), removed, or kept full",
     )
     parser.add_argument("--dry-run", action="store_true", help="print every command and run none")
     return parser.parse_args(argv)
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         grid_cfg = copy.deepcopy(cfg)
         grid_cfg.model.grid = list(grid)
         print(f"# grid {grid[0]}x{grid[1]} on {fit_note(grid_cfg, args.fit_memory)}")
-    extra = ["--fit-memory", args.fit_memory] + (["--keep-last", args.keep_last] if args.keep_last else [])
+    extra = ["--fit-memory", args.fit_memory, "--keep-last", args.keep_last]
     if gpus:  # side-by-side folds share the CPU: each gets its share of the cores
         extra += ["--num-workers", str(loader_workers(gpus))]
     commands = []

@@ -243,7 +243,7 @@ class TrainConfig:
         check=_at_least(0),
     )
     keep_last: str = _opt(
-        "slim",
+        "full",
         "last.pt once the fold has finished: full (resumable as it was), slim (weights + loop state, no optimizer) "
         "or none (removed; last.json still says the fold finished)",
         choices=("full", "slim", "none"),

@@ -173,6 +173,9 @@ def test_make_real_target_is_a_thin_call_of_real_py():
     plain = subprocess.run([*argv[:4], "real", "DRY_RUN=0"], capture_output=True, text=True, check=True).stdout
     plain = " ".join(plain.replace("\\\n", " ").split())
     assert "real.py --recipe seed" in plain and "--dry-run" not in plain and "--owner" not in plain
+    fitted = subprocess.run([*argv, "FIT_MEMORY=16", "KEEP_LAST=none"], capture_output=True, text=True, check=True)
+    assert "--fit-memory 16 --keep-last none" in " ".join(fitted.stdout.replace("\\\n", " ").split())
+    assert "--fit-memory" not in plain and "--keep-last" not in plain  # real.py's defaults: auto, slim
 
 
 def test_finish_last_slims_or_removes_last_pt_and_a_slim_one_is_not_resumed(tmp_path):
