@@ -147,7 +147,7 @@ def fit_note(cfg: Config, fit_memory: str) -> str:
     budget = device_memory_bytes() if value == "auto" else parse_fit_memory(value)
     label = "this GPU" if value == "auto" else f"{value} GB"
     if budget is None:
-        budget, label = T4_BYTES, "a 16 GB T4 (no GPU here; each train.py fits to its own GPU)"
+        budget, label = T4_BYTES, "a 16 GB T4 (no GPU here; each fold fits its own GPU when it trains)"
     _, note = fit_to_memory(cfg, budget)
     return f"{label}: {note}"
 
