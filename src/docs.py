@@ -275,9 +275,11 @@ def render_demo_table(table: pd.DataFrame, meta: dict) -> str:
         to_markdown(shown, {"images": 0}),
         "",
         f"Weighted R² out of fold ({seeds}`{meta['exp']}`, {meta['date']}, `{meta['git']}`). Model columns: each "
-        "fold's held-out predictions from training (no TTA, no physics); the headline is the fixed schedule (each "
-        "fold at the median best epoch of the other folds, chosen without its labels); best epoch is selected on "
-        "the fold's own labels and so optimistic.",
+        "fold's held-out predictions from training (no TTA, no physics); the headline is the fixed schedule: each "
+        "fold scored at the median of the other folds' best epochs (halves round up), so no fold's labels choose "
+        "its own epoch; a fold whose early stopping fired keeps its best.pt but trains on to the last epoch, so "
+        "that scheduled epoch is always one it ran, never cut to its own stop. Best epoch is selected on the "
+        "fold's own labels and so optimistic.",
     ]
     if "ensemble" in meta:
         e = meta["ensemble"]
