@@ -314,7 +314,8 @@ def _demo_peer(repo: Path) -> str:
 
 
 # ---- the benchmarks (bench/*.py -> docs/BENCHMARKS.md) -----------------------------------------------------------
-BAR_RE = re.compile(r"^- \*\*Bar (met|NOT met)\*\*: (.*)$")
+# every verdict bench.common.bar_line writes; the leading '- ' is optional (some older records lack it)
+BAR_RE = re.compile(r"^(?:- )?\*\*Bar (met|NOT met|not measured|invalid)\*\*: (.*)$")
 
 
 def latest_benchmarks(text: str) -> dict[str, tuple[str, list[str]]]:
