@@ -183,17 +183,20 @@ def main(argv: list[str] | None = None) -> str:
             "Worker start-up = spawn + importing torch/timm/src in each worker, until both have (a fixed cost of the "
             "run, seconds here under load, against hours of a kernel).",
             "",
-            "- " + common.bar_line(
+            "- "
+            + common.bar_line(
                 f"streaming peak RSS {n_max} vs {counts[0]} checkpoints {peak_ratio:.2f}x (<= {PEAK_BAR}x)",
                 peak_ratio <= PEAK_BAR,
             ),  # fmt: skip
-            "- " + common.bar_line(
+            "- "
+            + common.bar_line(
                 f"streaming time / image-major time at {n_max} checkpoints {time_ratio:.2f}x (<= {TIME_BAR}x)",
                 time_ratio <= TIME_BAR,
             ),  # fmt: skip
             f"- decoding again per model / decoding once (cache): {redecode_ratio:.2f}x the time "
             f"({'the cache is kept' if redecode_ratio >= 1 else 'redecoding measured cheaper'})",
-            "- " + common.bar_line(
+            "- "
+            + common.bar_line(
                 f"{WORKERS} processes (best split: {best}) vs 1 process: {speedup:.2f}x wall, {net:.2f}x less the "
                 f"workers' start-up (>= {PARALLEL_BAR}x; the bar is judged on the wall time)",
                 speedup >= PARALLEL_BAR,
