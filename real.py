@@ -117,14 +117,16 @@ def weights_problem(cfg: Config) -> str | None:
 
 
 def fold_state(run_dir: Path, cfg: Config) -> str:
-    """done (its last.pt reached the last epoch or early stopping), resume (a killed run) or new (nothing there)."""
+    """done (its last.pt reached the last epoch), resume (a killed run) or new (nothing there).
+
+    An early stop does not end a run (training goes on past it for the fixed-schedule OOF), so only the last epoch
+    counts as done."""
     last = run_dir / "last.pt"
     if not last.is_file():
         return "resume" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
     state = load_checkpoint(last).get("state") or {}
-    epoch, bad = int(state.get("epoch", -1)), int(state.get("bad_epochs", 0))
-    stopped = cfg.train.patience > 0 and bad >= cfg.train.patience
-    return "done" if (epoch >= cfg.train.epochs - 1 or stopped) and (run_dir / "best.pt").is_file() else "resume"
+    epoch = int(state.get("epoch", -1))
+    return "done" if epoch >= cfg.train.epochs - 1 and (run_dir / "best.pt").is_file() else "resume"
 
 
 def fold_numbers_of(recipe: dict, folds_file: Path) -> list[int]:

@@ -19,11 +19,12 @@ import torch
 from conftest import REPO, TINY_FLAGS
 from scipy.stats import binom
 
+import real as real_script
 from src import docs, training
 from src.baseline import colour_ridge_oof, colour_table
 from src.baseline import main as baseline_main
 from src.bootstrap import VERDICTS, image_terms, paired_bootstrap, r2_from_terms
-from src.checkpoint import experiment_dir, find_checkpoints, ids_hash, load_checkpoint
+from src.checkpoint import CHECKPOINT_FORMAT, experiment_dir, find_checkpoints, ids_hash, load_checkpoint
 from src.colour import FEATURE_NAMES, colour_features
 from src.config import resolve_config
 from src.data import load_train
@@ -453,3 +454,14 @@ def test_mixup_and_stereo_swap_fire_at_their_probabilities_in_both_stages(synthe
         assert lo <= c["swapped"] <= hi, (stage, c)
     for c in _count_in_loop(synthetic_dir, folds_csv, mixup_prob=0.0, swap_prob=1.0).values():
         assert c["mixed"] == 0 and c["swapped"] == c["items"] > 0
+
+
+def test_real_py_resumes_a_run_that_stopped_early_but_did_not_reach_its_last_epoch(tmp_path: Path):
+    """An early stop no longer ends a run, so real.py counts only the last epoch as done."""
+    cfg = resolve_config(train_script.parse_args(["--fold", "0", *TINY_FLAGS, "--epochs", "24", "--patience", "6"]))
+    (tmp_path / "best.pt").write_bytes(b"")
+    last = {"format": CHECKPOINT_FORMAT, "model": {}}
+    torch.save({**last, "state": {"epoch": 12, "bad_epochs": 6, "stopped_epoch": 12}}, tmp_path / "last.pt")
+    assert real_script.fold_state(tmp_path, cfg) == "resume"  # patience ran out at 12: it must train on to 23
+    torch.save({**last, "state": {"epoch": 23, "bad_epochs": 6, "stopped_epoch": 12}}, tmp_path / "last.pt")
+    assert real_script.fold_state(tmp_path, cfg) == "done"
