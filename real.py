@@ -120,16 +120,17 @@ def weights_problem(cfg: Config) -> str | None:
 
 
 def fold_state(run_dir: Path, cfg: Config) -> str:
-    """done (the fold finished: last.json says so, or last.pt reached the last epoch or early stopping),
-    resume (a killed run) or new (nothing there). last.json (a few bytes) is read before last.pt (up to GBs)."""
+    """done (the fold reached its last epoch: last.json says so, or last.pt), redo, resume (a killed run) or new.
+
+    An early stop does not end a run (training goes on past it for the fixed-schedule OOF), so only the last epoch
+    counts as done. last.json (a few bytes) is read before last.pt (up to GBs)."""
     last = run_dir / "last.pt"
     sidecar = read_last_sidecar(last)
     if sidecar is None and not last.is_file():
         return "resume" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
     state = sidecar if sidecar is not None else (load_checkpoint(last).get("state") or {})
-    epoch, bad = int(state.get("epoch", -1)), int(state.get("bad_epochs") or 0)
-    stopped = cfg.train.patience > 0 and bad >= cfg.train.patience
-    if (epoch >= cfg.train.epochs - 1 or stopped) and (run_dir / "best.pt").is_file():
+    epoch = int(state.get("epoch", -1))
+    if epoch >= cfg.train.epochs - 1 and (run_dir / "best.pt").is_file():
         return "done"
     if sidecar is not None and sidecar.get("last") in ("slim", "none"):
         return "redo"  # finished with fewer epochs than the recipe now asks; no optimizer state left to resume

@@ -17,9 +17,11 @@ import contextlib
 import copy
 import datetime as dt
 import fcntl
+import hashlib
 import io
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -46,7 +48,13 @@ from src.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "BENCHMARKS.md"
-DOC_HEADER = "# Benchmarks\n\nAppended by `bench/*.py` (one dated section per run; newest last). Do not edit by hand.\n"
+DOC_HEADER = (
+    "# Benchmarks\n\nAppended by `bench/*.py` (one dated section per run; newest last). Do not edit by hand: each "
+    "section ends with the sha256 of its text as its script wrote it, and tests/test_bench.py fails on a changed "
+    "or unsealed section.\n"
+)
+# the last line of every section: the sha256 of the section text above it (from '## ' on, stripped)
+RECORD_RE = re.compile(r"^<!-- record sha256:([0-9a-f]{64}) -->\s*$", re.M)
 KAGGLE_LIMIT_S = 9 * 3600  # a Kaggle code-competition notebook's run-time limit
 
 # Kaggle's GPUs, for FLOP-count projections (no GPU is lent to the CPU dev box): datasheet dense peak in
@@ -309,10 +317,25 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def bar_line(text: str, met: bool | None) -> str:
-    """'**Bar met**: ...' / '**Bar not met**: ...' / '**Bar not measured**: ...'."""
+def bar_line(text: str, met: bool | None, invalid: str | None = None) -> str:
+    """'**Bar met**: ...' / '**Bar NOT met**: ...' / '**Bar not measured**: ...' / '**Bar invalid**: ... (why)'.
+
+    `invalid` names why the measurement cannot be true (see `impossible`): such a figure judges no bar either way.
+    Callers write it as a list item ('- ' + this line), which is the form src/docs.py reads into README.
+    """
+    if invalid:
+        return f"**Bar invalid**: {text} (invalid measurement: {invalid})"
     verdict = {True: "met", False: "NOT met", None: "not measured"}[met]
     return f"**Bar {verdict}**: {text}"
+
+
+def impossible(value: float, limit: float, what: str) -> str | None:
+    """Why `value` cannot be a true measurement (it exceeds its physical `limit`), or None when it can.
+
+    E.g. a speed-up from N processes above N, or a share of a measured peak above 1: the baseline or the peak
+    was measured under other load, so the ratio says nothing about the code.
+    """
+    return f"{what} {value:.2f} exceeds its physical limit {limit:g}" if value > limit else None
 
 
 def append_section(
@@ -336,6 +359,7 @@ def append_section(
         "",
     ]
     text = "\n".join(head) + body.rstrip() + "\n"
+    text += record_line(text) + "\n"
     with open(doc, "a+", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -346,6 +370,26 @@ def append_section(
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     return doc
+
+
+def record_line(section: str) -> str:
+    """The seal appended under a section: a hand edit of the text above it no longer matches."""
+    return f"<!-- record sha256:{hashlib.sha256(section.strip().encode('utf-8')).hexdigest()} -->"
+
+
+def broken_records(text: str) -> list[str]:
+    """Each section of a benchmarks doc whose text differs from what its script wrote (or that has no seal)."""
+    problems = []
+    for block in re.split(r"(?m)^(?=## )", text)[1:]:
+        title = block.splitlines()[0]
+        seals = list(RECORD_RE.finditer(block))
+        if not seals:
+            problems.append(f"{title}: no record line (a section not written by bench/common.append_section)")
+        elif len(seals) > 1 or block[seals[0].end() :].strip():
+            problems.append(f"{title}: text after its record line")
+        elif record_line(block[: seals[0].start()]) != seals[0].group(0).rstrip():
+            problems.append(f"{title}: edited after its script wrote it (sha256 differs)")
+    return problems
 
 
 def report(args: argparse.Namespace, argv: list[str] | None, title: str, body: str, info: dict[str, str]) -> None:

@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "",
         f"Gain over the plain ensemble: {', '.join(f'{g:+.4f}' for g in gains)} (blend 0.8, 1.0). Synthetic "
         "pixels and a random-init "
-        "tiny backbone: this checks that adaptation runs end to end and moves the score; it is no estimate of "
-        "the gain on Kaggle.",
+        "tiny backbone, one seed and no train-longer control (the same extra epochs without pseudo-labels): this "
+        "checks that adaptation runs end to end; whether pseudo-labels help is can't tell here, and it is no "
+        "estimate of the gain on Kaggle.",
     ])  # fmt: skip
     common.report(args, argv, f"Pseudo-label adaptation under a {args.shift} shift", body, info)
     return [{**r, "gain": g} for r, g in zip(rows, [0.0, *gains])]

@@ -204,6 +204,13 @@ def lay_out(build_out: Path, competition: Path, root: Path, layout: str) -> Path
 
 
 # ---- Kaggle's timm -------------------------------------------------------------------------------------------------
+# pip's words for an index it cannot reach or that does not hold the version (anything else is a real failure)
+UNREACHABLE = (
+    "No matching distribution found", "Could not find a version", "Failed to establish a new connection",
+    "Max retries exceeded", "Network is unreachable", "Temporary failure in name resolution", "Connection refused",
+)  # fmt: skip
+
+
 def kaggle_timm(cache_root: Path | None = None) -> tuple[Path | None, str]:
     """(folder holding timm KAGGLE_TIMM, how it got there) or (None, why not): installed once, then reused."""
     cache_root = Path(cache_root or os.environ.get(TIMM_CACHE_ENV) or DEFAULT_TIMM_CACHE)
@@ -221,8 +228,11 @@ def kaggle_timm(cache_root: Path | None = None) -> tuple[Path | None, str]:
         return None, f"pip install timm=={KAGGLE_TIMM} timed out: the package index cannot be reached"
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return None, f"pip install timm=={KAGGLE_TIMM} failed ({last[0][:200]}): the package index cannot be reached"
+        text = proc.stderr or proc.stdout
+        last = text.strip().splitlines()[-1:] or ["no output"]
+        # only an index that cannot be reached (or lacks the version) excuses the run; any other pip failure is one
+        why = "the package index cannot be reached" if any(m in text for m in UNREACHABLE) else "a failed install"
+        return None, f"pip install timm=={KAGGLE_TIMM} failed ({last[0][:200]}): {why}"
     try:
         os.rename(tmp, target)
     except OSError:  # another rehearsal won the race: use its copy
@@ -345,7 +355,12 @@ def rehearse(
     plans.append((f"competition-era layout, timm {KAGGLE_TIMM}", "classic", timm_dir))
     for name, layout, pythonpath in plans:
         if layout == "classic" and timm_dir is None:
-            runs.append(Run(name, layout, skipped=f"skipped: {timm_note}"))
+            if "cannot be reached" in timm_note or timm_note == "--no-timm-run":
+                runs.append(Run(name, layout, skipped=f"skipped: {timm_note}"))
+            else:  # pip failed for another reason: the rehearsal fails rather than skip the run
+                failed = Run(name, layout)
+                failed.check(f"timm {KAGGLE_TIMM} installed", False, timm_note)
+                runs.append(failed)
             continue
         root = work / f"kaggle-{layout}"
         inputs = lay_out(build_out, competition, root, layout)

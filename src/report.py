@@ -61,8 +61,13 @@ class FoldRun:
 
     @property
     def best_epoch(self) -> int | None:
-        """The epoch with the best validation score in metrics.csv (selected on this fold's own labels)."""
+        """The epoch with the best validation score in metrics.csv (selected on this fold's own labels).
+
+        Epochs trained on past an early stop (`after_stop`) are not candidates: best.pt was kept from before them.
+        """
         m = self.metrics
+        if m is not None and "after_stop" in m:
+            m = m[~m["after_stop"].astype(str).str.lower().eq("true")]
         if m is None or "weighted_r2" not in m or not m["weighted_r2"].notna().any():
             return None
         return int(m.loc[m["weighted_r2"].idxmax(), "epoch"])
@@ -176,8 +181,9 @@ def schedule_epochs(best_epochs: dict[int, int]) -> dict[int, int | None]:
 def fixed_schedule(runs: list[FoldRun]) -> dict[Path, tuple[int | None, pd.DataFrame | None]]:
     """run path -> (its fixed epoch, its held-out predictions at that epoch from oof_epochs.csv, or None).
 
-    Folds are grouped by grid and seed (one training recipe each). A fold that stopped early (patience) before
-    its fixed epoch is scored at its last validated epoch: the stop itself looked at its labels, the one leak left.
+    Folds are grouped by grid and seed (one training recipe each). A fold without predictions at its fixed epoch
+    gets no frame (so no fixed score), never a nearer epoch: a run cut short by early stopping before training went
+    on past the stop (`fit`) would otherwise be scored at an epoch its own labels chose.
     """
     out: dict[Path, tuple[int | None, pd.DataFrame | None]] = {}
     groups: dict[tuple, list[FoldRun]] = {}
@@ -189,8 +195,7 @@ def fixed_schedule(runs: list[FoldRun]) -> dict[Path, tuple[int | None, pd.DataF
         for r in members:
             epoch = epochs.get(r.fold)
             frame = None
-            if epoch is not None and r.epochs is not None and len(r.epochs):
-                epoch = min(epoch, int(r.epochs["epoch"].max()))
+            if epoch is not None and r.epochs is not None and (r.epochs["epoch"] == epoch).any():
                 frame = r.epochs[r.epochs["epoch"] == epoch].drop(columns=["epoch"]).reset_index(drop=True)
             out[r.path] = (epoch, frame)
     return out
@@ -495,8 +500,8 @@ def plot_learning_curves(runs: list[FoldRun], path: Path) -> Path:
         ax_loss.plot(m["epoch"], m["train_loss"], color=color, ls=ls, marker="o", ms=3, label=label)
         if "weighted_r2" in m:
             ax_val.plot(m["epoch"], m["weighted_r2"], color=color, ls=ls, marker="o", ms=3, label=label)
-            if m["weighted_r2"].notna().any():
-                best = m.loc[m["weighted_r2"].idxmax()]
+            if r.best_epoch is not None:  # the kept checkpoint's epoch (never one trained on past an early stop)
+                best = m.loc[m["epoch"] == r.best_epoch].iloc[0]
                 ax_val.plot(best["epoch"], best["weighted_r2"], marker="*", ms=12, color=color, ls="")
         finetune = (
             m["stage"].isin(["finetune", 2, "2"]) if "stage" in m else pd.Series(False, index=m.index)
@@ -652,8 +657,9 @@ def _selection_markdown(table: pd.DataFrame) -> list[str]:
         "and the number is optimistic. `fixed_r2` is the **fixed-schedule** OOF: each fold at the median best "
         "epoch of the *other* folds of its grid and seed (`fixed_epoch`), read from the per-epoch held-out "
         "predictions training writes to `oof_epochs.csv` (no weights kept, no retraining: validation already "
-        "predicts every epoch). No choice made for a fold uses that fold's labels, except early stopping: a fold "
-        "that stopped before its fixed epoch is scored at its last epoch. The gap is what selection on the "
+        "predicts every epoch). No choice made for a fold uses that fold's labels: a fold that stops early keeps its "
+        "`best.pt` but trains on to the last epoch so that its fixed epoch is always recorded (a fold lacking it "
+        "has no `fixed_r2`). The gap is what selection on the "
         "scored labels is worth; quote `fixed_r2` when comparing with a peer that selects nothing.",
         "",
     ]

@@ -78,6 +78,7 @@ class FitState:
     best_epoch: int = -1
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
+    stopped_epoch: int = -1  # the epoch patience ran out: best.pt is kept from then on, training goes on (why: fit)
 
 
 @dataclass
@@ -497,7 +498,7 @@ def fit(
             saved = None
         seed_everything(rank_seed(tc.seed, epoch, dist_info.rank))
         start = time.time()
-        row = {"epoch": epoch, "stage": name}
+        row = {"epoch": epoch, "stage": name, "after_stop": state.stopped_epoch >= 0}  # after_stop: not selectable
         args = (stage.optimizer, stage.scheduler, cfg, device, stage.cached, dist_info, epoch)
         row.update(train_one_epoch(stage.model, stage.train_loader(epoch), *args, ema=ema, scaler=scaler))
         row.update(stage.lrs())
@@ -506,14 +507,15 @@ def fit(
             idx, preds = predict_grams(evaluated, stage.val_loader(), device, tc.amp, stage.cached, dist_info)
             scores = score(val_frame[list(TARGETS)].to_numpy(dtype=np.float64)[idx], preds)
             row.update(scores)
-            improved = scores["weighted_r2"] > state.best_metric
+            selecting = state.stopped_epoch < 0  # past an early stop nothing is selected any more
+            improved = selecting and scores["weighted_r2"] > state.best_metric
             epoch_oof.append(_oof_frame(val_frame.iloc[idx], preds, fold).assign(epoch=epoch))
             if improved:
                 state.best_metric, state.best_epoch, state.bad_epochs = scores["weighted_r2"], epoch, 0
                 oof = _oof_frame(val_frame.iloc[idx], preds, fold)
-            elif name == FINETUNE:
+            elif name == FINETUNE and selecting:
                 state.bad_epochs += 1
-            if tc.swa_top_k > 0:
+            if tc.swa_top_k > 0 and selecting:
                 keep_top_k(top_k, scores["weighted_r2"], epoch, evaluated, tc.swa_top_k)
         row["seconds"] = round(time.time() - start, 2)
         state.epoch = epoch
@@ -535,10 +537,16 @@ def fit(
                     last_path, model, cfg, name, stage.optimizer, stage.scheduler, state.__dict__, ema, swa_top, extra
                 )
         barrier(dist_info)
-        if name == FINETUNE and tc.patience > 0 and state.bad_epochs >= tc.patience:
-            if dist_info.is_main:
-                log.info(f"early stop after epoch {epoch}: no improvement for {tc.patience} epochs")
-            break
+        if name == FINETUNE and tc.patience > 0 and state.bad_epochs >= tc.patience and state.stopped_epoch < 0:
+            # An early stop keeps best.pt (and oof.csv, the SWA pool) as they are but trains on to the last epoch:
+            # the fixed-schedule OOF scores this fold at the other folds' median best epoch, which may lie past
+            # this stop; cutting the run short would let the fold's own labels choose the epoch it is scored at.
+            state.stopped_epoch = epoch
+            if dist_info.is_main and epoch < tc.epochs - 1:
+                log.info(
+                    f"early stop after epoch {epoch}: no improvement for {tc.patience} epochs; best.pt kept from "
+                    f"epoch {state.best_epoch}, training on to epoch {tc.epochs - 1} for the fixed-schedule OOF"
+                )
     swa_metric = None
     if tc.swa_top_k > 0 and val_frame is not None and len(top_k) >= 2:
         swa_metric, swa_oof = _finish_swa(

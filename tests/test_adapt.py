@@ -136,12 +136,16 @@ def test_finetune_trains_all_epochs_unfrozen_on_train_plus_pseudo_and_saves_noth
 
     def fake_fit(cfg, frame, val_frame, run_dir, device, model=None, **kwargs):
         seen.update(cfg=cfg, frame=frame, val_frame=val_frame, run_dir=run_dir, model=model)
+        with torch.no_grad():
+            model.weight += 1.0  # "training": the copy moves, the ensemble's model must not
         return SimpleNamespace(model=model)
 
     monkeypatch.setattr(adapt, "fit", fake_fit)
     cfg = Config()
     cfg.train.epochs, cfg.train.freeze_epochs, cfg.train.swa_top_k = 12, 3, 3
     model = torch.nn.Linear(2, 2)
+    initial = model.weight.detach().clone()
+    lrs = (cfg.train.finetune_head_lr, cfg.train.backbone_lr, cfg.train.lr)
     predictor = SimpleNamespace(
         cfg=cfg, model=model, path=Path("best.pt"), grid=(2, 2), with_model=lambda m: ("adapted", m)
     )
@@ -155,10 +159,14 @@ def test_finetune_trains_all_epochs_unfrozen_on_train_plus_pseudo_and_saves_noth
     ]
     assert (seen["cfg"].train.epochs, seen["cfg"].train.freeze_epochs, seen["cfg"].train.swa_top_k) == (2, 0, 0)
     assert seen["val_frame"] is None and seen["run_dir"] is None
-    assert (
-        seen["model"] is not model and result[0] == "adapted"
-    )  # a copy is trained: the ensemble's model stays as it was
-    assert cfg.train.epochs == 12  # the predictor's own config is untouched
+    # a copy is trained and the predictor is rebuilt around that trained copy; the ensemble's model stays as it was
+    assert result[0] == "adapted" and result[1] is seen["model"] and seen["model"] is not model
+    torch.testing.assert_close(result[1].weight, initial + 1.0, rtol=0, atol=0)
+    torch.testing.assert_close(model.weight, initial, rtol=0, atol=0)
+    tc = seen["cfg"].train  # a gentle continuation: lrs x the default scale 0.1, no warm-up, mixup, EMA, patience
+    assert (tc.finetune_head_lr, tc.backbone_lr, tc.lr) == pytest.approx(tuple(0.1 * v for v in lrs), rel=1e-12)
+    assert (tc.warmup_frac, tc.mixup_prob, tc.ema_decay, tc.patience) == (0.0, 0.0, 0.0, 0)
+    assert cfg.train.epochs == 12 and (cfg.train.finetune_head_lr, cfg.train.backbone_lr, cfg.train.lr) == lrs
 
 
 def test_oof_and_pseudo_labels_do_not_mix(synthetic_dir: Path, trained_exp: Path, capsys):
@@ -201,7 +209,24 @@ def test_shifted_test_set_reports_plain_and_adapted_r2(synthetic_dir, one_grid, 
         target = shifted / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
         (shutil.copytree if (synthetic_dir / name).is_dir() else shutil.copy)(synthetic_dir / name, target)
-    infer(shifted, one_grid, tmp_path / "sub.csv", "--pseudo-label-epochs", "1")
+    blended = infer(shifted, one_grid, tmp_path / "sub.csv", "--pseudo-label-epochs", "1")
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("test_labels.csv (synthetic truth)"))
-    scores = dict(part.strip().split(" ") for part in line.split(": ", 1)[1].split(","))
-    assert set(scores) == {"plain", "adapted", "blend"} and all(np.isfinite(float(v)) for v in scores.values())
+    scores = {k: float(v) for k, v in (part.strip().split(" ") for part in line.split(": ", 1)[1].split(","))}
+    assert set(scores) == {"plain", "adapted", "blend"}
+    # the printed scores are the metric of what was submitted, against the generator's truth (by hand, long rows)
+    truth = pd.read_csv(shifted / "test_labels.csv")
+    plain = infer(shifted, one_grid, tmp_path / "plain.csv")
+    assert scores["blend"] == pytest.approx(r2_long_by_hand(truth, blended), abs=6e-5)
+    assert scores["plain"] == pytest.approx(r2_long_by_hand(truth, plain), abs=6e-5)
+    assert scores["blend"] != scores["plain"]  # the fine-tune moved the submission, so the two checks differ
+
+
+def r2_long_by_hand(truth: pd.DataFrame, sub: pd.DataFrame) -> float:
+    """The competition metric written out again: one weighted R² over every (image, target) row."""
+    weight = {"Dry_Green_g": 0.1, "Dry_Dead_g": 0.1, "Dry_Clover_g": 0.1, "GDM_g": 0.2, "Dry_Total_g": 0.5}
+    rows = truth.merge(sub[["sample_id", "target"]], on="sample_id", suffixes=("", "_pred"), validate="one_to_one")
+    assert len(rows) == len(truth) == len(sub)
+    w = rows["target_name"].map(weight).to_numpy()
+    y, p = rows["target"].to_numpy(), rows["target_pred"].to_numpy()
+    mean = (w * y).sum() / w.sum()
+    return float(1 - (w * (y - p) ** 2).sum() / (w * (y - mean) ** 2).sum())

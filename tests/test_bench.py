@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -25,7 +26,11 @@ BENCHES = (
     "amp",
     "sweep_speed",
     "heads",
+    "stream",
+    "pseudo_label",
+    "train_robust",
 )
+NO_BAR = {"pseudo_label", "train_robust"}  # they report measurements without a bar (README: "no bar")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,26 +168,79 @@ def test_append_section_appends_and_never_rewrites(tmp_path):
     assert text.index("## First") < text.index("## Second")
     assert "- command: `python bench/x.py`" in text and "- machine: cpu X; 2; GPU: none" in text
     assert "- date: " in text and "(quick smoke settings, not a result)" in text
+    assert common.broken_records(text) == []  # both appended sections are sealed by what append_section wrote
+    assert text.count("<!-- record sha256:") == 2
+
+
+def test_benchmark_records_are_what_their_scripts_wrote():
+    """docs/BENCHMARKS.md is append-only: every section carries the sha256 of its text as its script wrote it."""
+    doc = common.DOC.read_text()
+    assert common.broken_records(doc) == []
+    # positive controls: a changed figure, a renamed command, a section pasted without a seal
+    first = doc.index("\n## ")
+    edited = doc.replace("- command: `python bench/", "- command: `python  bench/", 1)
+    assert len(common.broken_records(edited)) == 1 and "sha256 differs" in common.broken_records(edited)[0]
+    digit = next(i for i in range(first + 5, len(doc)) if doc[i].isdigit())
+    changed = doc[:digit] + str((int(doc[digit]) + 1) % 10) + doc[digit + 1 :]
+    assert len(common.broken_records(changed)) == 1
+    pasted = doc + "\n## Pasted — 2026-12-04 10:00 UTC\n\n- **Bar met**: 99x\n"
+    assert common.broken_records(pasted) == ["## Pasted — 2026-12-04 10:00 UTC: no record line (a section not "
+                                             "written by bench/common.append_section)"]  # fmt: skip
 
 
 def test_peak_rss_reports_memory():
-    common.reset_peak_rss()
-    mem = common.peak_rss_mb()
-    assert mem["ru_maxrss_mb"] > 10
-    if "vmhwm_mb" in mem:
-        assert mem["vmhwm_mb"] >= mem["vmrss_mb"] * 0.99
+    """A 256 MiB buffer, touched, raises the peak by about that much (a wrong unit or field would not)."""
+    if not common.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs: VmHWM cannot be reset here")
+    before = common.peak_rss_mb()
+    buffer = np.ones(256 * 2**20, dtype=np.uint8)  # written: resident, not just reserved
+    after = common.peak_rss_mb()
+    assert 240 <= after["vmhwm_mb"] - before["vmhwm_mb"] <= 300
+    assert after["vmrss_mb"] - before["vmrss_mb"] >= 240 and after["vmhwm_mb"] >= after["vmrss_mb"]
+    assert after["ru_maxrss_mb"] >= after["vmhwm_mb"] - 1  # the whole-life peak is never below the reset one
+    del buffer
+
+
+def test_bar_lines_every_verdict_and_impossible_ratios_are_invalid():
+    from src import docs
+
+    assert common.impossible(3.02, 2, "a speed-up from 2 processes of") == (
+        "a speed-up from 2 processes of 3.02 exceeds its physical limit 2"
+    )
+    assert common.impossible(1.99, 2, "x") is None and common.impossible(1.0, 1.0, "x") is None
+    assert common.impossible(1.04, 1.0, "a share of the measured peak of") is not None
+    met = common.bar_line("3.02x (>= 1.7x)", True, common.impossible(3.02, 2, "a speed-up of"))
+    assert met.startswith("**Bar invalid**: 3.02x (>= 1.7x) (invalid measurement: a speed-up of 3.02 exceeds")
+    lines = [common.bar_line("a", True), "- " + common.bar_line("b", False), "- " + common.bar_line("c", None), met]
+    parsed = docs.latest_benchmarks("## T — today\n" + "\n".join(lines) + "\n- **Bar**: no verdict\n")
+    assert parsed == {"T": ("today", ["met: a", "NOT met: b", "not measured: c", f"invalid: {met[17:]}"])}
+
+
+def _bar_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "**Bar" in line]
 
 
 @pytest.mark.parametrize("name", BENCHES)
 def test_bench_script_quick_smoke(name, tmp_path):
+    """Each script's quick run appends one section whose every bar line reaches README's table (src/docs.py)."""
+    from src import docs
+
     module = importlib.import_module(f"bench.{name}")
     doc = tmp_path / "BENCH.md"
-    result = module.main(["--quick", "--doc", str(doc)])
-    assert result
+    module.main(["--quick", "--doc", str(doc)])
     text = doc.read_text()
     assert text.count("\n## ") == 1 and "(quick smoke settings, not a result)" in text
     assert "- machine: " in text and "- command: `python bench/" in text
-    assert "**Bar " in text  # every benchmark states its bar as met / NOT met / not measured
+    raw = _bar_lines(text)
+    assert bool(raw) == (name not in NO_BAR)  # every other benchmark states a bar: met / NOT met / not measured
+    ((title, (date, bars)),) = docs.latest_benchmarks(text).items()
+    assert len(bars) == len(raw), f"bar lines README cannot read: {raw}"
+    assert all(b.split(": ", 1)[1] in line for b, line in zip(bars, raw))
+    assert re.search(r"\| [^|]*\d", text), "no table row with a number: nothing was measured"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "BENCHMARKS.md").write_text(text)
+    readme_table = docs._benchmarks(tmp_path)  # what `python -m src.docs` puts in README
+    assert all(b in readme_table for b in bars) and (bars or "no bar: see the section" in readme_table)
 
 
 def test_infer_e2e_holds_infer_py_against_the_encoder_measured_in_the_same_run(tmp_path):

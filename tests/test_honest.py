@@ -19,11 +19,12 @@ import torch
 from conftest import REPO, TINY_FLAGS
 from scipy.stats import binom
 
+import real as real_script
 from src import docs, training
 from src.baseline import colour_ridge_oof, colour_table
 from src.baseline import main as baseline_main
 from src.bootstrap import VERDICTS, image_terms, paired_bootstrap, r2_from_terms
-from src.checkpoint import experiment_dir, find_checkpoints, ids_hash, load_checkpoint
+from src.checkpoint import CHECKPOINT_FORMAT, experiment_dir, find_checkpoints, ids_hash, load_checkpoint
 from src.colour import FEATURE_NAMES, colour_features
 from src.config import resolve_config
 from src.data import load_train
@@ -178,7 +179,7 @@ def test_schedule_is_the_median_best_epoch_of_the_other_folds():
     assert schedule_epochs({0: 5}) == {0: None}
 
 
-def test_fixed_schedule_reads_the_epoch_rows_and_stops_at_the_last_epoch():
+def test_fixed_schedule_reads_the_epoch_rows_and_never_a_nearer_epoch():
     def epochs_frame(fold: int, last: int) -> pd.DataFrame:
         rows = [{"image_id": f"f{fold}i{i}", "fold": fold, "epoch": e, **{t: e + i for t in TARGETS},
                  **{c: 10.0 * i for c in TRUE}} for e in range(last + 1) for i in range(3)]  # fmt: skip
@@ -190,12 +191,55 @@ def test_fixed_schedule_reads_the_epoch_rows_and_stops_at_the_last_epoch():
         )
         return FoldRun("2x2", fold, Path(f"f{fold}"), None, metrics, {}, None, 0, epochs_frame(fold, last))
 
-    runs = [run(0, 1, 9), run(1, 7, 9), run(2, 3, 3)]  # fold 2 stopped early at epoch 3
+    runs = [run(0, 1, 9), run(1, 7, 9), run(2, 3, 3)]  # fold 2: an old run cut short at epoch 3
     sched = fixed_schedule(runs)
     assert sched[Path("f0")][0] == 5 and sched[Path("f1")][0] == 2  # medians of (7, 3) and (1, 3)
-    epoch, frame = sched[Path("f2")]
-    assert epoch == 3  # the median of (1, 7) is 4, past its last validated epoch
-    assert (frame[list(TARGETS)].to_numpy() == 3 + np.arange(3)[:, None]).all() and "epoch" not in frame
+    frame = sched[Path("f0")][1]
+    assert (frame[list(TARGETS)].to_numpy() == 5 + np.arange(3)[:, None]).all() and "epoch" not in frame
+    # the median of (1, 7) is 4, past fold 2's last epoch: no score at all, never its own last (label-chosen) epoch
+    assert sched[Path("f2")] == (4, None)
+
+
+def test_an_early_stopped_fold_trains_on_and_is_scored_at_the_other_folds_median(
+    synthetic_dir, folds_csv, tmp_path, monkeypatch
+):
+    """Patience 1 stops fold 1 after epoch 2 (best 1); it keeps best.pt from epoch 1, trains on to epoch 5, and the
+    fixed schedule scores it at epoch 5 (the median best epoch of two other folds, 4 and 5), past its own stop."""
+    argv = ["--fold", "1", *TINY_FLAGS, "--data-dir", str(synthetic_dir), "--folds", str(folds_csv),
+            "--device", "cpu", "--epochs", "6", "--freeze-epochs", "1", "--patience", "1"]  # fmt: skip
+    cfg = resolve_config(train_script.parse_args(argv))
+    wide = wide_with_folds(synthetic_dir, folds_csv)
+    train, val = (wide[m].reset_index(drop=True) for m in (wide["fold"] != 1, wide["fold"] == 1))
+    # scripted validation scores: 0.9 at epoch 3 would be the best if selection went on past the stop
+    scripted = iter([0.2, 0.5, 0.1, 0.9, 0.3, 0.4])
+    real_score = training.score
+    monkeypatch.setattr(training, "score", lambda y, p: {**real_score(y, p), "weighted_r2": next(scripted)})
+    run_dir = tmp_path / "exp" / "grid2x2" / "fold1"
+    run_dir.mkdir(parents=True)
+    result = training.fit(cfg, train, val, run_dir, CPU, fold=1)
+    assert [row["epoch"] for row in result.history] == list(range(6))  # not cut short at epoch 2
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["after_stop"].tolist() == [False, False, False, True, True, True]
+    assert result.best_epoch == 1 and torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == 1
+    epochs = pd.read_csv(run_dir / "oof_epochs.csv", dtype={"image_id": str})
+    assert sorted(epochs["epoch"].unique()) == list(range(6))
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={"image_id": str})
+    kept = epochs[epochs["epoch"] == 1].drop(columns="epoch").reset_index(drop=True)
+    pd.testing.assert_frame_equal(oof, kept, check_dtype=False)  # oof.csv is still the kept epoch's
+    mine = load_runs(tmp_path / "exp")[0]
+    assert mine.best_epoch == 1  # epoch 3's 0.9 came after the stop: not a candidate
+    other = [FoldRun("2x2", f, Path(f"f{f}"), None, pd.DataFrame({"epoch": range(6), "weighted_r2":
+             [1.0 if e == best else 0.0 for e in range(6)]}), {}, None) for f, best in ((0, 4), (2, 5))]  # fmt: skip
+    epoch, frame = fixed_schedule([mine, *other])[mine.path]
+    assert epoch == 5  # median of (4, 5) = 4.5, halves round up; past best 1 + patience 1 = the stop at epoch 2
+    want = epochs[epochs["epoch"] == 5].drop(columns="epoch").reset_index(drop=True)
+    pd.testing.assert_frame_equal(frame, want)
+    assert oof_r2_differs(frame, oof)
+
+
+def oof_r2_differs(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """The scheduled epoch's predictions are not the kept epoch's (the test would pass on a clipped schedule else)."""
+    return not np.allclose(a[list(TARGETS)].to_numpy(), b[list(TARGETS)].to_numpy())
 
 
 def test_fold_table_fixed_schedule_matches_the_epoch_files(trained_exp: Path):
@@ -410,3 +454,14 @@ def test_mixup_and_stereo_swap_fire_at_their_probabilities_in_both_stages(synthe
         assert lo <= c["swapped"] <= hi, (stage, c)
     for c in _count_in_loop(synthetic_dir, folds_csv, mixup_prob=0.0, swap_prob=1.0).values():
         assert c["mixed"] == 0 and c["swapped"] == c["items"] > 0
+
+
+def test_real_py_resumes_a_run_that_stopped_early_but_did_not_reach_its_last_epoch(tmp_path: Path):
+    """An early stop no longer ends a run, so real.py counts only the last epoch as done."""
+    cfg = resolve_config(train_script.parse_args(["--fold", "0", *TINY_FLAGS, "--epochs", "24", "--patience", "6"]))
+    (tmp_path / "best.pt").write_bytes(b"")
+    last = {"format": CHECKPOINT_FORMAT, "model": {}}
+    torch.save({**last, "state": {"epoch": 12, "bad_epochs": 6, "stopped_epoch": 12}}, tmp_path / "last.pt")
+    assert real_script.fold_state(tmp_path, cfg) == "resume"  # patience ran out at 12: it must train on to 23
+    torch.save({**last, "state": {"epoch": 23, "bad_epochs": 6, "stopped_epoch": 12}}, tmp_path / "last.pt")
+    assert real_script.fold_state(tmp_path, cfg) == "done"

@@ -10,6 +10,8 @@ infer.py's on the healthy checkpoints. Each check is a named boolean; this test 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,13 +31,19 @@ def rehearsal(trained_exp: Path, synthetic_dir: Path, tmp_path_factory) -> dict:
     return rehearse.rehearse(tmp_path_factory.mktemp("rehearsal"), trained_exp, synthetic_dir)
 
 
-def test_the_hidden_rerun_rehearsal_passes_every_check(rehearsal: dict):
+def test_the_hidden_rerun_rehearsal_passes_every_check(rehearsal: dict, tmp_path: Path):
     first, second = rehearsal["runs"]
     assert first["layout"] == "2026" and first["returncode"] == 0
     assert list(first["checks"]) == EXPECTED_CHECKS and all(first["checks"].values()), first
     assert first["details"]["healthy images = infer.py"].startswith("20 rows, max abs diff ")  # 4 healthy images
     if second["skipped"]:  # only when the package index cannot be reached
         assert "the package index cannot be reached" in second["skipped"], second["skipped"]
+        # and it really cannot: the same pip asked for the same wheel fails too (else the skip hides a failed run)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check"]
+        probe = subprocess.run(
+            [*pip, "-d", str(tmp_path), f"timm=={rehearse.KAGGLE_TIMM}"], capture_output=True, text=True, timeout=300
+        )
+        assert probe.returncode != 0, f"timm {rehearse.KAGGLE_TIMM} is installable here, yet its run was skipped"
     else:
         assert second["layout"] == "classic" and second["returncode"] == 0
         assert list(second["checks"]) == [*EXPECTED_CHECKS, f"timm {rehearse.KAGGLE_TIMM} first on the path"]
@@ -62,3 +70,17 @@ def test_the_rehearsal_inputs_are_what_the_issue_asks(rehearsal: dict):
     header = (work / "competition" / "test.csv").read_text().splitlines()[0]
     assert header == f"sample_id,{rehearse.EXTRA_TEST_COLUMN},image_path,target_name"
     assert "kaggle-sim:" in (REPO / "Makefile").read_text() and "kernels/rehearse.py" in (REPO / "Makefile").read_text()
+
+
+def test_a_pip_failure_other_than_the_index_fails_the_timm_run(tmp_path: Path, monkeypatch):
+    """A broken install is a failure, not a skip: only an unreachable index (or a missing version) excuses it."""
+
+    def fake_pip(returncode: int, stderr: str):
+        return lambda *a, **k: subprocess.CompletedProcess(a[0], returncode, "", stderr)
+
+    monkeypatch.setattr(rehearse.subprocess, "run", fake_pip(1, "ERROR: could not install: [Errno 28] No space left"))
+    path, note = rehearse.kaggle_timm(tmp_path / "a")
+    assert path is None and note.endswith(": a failed install") and "No space left" in note
+    monkeypatch.setattr(rehearse.subprocess, "run", fake_pip(1, "ERROR: No matching distribution found for timm"))
+    path, note = rehearse.kaggle_timm(tmp_path / "b")
+    assert path is None and note.endswith(": the package index cannot be reached")

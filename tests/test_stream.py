@@ -49,7 +49,15 @@ def images(synthetic_dir) -> pd.DataFrame:
 
 
 def test_streaming_equals_image_major_with_one_model_resident(paths, images, monkeypatch):
+    # the reference averages by hand (not with the ensemble code under test): each model alone, then the nested
+    # mean written out: folds equal within a grid, the two grids equal -> 1/4 each here
+    single = [predict_image_major([Predictor(p, "cpu", "full")], images, batch_size=4).per_view for p in paths]
     reference = predict_image_major([Predictor(p, "cpu", "full") for p in paths], images, batch_size=4)
+    np.testing.assert_allclose(reference.per_view, np.mean(single, axis=0), rtol=1e-6, atol=1e-5)
+    # an unbalanced ensemble (2x2 folds 0 and 1, 1x2 fold 0): 1/4, 1/4, 1/2, not a flat third each
+    uneven = predict_ensemble([ModelRef(paths[m], "cpu", "full") for m in (0, 2, 1)], images, show=False).per_view
+    np.testing.assert_allclose(uneven, 0.25 * single[0] + 0.25 * single[2] + 0.5 * single[1], rtol=1e-6, atol=1e-5)
+    assert not np.allclose(uneven, (single[0] + single[1] + single[2]) / 3, rtol=1e-6, atol=1e-5)
     alive: list[weakref.ref] = []
     most = []
     real_open = ModelRef.open
