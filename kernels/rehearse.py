@@ -46,11 +46,14 @@ import torch  # noqa: E402
 import infer  # noqa: E402  - the repo's own entry point: the reference the kernel must agree with
 from kernels import build as kbuild  # noqa: E402
 from kernels.kernel_template import INPUT_ENV  # noqa: E402
+from src.checkpoint import save_best, target_stats  # noqa: E402
+from src.config import Config  # noqa: E402
 from src.data import load_train  # noqa: E402
 from src.errors import BiomassError, run_cli  # noqa: E402
 from src.folds import make_folds, save_folds  # noqa: E402
 from src.inference import Predictor, fallback_values, upper_bounds  # noqa: E402
 from src.logs import add_quiet_flag, get_logger  # noqa: E402
+from src.model import build_model  # noqa: E402
 from src.postprocess import apply_physics  # noqa: E402
 from src.schema import SAMPLE_ID_SEP, TARGETS  # noqa: E402
 from src.synthetic import generate  # noqa: E402
@@ -123,6 +126,20 @@ def tiny_experiment(work: Path) -> tuple[Path, Path]:
         if proc.returncode != 0:
             raise BiomassError(f"train.py --fold {fold} for the rehearsal failed: {proc.stderr.strip()[-500:]}")
     return work / "checkpoints" / "tiny", data
+
+
+def random_checkpoint(path: Path, model: dict, fold: int = 0, seed: int = 0, train: pd.DataFrame | None = None) -> Path:
+    """A best.pt of the model config `model` (a ModelConfig dict over the defaults: the seed recipe) with random
+    weights and no training: the shape and size users train, in seconds. Target statistics from `train` (default:
+    a fixed synthetic frame)."""
+    torch.manual_seed(seed)
+    cfg = Config.from_dict({"model": {**model, "backbone_weights": None}}, source="rehearsal")
+    net = build_model(cfg.model, load_backbone_weights=False)
+    if train is None:
+        rng = np.random.default_rng(seed)
+        train = pd.DataFrame(rng.gamma(2.0, 10.0, size=(64, len(TARGETS))), columns=list(TARGETS))
+    save_best(Path(path), net, cfg, target_stats(train), epoch=0, metric=None, fold=fold)
+    return Path(path)
 
 
 def poisoned_copy(exp_dir: Path, dst_root: Path) -> tuple[Path, Path, list[Path]]:

@@ -61,6 +61,12 @@ def _set_metadata(member, ckpt: dict) -> None:
     member.split = ckpt.get("split")  # id hashes of its training / validation images (None: older checkpoints)
     # the image cleaning the checkpoint was trained with (--clean-stamps, --crop-bottom), and so its batch key
     member.cleaning = Cleaning.from_config(member.cfg.data)
+    # the resolved geometry stored at save (issue 25): no backbone build to learn it; None for older checkpoints
+    member.tile_size = ckpt.get("tile_size")
+    member.tile_flops = ckpt.get("tile_flops")
+    member.timm_version = ckpt.get("timm_version")
+    if member.tile_size and not member.cfg.model.tile_size:  # the native tile, resolved at save: build at it
+        member.cfg.model.tile_size = int(member.tile_size)
 
 
 class Predictor:
@@ -94,7 +100,7 @@ class Predictor:
         return self
 
     def flops_per_image(self) -> float:
-        return image_flops(self.cfg.model, self.tta)
+        return image_flops(self.cfg.model, self.tta, self.tile_flops)
 
     def with_model(self, model: torch.nn.Module) -> Predictor:
         """This predictor (config, statistics, TTA) with other weights of the same model: test-time fine-tuning."""
@@ -141,7 +147,7 @@ class ModelRef:
         _set_metadata(self, read_checkpoint(self.path))
         self.device, self.tta, self.amp = torch.device(device), tta, amp
         self.grid = tuple(int(g) for g in self.cfg.model.grid)
-        tile = tile_size_of(self.cfg.model)
+        tile = tile_size_of(self.cfg.model)  # the stored one (see _set_metadata); a CPU build for old checkpoints
         self.view_size = (self.grid[0] * tile, self.grid[1] * tile)
         self.input_key = input_key(self.view_size, self.cleaning)
 
@@ -152,7 +158,7 @@ class ModelRef:
         return predictor
 
     def flops_per_image(self) -> float:
-        return image_flops(self.cfg.model, self.tta)
+        return image_flops(self.cfg.model, self.tta, self.tile_flops)
 
 
 def load_predictors(paths: list[Path], device, tta: str, amp: bool, stream: bool = False) -> list:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import REPO, run_script
 
@@ -226,9 +227,8 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
     info = json.loads((out / "build.json").read_text())
     assert info["infer"]["pseudo_label"] == {"epochs": 1, "weight": 1.0, "blend": 0.5, "fold": "best", "lr_scale": 0.2}
     assert info["infer"]["time_budget"] == 30.0
-    assert info["timm"] == {"min_version": "0.9.0", "wheel": f"wheels/{wheels[0].name}"} and info["cleaning"] == [
-        "stamps+crop0.05"
-    ]
+    timm_entry = {"min_version": "1.0.19", "trained_with": timm.__version__, "wheel": f"wheels/{wheels[0].name}"}
+    assert info["timm"] == timm_entry and info["cleaning"] == ["stamps+crop0.05"]
 
     root = tmp_path / "kaggle"
     dirs = {"I2B_WEIGHTS_DIR": root / "input" / f"{SLUG}-weights", "I2B_CODE_DIR": root / "input" / f"{SLUG}-code",
@@ -278,6 +278,22 @@ def test_kernel_without_a_new_enough_timm_names_the_fix(kernel_build, tmp_path, 
     ):
         kernel_template.ensure_timm(tmp_path)
     assert kbuild.timm_min_version(["vit_small_patch16_dinov3.lvd1689m", "vit_base_patch14_reg4_dinov2"]) == "1.0.20"
+
+
+def test_the_bundled_timm_replaces_one_older_than_the_backbones_or_the_training():
+    """issue 25: the wheel goes in when Kaggle's timm is older than the family floor, or (bundled) than training's."""
+    need = kbuild.timm_min_version(["vit_base_patch14_reg4_dinov2"])
+    assert need == "1.0.19" and kbuild.timm_min_version(["vit_small_patch16_dinov3"]) == "1.0.20"
+    assert kernel_template.wheel_needed("1.0.19", need, "1.0.31", bundled=True)  # trained under a newer timm
+    assert not kernel_template.wheel_needed("1.0.19", need, "1.0.31", bundled=False)  # nothing to install: run
+    assert not kernel_template.wheel_needed("1.0.31", need, "1.0.31", bundled=True)
+    assert kernel_template.wheel_needed("1.0.31", need, "1.0.31", bundled=True, force=True)
+    assert kernel_template.wheel_needed("1.0.15", need, None, bundled=False)
+    assert kernel_template.wheel_needed(None, need, None, bundled=False)
+    plan = kbuild.timm_plan([{"backbone": "vit_small_patch16_dinov3", "timm_version": "1.0.22"},
+                             {"backbone": "vit_base_patch14_reg4_dinov2", "timm_version": "1.0.31"},
+                             {"backbone": "vit_base_patch14_reg4_dinov2", "timm_version": None}], None)  # fmt: skip
+    assert plan == {"min_version": "1.0.20", "trained_with": "1.0.31", "wheel": None}
 
 
 def test_kernel_exits_nonzero_with_one_line(kernel_build, mock_kaggle, tmp_path):
