@@ -36,10 +36,10 @@ from src.data import load_test  # noqa: E402
 from src.dataset import MultiSizeViewDataset  # noqa: E402
 from src.inference import (  # noqa: E402
     TTA_MODES,
+    BatchPredictor,
     EnsemblePrediction,
     ModelRef,
     Predictor,
-    _predict_or_nan,
     ensemble_groups,
     finite_ensemble_mean,
     predict_ensemble,
@@ -66,7 +66,7 @@ def predict_image_major(predictors, frame: pd.DataFrame, batch_size: int = 8, gr
     for batch in loader:
         idx = batch["index"].numpy()
         readable[idx] = batch["ok"].numpy()
-        preds = np.stack([_predict_or_nan(p, batch[p.input_key], "error", {}) for p in predictors])
+        preds = np.stack([BatchPredictor(p, "error", {})(batch[p.input_key]) for p in predictors])
         mean = finite_ensemble_mean(preds, groups, weights)
         out[idx], used[:, idx] = mean.values, mean.used
     counts = used.sum(axis=0)

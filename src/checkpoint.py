@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import timm
 import torch
 
 from src.config import Config
@@ -77,8 +78,6 @@ def save_best(
     the timm version it was trained with: inference builds no backbone to learn them (Kaggle's timm 1.0.19 cannot
     build one on the meta device), and kernels/build.py knows which timm the weights came from.
     """
-    import timm  # the version only; timm is imported by the model anyway
-
     extra = {} if swa_epochs is None else {"swa_epochs": [int(e) for e in swa_epochs]}
     if split is not None:
         extra["split"] = dict(split)

@@ -44,7 +44,11 @@ def _worker(rank: int, job: dict, tasks, results) -> None:
         results.put(("readable", rank, None, rows, views.readable, None))
         while (m := tasks.get()) is not None:
             done = run.run_member(m, views)
-            results.put(("member", rank, m, rows, run.preds[m] if done else None, run.errors.get(str(members[m].path))))
+            path = str(members[m].path)
+            if path in run.failed:  # could not load, or raised on every batch: lost whole, not cut by the deadline
+                results.put(("failed", rank, m, rows, None, run.failed[path]))
+                continue
+            results.put(("member", rank, m, rows, run.preds[m] if done else None, run.errors.get(path)))
         results.put(("done", rank, None, None, None, None))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which decides (fallback or error)
         results.put(("error", rank, f"{type(err).__name__}: {str(err).strip()[:300]}", None, None, None))
@@ -123,6 +127,9 @@ def predict_parallel(
                     startup = now() - run.started
             elif kind == "readable":
                 readable[rows] = preds
+            elif kind == "failed":
+                run.failed.setdefault(str(run.members[a].path), error)
+                lost[a] = True
             elif kind == "member":
                 _take(run, a, rows, preds, error, parts, lost, n if split == "images" else 1, on_update, readable)
             elif kind == "error":

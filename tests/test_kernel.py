@@ -543,9 +543,14 @@ def test_a_fine_tune_build_needs_the_runs_drop_ids_file(trained_exp: Path, tmp_p
 class FakeKaggleRun(FakeKaggle):
     """FakeKaggle that also answers `kernels status` (one state per poll), `kernels logs` and `competitions submit`."""
 
-    def __init__(self, versions: dict[str, int], states: list[str], failure: str = "", push_version: int = 7):
+    HEALTHY = {"submission_written": True, "finite_models": 2, "models_total": 2, "used": ["a", "b"], "images": 3,
+               "images_on_fallback": 0, "failed": {}, "errors": []}  # fmt: skip
+
+    def __init__(
+        self, versions: dict[str, int], states: list[str], failure: str = "", push_version: int = 7, report=HEALTHY
+    ):
         super().__init__(versions, f"Kernel version {push_version} successfully pushed.  Please check progress at x")
-        self.states, self.failure = list(states), failure
+        self.states, self.failure, self.report = list(states), failure, report
 
     def __call__(self, args: list[str], echo: bool = True) -> tuple[int, str]:
         if args[:2] == ["kernels", "status"]:
@@ -557,6 +562,11 @@ class FakeKaggleRun(FakeKaggle):
             self.calls.append(args)
             events = [{"stream_name": "stdout", "time": i, "data": f"line {i}\n"} for i in range(40)]
             return 0, json.dumps(events)
+        if args[:2] == ["kernels", "output"]:  # writes the run's run_report.json into -p (None: the output lacks it)
+            self.calls.append(args)
+            if self.report is not None:
+                (Path(args[args.index("-p") + 1]) / "run_report.json").write_text(json.dumps(self.report))
+            return 0, "Output file downloaded"
         if args[:2] == ["competitions", "submit"]:
             self.calls.append(args)
             return 0, "Submission ref: 123\n5 submissions remaining today.\nSuccessfully submitted"
@@ -577,6 +587,7 @@ def test_push_submit_waits_for_the_run_then_submits_that_version(kernel_build: P
         ["kernels", "status", f"{IDS['kernel']}/7"],
         ["kernels", "status", f"{IDS['kernel']}/7"],
         ["kernels", "logs", f"{IDS['kernel']}/7"],
+        ["kernels", "output", f"{IDS['kernel']}/7", "-p", after_push[5][4], "--file-pattern", r"run_report\.json"],
         ["competitions", "submit", "csiro-biomass", "-k", IDS["kernel"], "-v", "7", "-f", "submission.csv",
          "-m", "v1 test"],
     ]  # fmt: skip
@@ -610,6 +621,31 @@ def test_push_submit_submits_nothing_after_a_failed_run(kernel_build: Path, monk
     assert run_cli(push.main, [str(kernel_build), "--skip-weights", "--submit", "--run-wait", "0"]) == 1
     err = capsys.readouterr().err
     assert "version 7: still running after 0s; nothing submitted; when it is complete: kaggle competitions" in err
+    assert not [c for c in fake.calls if c[0] == "competitions"]
+
+
+@pytest.mark.parametrize(
+    "report, expected",
+    [
+        ({**FakeKaggleRun.HEALTHY, "finite_models": 0, "failed": {"w/e/best.pt": "could not load (OOM)"}},
+         "no model produced a finite prediction: all 3 images got the training median; failed: w/e/best.pt: could not "
+         "load (OOM)"),
+        (None, "the run's output holds no run_report.json (built by an older kernels/build.py?)"),
+        ({**FakeKaggleRun.HEALTHY, "submission_written": False}, "the run wrote no submission"),
+    ],
+)  # fmt: skip
+def test_push_submit_refuses_a_run_where_no_model_was_finite(kernel_build: Path, monkeypatch, capsys, report, expected):
+    """issue 25 item 2: a completed run (exit 0) whose run_report.json shows no finite model is not submitted."""
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "fake-token")
+    monkeypatch.setattr(push, "POLL_SECONDS", 0)
+    monkeypatch.setattr(push, "KERNEL_POLL_SECONDS", 0)
+    fake = FakeKaggleRun({IDS["weights"]: 1, IDS["code"]: 1}, ["COMPLETE"], report=report)
+    monkeypatch.setattr(push, "run_kaggle", fake)
+    assert run_cli(push.main, [str(kernel_build), "--skip-weights", "--submit"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: kernel {IDS['kernel']} version 7 completed but is not worth submitting: {expected}; nothing submitted"
+    ), err
     assert not [c for c in fake.calls if c[0] == "competitions"]
 
 
