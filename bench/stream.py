@@ -56,7 +56,11 @@ def predict_image_major(predictors, frame: pd.DataFrame, batch_size: int = 8, gr
     n_views = max(TTA_MODES[p.tta] for p in predictors)
     groups, weights = ensemble_groups(predictors, grid_weights)
     dataset = MultiSizeViewDataset(
-        frame, [p.view_size for p in predictors], True, "error", [p.cleaning for p in predictors]
+        frame,
+        [p.view_size for p in predictors],
+        [p.jpeg_reduce for p in predictors],
+        "error",
+        [p.cleaning for p in predictors],
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, worker_init_fn=worker_init)
     out = np.zeros((len(frame), n_views, len(TARGETS)))

@@ -61,6 +61,7 @@ def _set_metadata(member, ckpt: dict) -> None:
     member.split = ckpt.get("split")  # id hashes of its training / validation images (None: older checkpoints)
     # the image cleaning the checkpoint was trained with (--clean-stamps, --crop-bottom), and so its batch key
     member.cleaning = Cleaning.from_config(member.cfg.data)
+    member.jpeg_reduce = bool(member.cfg.data.jpeg_reduce)  # decode as it trained: reduced JPEG decode or full
     # the resolved geometry stored at save (issue 25): no backbone build to learn it; None for older checkpoints
     member.tile_size = ckpt.get("tile_size")
     member.tile_flops = ckpt.get("tile_flops")
@@ -93,7 +94,7 @@ class Predictor:
         self.model.to(self.device).eval()
         self.tta = tta
         self.amp = amp
-        self.input_key = input_key(self.view_size, self.cleaning)
+        self.input_key = input_key(self.view_size, self.cleaning, self.jpeg_reduce)
 
     def open(self) -> Predictor:
         """Already resident: the member interface of `predict_ensemble` (see `ModelRef.open`)."""
@@ -149,7 +150,7 @@ class ModelRef:
         self.grid = tuple(int(g) for g in self.cfg.model.grid)
         tile = tile_size_of(self.cfg.model)  # the stored one (see _set_metadata); a CPU build for old checkpoints
         self.view_size = (self.grid[0] * tile, self.grid[1] * tile)
-        self.input_key = input_key(self.view_size, self.cleaning)
+        self.input_key = input_key(self.view_size, self.cleaning, self.jpeg_reduce)
 
     def open(self) -> Predictor:
         predictor = Predictor(self.path, self.device, self.tta, self.amp)
@@ -385,13 +386,14 @@ class CachedViews:
 
     def __init__(self, frame, members, batch_size, on_bad_image, num_workers, jpeg_reduce, show) -> None:
         dataset = MultiSizeViewDataset(
-            frame, [m.view_size for m in members], jpeg_reduce, on_bad_image, [m.cleaning for m in members]
-        )
+            frame, [m.view_size for m in members], [jpeg_reduce and m.jpeg_reduce for m in members], on_bad_image,
+            [m.cleaning for m in members],
+        )  # fmt: skip
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init)
         n = len(frame)
-        self.views = {input_key(v, c): torch.empty((n, 2, 3, *v), dtype=torch.uint8) for v, c in dataset.inputs}
+        self.views = {input_key(v, c, r): torch.empty((n, 2, 3, *v), dtype=torch.uint8) for v, c, r in dataset.inputs}
         self.readable = np.ones(n, dtype=bool)
-        self.batch_size = batch_size
+        self.batch_size, self.jpeg_reduce = batch_size, jpeg_reduce
         for batch in progress(loader, desc="decoding", disable=not show):
             idx = batch["index"].numpy()
             self.readable[idx] = batch["ok"].numpy()
@@ -399,7 +401,7 @@ class CachedViews:
                 tensor[idx] = batch[key]
 
     def batches(self, member) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        views = self.views[member.input_key]
+        views = self.views[input_key(member.view_size, member.cleaning, self.jpeg_reduce and member.jpeg_reduce)]
         for lo in range(0, len(views), self.batch_size):
             yield np.arange(lo, min(lo + self.batch_size, len(views))), views[lo : lo + self.batch_size]
 
@@ -414,15 +416,16 @@ class RedecodedViews:
 
     def batches(self, member) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         dataset = MultiSizeViewDataset(
-            self.frame, [member.view_size], self.jpeg_reduce, self.on_bad_image, [member.cleaning]
-        )
+            self.frame, [member.view_size], [self.jpeg_reduce and member.jpeg_reduce], self.on_bad_image,
+            [member.cleaning],
+        )  # fmt: skip
         loader = DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, worker_init_fn=worker_init
         )
         for batch in loader:
             idx = batch["index"].numpy()
             self.readable[idx] = batch["ok"].numpy()
-            yield idx, batch[member.input_key]
+            yield idx, batch[input_key(member.view_size, member.cleaning, self.jpeg_reduce and member.jpeg_reduce)]
 
 
 VIEW_SOURCES = {"cache": CachedViews, "redecode": RedecodedViews}

@@ -453,6 +453,34 @@ def test_oof_report_matches_hand_recomputation(trained_exp, synthetic_dir, folds
     assert (ens["fold"].to_numpy() == held_out["fold"].to_numpy()).all()
 
 
+def test_inference_honours_each_checkpoints_jpeg_reduce(synthetic_dir, trained_exp, tmp_path):
+    """issue 27 item 7: a checkpoint trained with data.jpeg_reduce false is fed full decodes, as in training (bit for
+    bit), one trained with it true the reduced ones; both from one read per image, each under its own input key."""
+    from src.data import load_train
+    from src.dataset import ViewPairDataset, decode_reduction, input_key, jpeg_header_size
+    from src.inference import CachedViews, ModelRef
+    from src.transforms import build_transform
+
+    best = trained_exp / "grid1x2" / "fold0" / "best.pt"
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["config"]["data"]["jpeg_reduce"] = False
+    full_pt = tmp_path / "full" / "best.pt"
+    full_pt.parent.mkdir()
+    torch.save(ckpt, full_pt)
+    reduced, full = ModelRef(best, tta="none"), ModelRef(full_pt, tta="none")
+    assert (reduced.jpeg_reduce, full.jpeg_reduce) == (True, False) and reduced.input_key != full.input_key
+    frame = load_train(synthetic_dir).head(2)
+    view = full.view_size
+    assert decode_reduction(jpeg_header_size(frame.at[0, "path"]), view, Cleaning()) > 1  # the flag matters here
+    cached = CachedViews(frame, [reduced, full], 2, "error", 0, True, False)
+    assert set(cached.views) == {input_key(view), input_key(view, None, False)} == {reduced.input_key, full.input_key}
+    for jpeg_reduce, member in ((True, reduced), (False, full)):
+        train = ViewPairDataset(frame, view, build_transform(view, train=False), jpeg_reduce=jpeg_reduce)[1]
+        (_, pair), *_ = cached.batches(member)
+        assert torch.equal(pair[1, 0], train["left"]) and torch.equal(pair[1, 1], train["right"])
+    assert not torch.equal(cached.views[reduced.input_key], cached.views[full.input_key])  # a positive control
+
+
 def test_multi_size_dataset_gives_every_model_exactly_its_training_views(synthetic_dir):
     """One read serves every model, yet each input equals training's ViewPairDataset views bit for bit.
 
