@@ -358,6 +358,11 @@ class BatchPredictor:
         """Every one of the first FAIL_FAST batches raised: a systematic failure, not a bad image."""
         return self.raised >= self.FAIL_FAST and self.raised == self.batches
 
+    @property
+    def all_raised(self) -> bool:
+        """Every batch of the pass raised (also when there were fewer than FAIL_FAST)."""
+        return self.batches > 0 and self.raised == self.batches
+
     def _halving(self, pair: torch.Tensor) -> np.ndarray:
         outs, lo = [], 0
         while lo < len(pair):
@@ -498,8 +503,10 @@ class EnsembleRun:
                 return False
             out[idx] = batches(pair)
             if batches.given_up:
-                del predictor, batches
-                return self.fail(m, f"raised on every batch ({self.errors.get(str(member.path))})")
+                break
+        if batches.all_raised:
+            del predictor, batches
+            return self.fail(m, f"raised on every batch ({self.errors.get(str(member.path))})")
         del predictor, batches  # a ModelRef's weights go now: the next member loads into the freed memory
         if member.device.type == "cuda":
             torch.cuda.empty_cache()
