@@ -336,6 +336,7 @@ def rehearse(
     data_dir: Path | None = None,
     timm: bool = True,
     timm_cache: Path | None = None,
+    real_size: bool = False,
 ) -> dict:
     """Every step of the module docstring under `work`; returns the report (also written to rehearsal.json)."""
     work = Path(work)
@@ -372,6 +373,11 @@ def rehearse(
         (root / "kernel.stdout").write_text(run.stdout)
         (root / "kernel.stderr").write_text(run.stderr)
         runs.append(run)
+    if real_size:  # issue 25: what users build (slow on a CPU: ~ViT-B on 2 full-size images)
+        if timm_dir is None:
+            runs.append(Run("real-size checkpoints", "classic", skipped=f"skipped: {timm_note}"))
+        else:
+            runs.extend(real_size_runs(work / "real-size", timm_dir))
     result = {
         "passed": all(r.passed for r in runs),
         "seconds": round(time.time() - start, 1),
@@ -392,6 +398,60 @@ def rehearse(
     }
     (work / "rehearsal.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+# ---- what users build: real-size checkpoints, native tiles, full-size images (issue 25) -----------------------------
+SEED_RECIPE = {}  # ModelConfig defaults = the seed recipe: DINOv2 ViT-B/14 reg4, grid 2x2, native tiles (504 px)
+DINOV3_SHAPED = {
+    "backbone": "vit_small_patch16_dinov3",
+    "backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2},
+    "fusion_dim": 32,
+}  # native tiles too; needs timm >= 1.0.20: the bundled wheel
+FULL_SIZE = (2000, 1000)
+
+
+def real_size_runs(work: Path, timm_dir: Path, n_images: int = 2) -> list[Run]:
+    """Two kernels on `n_images` full-size 2000x1000 synthetic images, TTA off, under Kaggle's timm (`timm_dir` first
+    on the path): a ViT-B/14 seed-recipe checkpoint (random weights, native tiles; the image's timm must do) and a
+    DINOv3-shaped one (built with --bundle-timm; the kernel must install the wheel). Each: exit 0, a complete valid
+    submission, a finite model in run_report.json."""
+    data = generate(work / "full-size-data", 2, n_images, seed=1, size=FULL_SIZE)
+    runs = []
+    plans = [("ViT-B/14 seed recipe, native tiles, full-size images", "vitb", SEED_RECIPE, False),
+             ("DINOv3-shaped, native tiles, bundled timm", "dinov3", DINOV3_SHAPED, True)]  # fmt: skip
+    for name, key, model, bundle in plans:
+        start = time.time()
+        exp = work / f"exp-{key}"
+        random_checkpoint(exp / "grid2x2" / "fold0" / "best.pt", model)
+        options = kbuild.KernelOptions(kbuild.kernel_infer_config(tta="none"), bundle_timm=bundle)
+        build_out = work / f"build-{key}"
+        kbuild.build([str(exp)], build_out, OWNER, SLUG, options)
+        root = work / f"kaggle-{key}"
+        inputs = lay_out(build_out, data, root, "classic")
+        report, run = run_kernel(build_out / "kernel" / "kernel.py", root, inputs, timm_dir)
+        run.name, run.layout, run.seconds = name, "classic", time.time() - start
+        run.check("exit 0", run.returncode == 0, "" if run.returncode == 0 else run.stderr.strip()[-600:])
+        sub_path = root / "working" / "submission.csv"
+        test = pd.read_csv(data / "test.csv")
+        sub = pd.read_csv(sub_path) if sub_path.is_file() else pd.DataFrame({"sample_id": [], "target": []})
+        run.check("every test.csv id once", sorted(sub["sample_id"]) == sorted(test["sample_id"]),
+                  f"{len(sub)} rows for {len(test)} test.csv rows")  # fmt: skip
+        run.check("finite and >= 0", bool(len(sub) and np.isfinite(sub["target"]).all() and (sub["target"] >= 0).all()))
+        path = root / "working" / "run_report.json"
+        rep = json.loads(path.read_text()) if path.is_file() else {}
+        run.check("a finite model in run_report.json", rep.get("finite_models") == 1 and not rep.get("failed"),
+                  json.dumps({k: rep.get(k) for k in ("finite_models", "failed", "errors")}))  # fmt: skip
+        timm_file = (report.get("modules") or {}).get("timm") or ""
+        if bundle:
+            run.check("bundled timm installed", "timm from the bundled" in run.stdout and not timm_file.startswith(
+                str(timm_dir)), timm_file)  # fmt: skip
+        else:
+            run.check(f"timm {KAGGLE_TIMM} first on the path", timm_file.startswith(str(timm_dir))
+                      and f"timm {KAGGLE_TIMM}" in run.stdout, timm_file)  # fmt: skip
+        (root / "kernel.stdout").write_text(run.stdout)
+        (root / "kernel.stderr").write_text(run.stderr)
+        runs.append(run)
+    return runs
 
 
 def summary(result: dict, kept: bool = True) -> list[str]:
@@ -421,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-timm-run", action="store_true", help=f"skip the run with timm {KAGGLE_TIMM}")
     parser.add_argument("--timm-cache", default=None, help=f"where timm {KAGGLE_TIMM} is installed once "
                         f"(default ${TIMM_CACHE_ENV} or {DEFAULT_TIMM_CACHE})")  # fmt: skip
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="also rehearse a ViT-B/14 seed-recipe and a "
+        "DINOv3-shaped checkpoint (random weights, native tiles) on 2 full-size images (slow on a CPU)",
+    )
     add_quiet_flag(parser)
     args = parser.parse_args(argv)
     tmp = None if args.work else tempfile.mkdtemp(prefix="i2b-rehearsal-")
@@ -431,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.data_dir) if args.data_dir else None,
             timm=not args.no_timm_run,
             timm_cache=Path(args.timm_cache) if args.timm_cache else None,
+            real_size=args.real_size,
         )
     finally:
         if tmp:
