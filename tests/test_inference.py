@@ -225,8 +225,9 @@ def test_submission_values_settings(
     assert run_cli(infer_script.main, infer_argv(synthetic_dir, trained_exp, out, *extra)) == 0, capsys.readouterr().err
     assert f"wrote {out}: {5 * len(test_images)} rows for {len(test_images)} images" in capsys.readouterr().out
     assert sorted(reads) == sorted(test_images["path"])  # every unique image decoded exactly once
-    # no temp file left; beside the submission: its resolved config (a valid --config) and the run's log
-    assert sorted(p.name for p in out.parent.iterdir()) == ["infer.log", "submission.csv", "submission.yaml"]
+    # no temp file left; beside the submission: its resolved config (a valid --config), the log and run_report.json
+    names = ["infer.log", "run_report.json", "submission.csv", "submission.yaml"]
+    assert sorted(p.name for p in out.parent.iterdir()) == names
     saved = InferConfig.from_dict(load_yaml(out.with_suffix(".yaml")))
     assert (saved.tta, saved.physics, saved.batch_size, saved.out) == (tta, physics, 4, str(out))
     assert f"wrote {out}" in (out.parent / "infer.log").read_text().splitlines()[-1]
