@@ -20,6 +20,10 @@
    the corrupt images got the training-median fallback; `infer`/`src` came from the code dataset (and timm
    from the cache in run 2).
 
+With --real-size (issue 25) two more kernels run what users build, under timm 1.0.19 on 2 full-size 2000x1000
+images with TTA off: a ViT-B/14 seed-recipe checkpoint with random weights and native tiles, and a DINOv3-shaped
+one built with --bundle-timm (its kernel must install the wheel). Slow on a CPU: not part of the test suite.
+
 Prints one line per check and writes rehearsal.json in the work folder; exit 1 when a check failed.
 """
 
