@@ -62,7 +62,8 @@ push: install
 	$(PY) kernels/push.py build/kaggle
 
 # rehearsal of Kaggle's hidden-test rerun (docs/KAGGLE.md): a tiny experiment, the built kernel run offline on a
-# Kaggle-style input tree with bad inputs, twice (2026 layout; competition-era layout with timm 1.0.19).
+# Kaggle-style input tree with bad inputs, twice (2026 layout; competition-era layout with timm 1.0.19);
+# SIM_FLAGS=--real-size adds a ViT-B/14 seed-recipe and a DINOv3-shaped checkpoint on full-size images (slow on a CPU).
 # SIM_FLAGS="--checkpoints checkpoints/demo --data-dir data/synthetic" rehearses an experiment of yours instead.
 SIM_FLAGS ?=
 kaggle-sim: install

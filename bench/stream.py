@@ -36,10 +36,10 @@ from src.data import load_test  # noqa: E402
 from src.dataset import MultiSizeViewDataset  # noqa: E402
 from src.inference import (  # noqa: E402
     TTA_MODES,
+    BatchPredictor,
     EnsemblePrediction,
     ModelRef,
     Predictor,
-    _predict_or_nan,
     ensemble_groups,
     finite_ensemble_mean,
     predict_ensemble,
@@ -57,7 +57,11 @@ def predict_image_major(predictors, frame: pd.DataFrame, batch_size: int = 8, gr
     n_views = max(TTA_MODES[p.tta] for p in predictors)
     groups, weights = ensemble_groups(predictors, grid_weights)
     dataset = MultiSizeViewDataset(
-        frame, [p.view_size for p in predictors], True, "error", [p.cleaning for p in predictors]
+        frame,
+        [p.view_size for p in predictors],
+        [p.jpeg_reduce for p in predictors],
+        "error",
+        [p.cleaning for p in predictors],
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, worker_init_fn=worker_init)
     out = np.zeros((len(frame), n_views, len(TARGETS)))
@@ -67,7 +71,7 @@ def predict_image_major(predictors, frame: pd.DataFrame, batch_size: int = 8, gr
     for batch in loader:
         idx = batch["index"].numpy()
         readable[idx] = batch["ok"].numpy()
-        preds = np.stack([_predict_or_nan(p, batch[p.input_key], "error", {}) for p in predictors])
+        preds = np.stack([BatchPredictor(p, "error", {})(batch[p.input_key]) for p in predictors])
         mean = finite_ensemble_mean(preds, groups, weights)
         out[idx], used[:, idx] = mean.values, mean.used
     counts = used.sum(axis=0)

@@ -56,9 +56,11 @@ TEMPLATE_MARKER = "BUILD: dict = {}"
 DEFAULT_SLUG = "image2biomass"
 CODE_FILES = ("infer.py", "src")
 SKIP_NAMES = ("__pycache__", ".pytest_cache", ".ruff_cache")
-# The oldest timm that has each backbone family (DINOv3 arrived in timm 1.0.20); the kernel checks Kaggle's.
-TIMM_MIN = {"dinov3": "1.0.20", "dinov2": "0.9.0"}
-DEFAULT_TIMM_MIN = "0.9.0"
+# The oldest timm each backbone family is known to run under here: DINOv3 arrived in timm 1.0.20; DINOv2 (reg4) runs
+# under Kaggle's 1.0.19 (`make kaggle-sim` rehearses a ViT-B/14 seed-recipe checkpoint under it); nothing older
+# was tried, so nothing older is claimed. The kernel checks Kaggle's timm against it.
+TIMM_MIN = {"dinov3": "1.0.20", "dinov2": "1.0.19"}
+DEFAULT_TIMM_MIN = "1.0.19"
 
 
 # The share of infer.py's flags (InferConfig fields) that the kernel build sets; the kernel fills in the paths.
@@ -188,6 +190,7 @@ def describe_checkpoint(path: Path) -> dict:
         "backbone": ckpt["config"]["model"]["backbone"],
         "clean_stamps": bool(data.get("clean_stamps", False)), "crop_bottom": float(data.get("crop_bottom", 0.0)),
         "drop_ids": data.get("drop_ids"), "folds": data.get("folds"),
+        "timm_version": ckpt.get("timm_version"),  # the timm it was trained with (None: saved before issue 25)
     }  # fmt: skip
 
 
@@ -227,6 +230,18 @@ def timm_min_version(backbones: list[str]) -> str:
     """The oldest timm that builds every backbone of the ensemble."""
     needs = [v for b in backbones for family, v in TIMM_MIN.items() if family in b] or [DEFAULT_TIMM_MIN]
     return max(needs, key=version_tuple)
+
+
+def timm_plan(described: list[dict], wheel: str | None) -> dict:
+    """build.json's timm entry: the oldest timm every backbone runs under, the newest any checkpoint was trained with,
+    the bundled wheel. The kernel installs the wheel when Kaggle's timm is older than either (the second only when
+    a wheel was bundled: the weights were made under it)."""
+    trained = [d["timm_version"] for d in described if d.get("timm_version")]
+    return {
+        "min_version": timm_min_version([d["backbone"] for d in described]),
+        "trained_with": max(trained, key=version_tuple) if trained else None,
+        "wheel": wheel,
+    }
 
 
 def oof_summary(exp_dir: Path, tta: str, physics: str) -> str | None:
@@ -319,7 +334,7 @@ def build_into(
         "weights_id": weights_id,
         "experiments": list(experiments),
         "infer": {**options.infer.to_dict(), "deadline": kernel_deadline(options.infer)},
-        "timm": {"min_version": timm_min_version([d["backbone"] for d in described]), "wheel": timm_wheel},
+        "timm": timm_plan(described, timm_wheel),
         "cleaning": sorted({Cleaning(d["clean_stamps"], d["crop_bottom"]).key or "none" for d in described}),
         "accelerator": options.accelerator,
     }

@@ -177,19 +177,29 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
+def wheel_needed(have: str | None, need: str, trained: str | None, bundled: bool, force: bool = False) -> bool:
+    """Whether the image's timm (`have`) must give way to the bundled wheel: missing or older than the backbones
+    need; or, when a wheel was bundled, older than the timm the checkpoints were trained with (or forced)."""
+    if have is None or _version(have) < _version(need):
+        return True
+    return bundled and (force or bool(trained and _version(have) < _version(trained)))
+
+
 def ensure_timm(code: Path) -> str:
     """Make a timm new enough for the backbones importable (before anything imports it); says what it did.
 
     The image's own timm when it is new enough; else the wheel the build bundled, installed offline into a
-    temp folder put first on sys.path; else an error naming the fix.
+    temp folder put first on sys.path; else an error naming the fix. With a bundled wheel, "new enough" also means
+    not older than the timm the checkpoints were trained with (`trained_with`, stored in best.pt since issue 25).
     """
     need, wheel = BUILD["timm"]["min_version"], BUILD["timm"].get("wheel")
+    trained = BUILD["timm"].get("trained_with")
     try:
         have = importlib.metadata.version("timm")
     except importlib.metadata.PackageNotFoundError:
         have = None
     force = os.environ.get("I2B_FORCE_TIMM_WHEEL") == "1"
-    if have is not None and _version(have) >= _version(need) and not (force and wheel):
+    if not wheel_needed(have, need, trained, bool(wheel), force):
         return f"timm {have} (>= {need} needed)"
     if not wheel:
         raise KernelError(
@@ -215,7 +225,8 @@ def ensure_timm(code: Path) -> str:
             f"installing the bundled {wheel} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
         )
     sys.path.insert(0, str(target))
-    return f"timm from the bundled {Path(wheel).name} into {target} (the image had {have or 'none'}, >= {need} needed)"
+    why = f">= {need} needed" + (f", checkpoints trained with {trained}" if trained else "")
+    return f"timm from the bundled {Path(wheel).name} into {target} (the image had {have or 'none'}, {why})"
 
 
 def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:

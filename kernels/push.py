@@ -7,7 +7,9 @@ waits until both are processed, and pushes the kernel, which then runs on Kaggle
 With --submit it then waits for that kernel version's run to end (`kaggle kernels status OWNER/SLUG/N`),
 prints the tail of its log (`kaggle kernels logs OWNER/SLUG/N`) and, only if the run completed, submits
 it: `kaggle competitions submit csiro-biomass -k OWNER/SLUG -v N -f submission.csv -m MSG`. A failed run
-is an error and nothing is submitted.
+is an error and nothing is submitted. So is a completed run whose run_report.json (fetched with
+`kaggle kernels output OWNER/SLUG/N --file-pattern run_report.json`) says no model produced a finite prediction:
+the kernel exits 0 with the training median everywhere then, and that is not worth a submission.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import re
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ if __package__ in (None, ""):  # run as `python kernels/push.py`: `src` lives in
 
 from src.download import COMPETITION, last_line, require_credentials, run_kaggle  # noqa: E402
 from src.errors import BiomassError, run_cli  # noqa: E402
+from src.run_report import REPORT_NAME, read_report, refusal  # noqa: E402
 
 SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")  # the CLI's dataset/kernel slug rule
 OWNER_RE = re.compile(r"^[a-z0-9]+(?:[_-][a-z0-9]+)*$")  # the CLI's owner slug rule
@@ -274,6 +278,41 @@ def submit_command(ref: str, version: int | str, message: str) -> list[str]:
     return ["competitions", "submit", COMPETITION, "-k", ref, "-v", str(version), "-f", SUBMISSION_FILE, "-m", message]
 
 
+def output_command(ref: str, version: int | str, folder: str | Path) -> list[str]:
+    """The kernel version's run_report.json only (the CLI matches --file-pattern as a regex on the file names)."""
+    return [
+        "kernels",
+        "output",
+        f"{ref}/{version}",
+        "-p",
+        str(folder),
+        "--file-pattern",
+        REPORT_NAME.replace(".", r"\."),
+    ]
+
+
+def run_report_refusal(ref: str, version: int) -> str | None:
+    """Why the completed run must not be submitted (its run_report.json), or None; no report is a refusal too."""
+    with tempfile.TemporaryDirectory(prefix="i2b-output-") as tmp:
+        args = output_command(ref, version, tmp)
+        code, text = run_kaggle(args, echo=False)
+        if code != 0:
+            return f"{_show(args)} failed (exit {code}): {last_line(text)}; its run_report.json could not be checked"
+        found = sorted(Path(tmp).rglob(REPORT_NAME))
+        if not found:
+            return f"the run's output holds no {REPORT_NAME} (built by an older kernels/build.py?)"
+        try:
+            report = read_report(found[0])
+        except BiomassError as err:
+            return str(err)
+    why = refusal(report)
+    if why is None:
+        used, total = len(report.get("used") or []), report.get("models_total", "?")
+        print(f"{REPORT_NAME}: {used} of {total} model(s) used, {report.get('images_on_fallback')} image(s) on the "
+              f"fallback, {len(report.get('errors') or [])} error(s) survived")  # fmt: skip
+    return why
+
+
 def _show(args: list[str]) -> str:
     return shlex.join(["kaggle", *args])
 
@@ -405,6 +444,12 @@ def submit_version(ref: str, version: int, message: str, timeout: float) -> None
             + (f" ({failure})" if failure else "")
             + f"; nothing submitted; see the log above and https://www.kaggle.com/code/{ref}"
         )
+    why = run_report_refusal(ref, version)
+    if why is not None:
+        raise BiomassError(
+            f"kernel {ref} version {version} completed but is not worth submitting: {why}; nothing submitted; "
+            f"see the log above; to submit anyway: {_show(submit_command(ref, version, 'MSG'))}"
+        )
     args = submit_command(ref, version, message)
     print(f"$ {_show(args)}", flush=True)
     code, text = run_kaggle(args)
@@ -444,7 +489,8 @@ def push(
             print(
                 f"then, N being the version that `kernels push` prints:\n  {_show(status_command(kernel.ref, n))}"
                 f"    (every {KERNEL_POLL_SECONDS}s until complete or error)\n  {_show(logs_command(kernel.ref, n))}\n"
-                f"  {_show(submit_command(kernel.ref, n, message))}    (only if the run completed)"
+                f"  {_show(output_command(kernel.ref, n, 'TMP'))}    (its {REPORT_NAME}: some model finite?)\n"
+                f"  {_show(submit_command(kernel.ref, n, message))}    (only if the run completed and was not refused)"
             )
         return 0
     print(f"Kaggle credentials: {require_credentials()}")

@@ -20,6 +20,10 @@
    the corrupt images got the training-median fallback; `infer`/`src` came from the code dataset (and timm
    from the cache in run 2).
 
+With --real-size (issue 25) two more kernels run what users build, under timm 1.0.19 on 2 full-size 2000x1000
+images with TTA off: a ViT-B/14 seed-recipe checkpoint with random weights and native tiles, and a DINOv3-shaped
+one built with --bundle-timm (its kernel must install the wheel). Slow on a CPU: not part of the test suite.
+
 Prints one line per check and writes rehearsal.json in the work folder; exit 1 when a check failed.
 """
 
@@ -46,11 +50,14 @@ import torch  # noqa: E402
 import infer  # noqa: E402  - the repo's own entry point: the reference the kernel must agree with
 from kernels import build as kbuild  # noqa: E402
 from kernels.kernel_template import INPUT_ENV  # noqa: E402
+from src.checkpoint import save_best, target_stats  # noqa: E402
+from src.config import Config  # noqa: E402
 from src.data import load_train  # noqa: E402
 from src.errors import BiomassError, run_cli  # noqa: E402
 from src.folds import make_folds, save_folds  # noqa: E402
 from src.inference import Predictor, fallback_values, upper_bounds  # noqa: E402
 from src.logs import add_quiet_flag, get_logger  # noqa: E402
+from src.model import build_model  # noqa: E402
 from src.postprocess import apply_physics  # noqa: E402
 from src.schema import SAMPLE_ID_SEP, TARGETS  # noqa: E402
 from src.synthetic import generate  # noqa: E402
@@ -123,6 +130,20 @@ def tiny_experiment(work: Path) -> tuple[Path, Path]:
         if proc.returncode != 0:
             raise BiomassError(f"train.py --fold {fold} for the rehearsal failed: {proc.stderr.strip()[-500:]}")
     return work / "checkpoints" / "tiny", data
+
+
+def random_checkpoint(path: Path, model: dict, fold: int = 0, seed: int = 0, train: pd.DataFrame | None = None) -> Path:
+    """A best.pt of the model config `model` (a ModelConfig dict over the defaults: the seed recipe) with random
+    weights and no training: the shape and size users train, in seconds. Target statistics from `train` (default:
+    a fixed synthetic frame)."""
+    torch.manual_seed(seed)
+    cfg = Config.from_dict({"model": {**model, "backbone_weights": None}}, source="rehearsal")
+    net = build_model(cfg.model, load_backbone_weights=False)
+    if train is None:
+        rng = np.random.default_rng(seed)
+        train = pd.DataFrame(rng.gamma(2.0, 10.0, size=(64, len(TARGETS))), columns=list(TARGETS))
+    save_best(Path(path), net, cfg, target_stats(train), epoch=0, metric=None, fold=fold)
+    return Path(path)
 
 
 def poisoned_copy(exp_dir: Path, dst_root: Path) -> tuple[Path, Path, list[Path]]:
@@ -254,7 +275,9 @@ def kernel_env(inputs: Path, home: Path, pythonpath: Path | None = None) -> dict
     return env
 
 
-def run_kernel(kernel_py: Path, root: Path, inputs: Path, pythonpath: Path | None = None) -> tuple[dict, Run]:
+def run_kernel(
+    kernel_py: Path, root: Path, inputs: Path, pythonpath: Path | None = None, timeout: float = 900
+) -> tuple[dict, Run]:
     """kernel.py through the network-blocking wrapper, from root/working; (wrapper report, run with output)."""
     wrapper, report = root / "wrapper.py", root / "wrapper.json"
     wrapper.write_text(WRAPPER)
@@ -262,7 +285,7 @@ def run_kernel(kernel_py: Path, root: Path, inputs: Path, pythonpath: Path | Non
     proc = subprocess.run(
         [sys.executable, str(wrapper), str(kernel_py), str(report)],
         cwd=root / "working", env=kernel_env(inputs, root / "home", pythonpath), capture_output=True, text=True,
-        timeout=900,
+        timeout=timeout,
     )  # fmt: skip
     run = Run("", "", proc.returncode, time.time() - start, stdout=proc.stdout, stderr=proc.stderr)
     return (json.loads(report.read_text()) if report.is_file() else {}), run
@@ -329,6 +352,7 @@ def rehearse(
     data_dir: Path | None = None,
     timm: bool = True,
     timm_cache: Path | None = None,
+    real_size: bool = False,
 ) -> dict:
     """Every step of the module docstring under `work`; returns the report (also written to rehearsal.json)."""
     work = Path(work)
@@ -370,6 +394,11 @@ def rehearse(
         (root / "kernel.stdout").write_text(run.stdout)
         (root / "kernel.stderr").write_text(run.stderr)
         runs.append(run)
+    if real_size:  # issue 25: what users build (slow on a CPU: ~ViT-B on 2 full-size images)
+        if timm_dir is None:
+            runs.append(Run("real-size checkpoints", "classic", skipped=f"skipped: {timm_note}"))
+        else:
+            runs.extend(real_size_runs(work / "real-size", timm_dir))
     result = {
         "passed": all(r.passed for r in runs),
         "seconds": round(time.time() - start, 1),
@@ -390,6 +419,62 @@ def rehearse(
     }
     (work / "rehearsal.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+# ---- what users build: real-size checkpoints, native tiles, full-size images (issue 25) -----------------------------
+SEED_RECIPE = {}  # ModelConfig defaults = the seed recipe: DINOv2 ViT-B/14 reg4, grid 2x2, native tiles (504 px)
+DINOV3_SHAPED = {
+    "backbone": "vit_small_patch16_dinov3",
+    "backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2},
+    "fusion_dim": 32,
+}  # native tiles too; needs timm >= 1.0.20: the bundled wheel
+FULL_SIZE = (2000, 1000)
+REAL_SIZE_TIMEOUT = 3600.0  # seconds per real-size kernel run
+
+
+def real_size_runs(work: Path, timm_dir: Path, n_images: int = 2) -> list[Run]:
+    """Two kernels on `n_images` full-size 2000x1000 synthetic images, TTA off, under Kaggle's timm (`timm_dir` first
+    on the path): a ViT-B/14 seed-recipe checkpoint (random weights, native tiles; the image's timm must do) and a
+    DINOv3-shaped one (built with --bundle-timm; the kernel must install the wheel). Each: exit 0, a complete valid
+    submission, a finite model in run_report.json."""
+    data = generate(work / "full-size-data", 2, n_images, seed=1, size=FULL_SIZE)
+    runs = []
+    plans = [("ViT-B/14 seed recipe, native tiles, full-size images", "vitb", SEED_RECIPE, False),
+             ("DINOv3-shaped, native tiles, bundled timm", "dinov3", DINOV3_SHAPED, True)]  # fmt: skip
+    for name, key, model, bundle in plans:
+        start = time.time()
+        exp = work / f"exp-{key}"
+        random_checkpoint(exp / "grid2x2" / "fold0" / "best.pt", model)
+        options = kbuild.KernelOptions(kbuild.kernel_infer_config(tta="none"), bundle_timm=bundle)
+        build_out = work / f"build-{key}"
+        kbuild.build([str(exp)], build_out, OWNER, SLUG, options)
+        root = work / f"kaggle-{key}"
+        inputs = lay_out(build_out, data, root, "classic")
+        # a ViT-B on a 2-core CPU under load: the one attempt so far (900 s cap, load ~10) did not finish in time
+        report, run = run_kernel(build_out / "kernel" / "kernel.py", root, inputs, timm_dir, timeout=REAL_SIZE_TIMEOUT)
+        run.name, run.layout, run.seconds = name, "classic", time.time() - start
+        run.check("exit 0", run.returncode == 0, "" if run.returncode == 0 else run.stderr.strip()[-600:])
+        sub_path = root / "working" / "submission.csv"
+        test = pd.read_csv(data / "test.csv")
+        sub = pd.read_csv(sub_path) if sub_path.is_file() else pd.DataFrame({"sample_id": [], "target": []})
+        run.check("every test.csv id once", sorted(sub["sample_id"]) == sorted(test["sample_id"]),
+                  f"{len(sub)} rows for {len(test)} test.csv rows")  # fmt: skip
+        run.check("finite and >= 0", bool(len(sub) and np.isfinite(sub["target"]).all() and (sub["target"] >= 0).all()))
+        path = root / "working" / "run_report.json"
+        rep = json.loads(path.read_text()) if path.is_file() else {}
+        run.check("a finite model in run_report.json", rep.get("finite_models") == 1 and not rep.get("failed"),
+                  json.dumps({k: rep.get(k) for k in ("finite_models", "failed", "errors")}))  # fmt: skip
+        timm_file = (report.get("modules") or {}).get("timm") or ""
+        if bundle:
+            run.check("bundled timm installed", "timm from the bundled" in run.stdout and not timm_file.startswith(
+                str(timm_dir)), timm_file)  # fmt: skip
+        else:
+            run.check(f"timm {KAGGLE_TIMM} first on the path", timm_file.startswith(str(timm_dir))
+                      and f"timm {KAGGLE_TIMM}" in run.stdout, timm_file)  # fmt: skip
+        (root / "kernel.stdout").write_text(run.stdout)
+        (root / "kernel.stderr").write_text(run.stderr)
+        runs.append(run)
+    return runs
 
 
 def summary(result: dict, kept: bool = True) -> list[str]:
@@ -419,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-timm-run", action="store_true", help=f"skip the run with timm {KAGGLE_TIMM}")
     parser.add_argument("--timm-cache", default=None, help=f"where timm {KAGGLE_TIMM} is installed once "
                         f"(default ${TIMM_CACHE_ENV} or {DEFAULT_TIMM_CACHE})")  # fmt: skip
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="also rehearse a ViT-B/14 seed-recipe and a "
+        "DINOv3-shaped checkpoint (random weights, native tiles) on 2 full-size images (slow on a CPU)",
+    )
     add_quiet_flag(parser)
     args = parser.parse_args(argv)
     tmp = None if args.work else tempfile.mkdtemp(prefix="i2b-rehearsal-")
@@ -429,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.data_dir) if args.data_dir else None,
             timm=not args.no_timm_run,
             timm_cache=Path(args.timm_cache) if args.timm_cache else None,
+            real_size=args.real_size,
         )
     finally:
         if tmp:

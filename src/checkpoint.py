@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import timm
 import torch
 
 from src.config import Config
 from src.errors import BiomassError
+from src.flops import checkpoint_geometry
 from src.io_utils import atomic_path, make_dir, save_config, write_text_atomic
 from src.schema import TARGETS
 
@@ -71,7 +73,12 @@ def save_best(
     swa_epochs: list[int] | None = None,
     split: dict | None = None,
 ) -> Path:
-    """best.pt (or swa.pt): weights + resolved config + target statistics (+ the split's id hashes), plain types."""
+    """best.pt (or swa.pt): weights + resolved config + target statistics (+ the split's id hashes), plain types.
+
+    It also stores the resolved tile size, patch size and backbone FLOPs per tile (`flops.checkpoint_geometry`) and
+    the timm version it was trained with: inference builds no backbone to learn them (Kaggle's timm 1.0.19 cannot
+    build one on the meta device), and kernels/build.py knows which timm the weights came from.
+    """
     extra = {} if swa_epochs is None else {"swa_epochs": [int(e) for e in swa_epochs]}
     if split is not None:
         extra["split"] = dict(split)
@@ -86,7 +93,8 @@ def save_best(
             "epoch": int(epoch),
             "fold": None if fold is None else int(fold),
             "val_metric": None if metric is None else float(metric),
-            "tile_size": int(model.tile_size),
+            **checkpoint_geometry(model),
+            "timm_version": str(timm.__version__),
             "grid": list(model.grid),
             "norm": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
         },

@@ -183,10 +183,12 @@ def image_dataset(
     )  # fmt: skip
 
 
-def input_key(view_size: tuple[int, int], cleaning: Cleaning | None = None) -> str:
-    """Batch key of one model input: view size plus the cleaning it was trained with ('56x112', '56x112|stamps')."""
+def input_key(view_size: tuple[int, int], cleaning: Cleaning | None = None, jpeg_reduce: bool = True) -> str:
+    """Batch key of one model input: view size, the cleaning it was trained with and, when off, the reduced JPEG
+    decode ('56x112', '56x112|stamps', '56x112|full-decode')."""
     key = f"{view_size[0]}x{view_size[1]}"
-    return f"{key}|{cleaning.key}" if cleaning is not None and cleaning.active else key
+    key = f"{key}|{cleaning.key}" if cleaning is not None and cleaning.active else key
+    return key if jpeg_reduce else f"{key}|full-decode"
 
 
 class MultiSizeViewDataset(Dataset):
@@ -194,20 +196,28 @@ class MultiSizeViewDataset(Dataset):
 
     Each input is made exactly as training's `load_views` makes it (same decode reduction, cleaning and eval
     resize), so train/infer preprocessing cannot drift; inputs that share a decode reduction share one decode,
-    and each cleaning runs once per decode. `cleanings[i]` belongs to `view_sizes[i]` (default none).
+    and each cleaning runs once per decode. `cleanings[i]` belongs to `view_sizes[i]` (default none), and so does
+    `jpeg_reduce[i]` when a list (each checkpoint's `data.jpeg_reduce`: training's decode, reduced or not).
     """
 
     def __init__(
-        self, frame: pd.DataFrame, view_sizes, jpeg_reduce: bool = True, on_bad_image: str = "error", cleanings=None
+        self, frame: pd.DataFrame, view_sizes, jpeg_reduce=True, on_bad_image: str = "error", cleanings=None
     ) -> None:
         self.frame = frame.reset_index(drop=True)
         view_sizes = [tuple(v) for v in view_sizes]
         cleanings = list(cleanings) if cleanings is not None else [Cleaning()] * len(view_sizes)
-        if len(cleanings) != len(view_sizes):
-            raise ValueError("one cleaning per view size")
-        self.inputs = sorted({(v, c) for v, c in zip(view_sizes, cleanings)}, key=lambda vc: (vc[0], vc[1].key))
-        self.transforms = {v: build_transform(v, train=False) for v, _ in self.inputs}
-        self.jpeg_reduce = jpeg_reduce
+        reduces = (
+            [bool(r) for r in jpeg_reduce]
+            if isinstance(jpeg_reduce, (list, tuple))
+            else [bool(jpeg_reduce)] * len(view_sizes)
+        )
+        if len(cleanings) != len(view_sizes) or len(reduces) != len(view_sizes):
+            raise ValueError("one cleaning and one jpeg_reduce per view size")
+        self.inputs = sorted(
+            set(zip(view_sizes, cleanings, reduces)), key=lambda vcr: (vcr[0], vcr[1].key, vcr[2])
+        )  # (view size, cleaning, reduced decode)
+        self.transforms = {v: build_transform(v, train=False) for v, _, _ in self.inputs}
+        self.jpeg_reduce = any(reduces)
         self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
@@ -225,7 +235,7 @@ class MultiSizeViewDataset(Dataset):
                 raise BiomassError(f"{path}: reading the image failed ({_one_line(err)}); replace the image") from err
             why = str(err) if isinstance(err, BiomassError) else f"{path}: {_one_line(err)}"
             warnings.warn(f"{why}; using the fallback prediction for this image", stacklevel=2)
-            inputs = {input_key(s, c): torch.zeros(2, 3, *s, dtype=torch.uint8) for s, c in self.inputs}
+            inputs = {input_key(s, c, r): torch.zeros(2, 3, *s, dtype=torch.uint8) for s, c, r in self.inputs}
             ok = False
         return {"index": torch.tensor(i), "ok": torch.tensor(ok), **inputs}
 
@@ -235,14 +245,14 @@ class MultiSizeViewDataset(Dataset):
         decoded: dict[int, np.ndarray] = {}
         views: dict[tuple[int, Cleaning], tuple[np.ndarray, np.ndarray]] = {}
         out: dict[str, torch.Tensor] = {}
-        for size, cleaning in self.inputs:
-            reduce = decode_reduction(header, size, cleaning)
+        for size, cleaning, reduced in self.inputs:
+            reduce = decode_reduction(header if reduced else None, size, cleaning)
             if reduce not in decoded:
                 decoded[reduce] = read_image(path, reduce=reduce)
             if (reduce, cleaning) not in views:
                 views[reduce, cleaning] = split_views(cleaning(decoded[reduce]))
             res = self.transforms[size](image=views[reduce, cleaning][0], image2=views[reduce, cleaning][1])
-            out[input_key(size, cleaning)] = torch.stack((_to_chw(res["image"]), _to_chw(res["image2"])))
+            out[input_key(size, cleaning, reduced)] = torch.stack((_to_chw(res["image"]), _to_chw(res["image2"])))
         return out
 
 

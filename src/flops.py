@@ -1,5 +1,9 @@
 """Backbone FLOPs of a model config, counted by torch on a weightless (meta-device) copy: no weights, no time.
 
+Inference never needs this count (nor a backbone build) for a checkpoint saved since issue 25: `save_best`
+stores the resolved tile size, patch size and FLOPs per tile (`checkpoint_geometry`), because timm 1.0.19 (Kaggle's
+image) cannot build a ViT on the meta device. Older checkpoints fall back to a CPU build here (cached per backbone).
+
 The deadline's projection of a model's time (`inference`) and the kernel's budget planner (`kernels/build.py
 --plan`) both scale measured or stated throughput by these counts, so the arithmetic lives in one place.
 FLOPs are torch.utils.flop_counter's: 2 per multiply-add, matmuls and attention included.
@@ -16,6 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from src.backbone import create_backbone
 from src.config import ModelConfig
 from src.model import default_tile_size, probe_patch_size
+
+GEOMETRY_KEYS = ("tile_size", "patch_size", "tile_flops")  # what best.pt stores so inference builds nothing to know
 
 N_VIEWS = 2  # each image holds two views, both go through the backbone
 FLIPS_PER_TTA = {"none": 1, "flip": 3, "full": 3}  # backbone passes per view: the stereo swap reuses the features
@@ -52,10 +58,25 @@ def tile_flops(cfg: ModelConfig) -> float:
     return _tile_flops(cfg.backbone, tile_size_of(cfg), json.dumps(cfg.backbone_kwargs, sort_keys=True))
 
 
-def image_flops(cfg: ModelConfig, tta: str) -> float:
-    """Backbone FLOPs to predict one image: tiles x 2 views x TTA backbone passes x FLOPs per tile."""
+def image_flops(cfg: ModelConfig, tta: str, per_tile: float | None = None) -> float:
+    """Backbone FLOPs to predict one image: tiles x 2 views x TTA backbone passes x FLOPs per tile.
+
+    `per_tile`: the count a checkpoint stored at save (no build); None counts it here.
+    """
     tiles = int(cfg.grid[0]) * int(cfg.grid[1])
-    return tiles * N_VIEWS * FLIPS_PER_TTA[tta] * tile_flops(cfg)
+    return tiles * N_VIEWS * FLIPS_PER_TTA[tta] * (tile_flops(cfg) if per_tile is None else float(per_tile))
+
+
+def checkpoint_geometry(model) -> dict:
+    """What best.pt stores of a built model so inference never builds a backbone to learn it (timm 1.0.19 cannot
+    build on the meta device): the resolved tile size, the patch size and the backbone FLOPs of one tile."""
+    cfg = model.cfg
+    kwargs = json.dumps(cfg.backbone_kwargs, sort_keys=True)
+    return {
+        "tile_size": int(model.tile_size),
+        "patch_size": int(model.patch),
+        "tile_flops": _tile_flops(cfg.backbone, int(model.tile_size), kwargs),
+    }
 
 
 # The stated GPU throughput of the kernel's projections (there is no GPU here: figures are FLOP counts over this).

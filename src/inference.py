@@ -61,6 +61,13 @@ def _set_metadata(member, ckpt: dict) -> None:
     member.split = ckpt.get("split")  # id hashes of its training / validation images (None: older checkpoints)
     # the image cleaning the checkpoint was trained with (--clean-stamps, --crop-bottom), and so its batch key
     member.cleaning = Cleaning.from_config(member.cfg.data)
+    member.jpeg_reduce = bool(member.cfg.data.jpeg_reduce)  # decode as it trained: reduced JPEG decode or full
+    # the resolved geometry stored at save (issue 25): no backbone build to learn it; None for older checkpoints
+    member.tile_size = ckpt.get("tile_size")
+    member.tile_flops = ckpt.get("tile_flops")
+    member.timm_version = ckpt.get("timm_version")
+    if member.tile_size and not member.cfg.model.tile_size:  # the native tile, resolved at save: build at it
+        member.cfg.model.tile_size = int(member.tile_size)
 
 
 class Predictor:
@@ -87,14 +94,14 @@ class Predictor:
         self.model.to(self.device).eval()
         self.tta = tta
         self.amp = amp
-        self.input_key = input_key(self.view_size, self.cleaning)
+        self.input_key = input_key(self.view_size, self.cleaning, self.jpeg_reduce)
 
     def open(self) -> Predictor:
         """Already resident: the member interface of `predict_ensemble` (see `ModelRef.open`)."""
         return self
 
     def flops_per_image(self) -> float:
-        return image_flops(self.cfg.model, self.tta)
+        return image_flops(self.cfg.model, self.tta, self.tile_flops)
 
     def with_model(self, model: torch.nn.Module) -> Predictor:
         """This predictor (config, statistics, TTA) with other weights of the same model: test-time fine-tuning."""
@@ -141,9 +148,9 @@ class ModelRef:
         _set_metadata(self, read_checkpoint(self.path))
         self.device, self.tta, self.amp = torch.device(device), tta, amp
         self.grid = tuple(int(g) for g in self.cfg.model.grid)
-        tile = tile_size_of(self.cfg.model)
+        tile = tile_size_of(self.cfg.model)  # the stored one (see _set_metadata); a CPU build for old checkpoints
         self.view_size = (self.grid[0] * tile, self.grid[1] * tile)
-        self.input_key = input_key(self.view_size, self.cleaning)
+        self.input_key = input_key(self.view_size, self.cleaning, self.jpeg_reduce)
 
     def open(self) -> Predictor:
         predictor = Predictor(self.path, self.device, self.tta, self.amp)
@@ -152,7 +159,7 @@ class ModelRef:
         return predictor
 
     def flops_per_image(self) -> float:
-        return image_flops(self.cfg.model, self.tta)
+        return image_flops(self.cfg.model, self.tta, self.tile_flops)
 
 
 def load_predictors(paths: list[Path], device, tta: str, amp: bool, stream: bool = False) -> list:
@@ -239,8 +246,11 @@ class EnsemblePrediction:
     models_used: np.ndarray | None = None
     left_out: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # members the deadline left out (skipped or cut)
+    failed: dict[str, str] = field(default_factory=dict)  # members left out whole: path -> why
     members_ran: int = 0
     startup_seconds: float = 0.0  # of `seconds`: starting worker processes (src.parallel), else 0
+    ran_paths: list[str] = field(default_factory=list)  # the members that predicted every image
+    finite_members: int = 0  # of those, how many gave a finite prediction for at least one image
 
     def mean(self, tta: str = "full") -> np.ndarray:
         return self.per_view[:, : TTA_MODES[tta]].mean(axis=1)
@@ -308,15 +318,68 @@ def _nested_mean(preds: np.ndarray, finite: np.ndarray, paths: list[tuple], weig
     return values, some
 
 
-def _predict_or_nan(p: Predictor, pair: torch.Tensor, on_bad_image: str, errors: dict[str, str]) -> np.ndarray:
-    """One model on one batch; under --on-bad-image fallback an exception leaves the model out for that batch."""
-    try:
-        return p.predict_views(pair[:, 0], pair[:, 1])
-    except Exception as err:  # noqa: BLE001 - the kernel's rerun must end with a submission, whatever breaks
-        if on_bad_image != "fallback":
-            raise
-        errors.setdefault(str(p.path), f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
-        return np.full((len(pair), TTA_MODES[p.tta], len(TARGETS)), np.nan)
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA (or CPU allocator) out-of-memory error: worth a retry at a smaller batch, unlike any other failure."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return (bool(oom) and isinstance(err, oom)) or "out of memory" in str(err).lower()
+
+
+def first_line(err: BaseException) -> str:
+    """`Type: first line` of an exception, at most 200 characters: what the logs and run_report.json say."""
+    text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+class BatchPredictor:
+    """One model over the batches of one pass: an out-of-memory batch is retried in halves down to single images
+    (the smaller size is kept for the rest of the pass); under `--on-bad-image fallback` any other exception leaves
+    the model out for that batch (NaN), and a model whose first `FAIL_FAST` batches all raised is given up whole."""
+
+    FAIL_FAST = 2
+
+    def __init__(self, predictor, on_bad_image: str, errors: dict[str, str]) -> None:
+        self.predictor, self.on_bad_image, self.errors = predictor, on_bad_image, errors
+        self.chunk: int | None = None  # the batch size that fits, once an OOM taught it
+        self.batches = self.raised = 0
+
+    def __call__(self, pair: torch.Tensor) -> np.ndarray:
+        self.batches += 1
+        try:
+            return self._halving(pair)
+        except Exception as err:  # noqa: BLE001 - the kernel's rerun must end with a submission, whatever breaks
+            if self.on_bad_image != "fallback":
+                raise
+            self.raised += 1
+            self.errors.setdefault(str(self.predictor.path), first_line(err))
+            return np.full((len(pair), TTA_MODES[self.predictor.tta], len(TARGETS)), np.nan)
+
+    @property
+    def given_up(self) -> bool:
+        """Every one of the first FAIL_FAST batches raised: a systematic failure, not a bad image."""
+        return self.raised >= self.FAIL_FAST and self.raised == self.batches
+
+    @property
+    def all_raised(self) -> bool:
+        """Every batch of the pass raised (also when there were fewer than FAIL_FAST)."""
+        return self.batches > 0 and self.raised == self.batches
+
+    def _halving(self, pair: torch.Tensor) -> np.ndarray:
+        outs, lo = [], 0
+        while lo < len(pair):
+            size = min(self.chunk or len(pair), len(pair) - lo)
+            part = pair[lo : lo + size]
+            try:
+                outs.append(self.predictor.predict_views(part[:, 0], part[:, 1]))
+            except Exception as err:
+                if not is_out_of_memory(err) or size == 1:
+                    raise
+                self.chunk = max(size // 2, 1)
+                log.warning(f"{self.predictor.path}: out of memory at batch {size}; retrying at {self.chunk}")
+                if getattr(self.predictor, "device", torch.device("cpu")).type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            lo += size
+        return np.concatenate(outs)
 
 
 class CachedViews:
@@ -328,13 +391,14 @@ class CachedViews:
 
     def __init__(self, frame, members, batch_size, on_bad_image, num_workers, jpeg_reduce, show) -> None:
         dataset = MultiSizeViewDataset(
-            frame, [m.view_size for m in members], jpeg_reduce, on_bad_image, [m.cleaning for m in members]
-        )
+            frame, [m.view_size for m in members], [jpeg_reduce and m.jpeg_reduce for m in members], on_bad_image,
+            [m.cleaning for m in members],
+        )  # fmt: skip
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init)
         n = len(frame)
-        self.views = {input_key(v, c): torch.empty((n, 2, 3, *v), dtype=torch.uint8) for v, c in dataset.inputs}
+        self.views = {input_key(v, c, r): torch.empty((n, 2, 3, *v), dtype=torch.uint8) for v, c, r in dataset.inputs}
         self.readable = np.ones(n, dtype=bool)
-        self.batch_size = batch_size
+        self.batch_size, self.jpeg_reduce = batch_size, jpeg_reduce
         for batch in progress(loader, desc="decoding", disable=not show):
             idx = batch["index"].numpy()
             self.readable[idx] = batch["ok"].numpy()
@@ -342,7 +406,7 @@ class CachedViews:
                 tensor[idx] = batch[key]
 
     def batches(self, member) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        views = self.views[member.input_key]
+        views = self.views[input_key(member.view_size, member.cleaning, self.jpeg_reduce and member.jpeg_reduce)]
         for lo in range(0, len(views), self.batch_size):
             yield np.arange(lo, min(lo + self.batch_size, len(views))), views[lo : lo + self.batch_size]
 
@@ -357,15 +421,16 @@ class RedecodedViews:
 
     def batches(self, member) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         dataset = MultiSizeViewDataset(
-            self.frame, [member.view_size], self.jpeg_reduce, self.on_bad_image, [member.cleaning]
-        )
+            self.frame, [member.view_size], [self.jpeg_reduce and member.jpeg_reduce], self.on_bad_image,
+            [member.cleaning],
+        )  # fmt: skip
         loader = DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, worker_init_fn=worker_init
         )
         for batch in loader:
             idx = batch["index"].numpy()
             self.readable[idx] = batch["ok"].numpy()
-            yield idx, batch[member.input_key]
+            yield idx, batch[input_key(member.view_size, member.cleaning, self.jpeg_reduce and member.jpeg_reduce)]
 
 
 VIEW_SOURCES = {"cache": CachedViews, "redecode": RedecodedViews}
@@ -389,6 +454,7 @@ class EnsembleRun:
         self.ran = np.zeros(len(self.members), dtype=bool)
         self.skipped: list[str] = []
         self.errors: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # path -> why the member was left out whole (could not load, raised on all)
         self.on_bad_image = on_bad_image
         self.deadline = deadline or Deadline()
         self.spent = 0.0  # seconds measured over `flop_images` backbone FLOP-images: the throughput
@@ -404,7 +470,7 @@ class EnsembleRun:
     def may_start(self, m: int, n_images: int) -> bool:
         """Does the deadline leave time for member m? (logged when not)"""
         path = str(self.members[m].path)
-        if m == 0 and not self.deadline.passed():
+        if not self.ran.any() and not self.deadline.passed():  # the first member to run: the minimum submission
             return True
         guess = self.projected(m, n_images)
         if self.deadline.passed() or (guess is not None and not self.deadline.fits(guess)):
@@ -421,19 +487,40 @@ class EnsembleRun:
             return False
         start = now()
         member = self.members[m]
-        predictor = member.open()
+        first = not self.ran.any()
+        try:
+            predictor = member.open()
+        except Exception as err:  # noqa: BLE001 - an unloadable checkpoint (or OOM at load) is one member lost
+            if self.on_bad_image != "fallback":
+                raise
+            return self.fail(m, f"could not load ({first_line(err)})")
+        batches = BatchPredictor(predictor, self.on_bad_image, self.errors)
         out = np.full((n_images, self.n_views, len(TARGETS)), np.nan)
         for idx, pair in views.batches(member):
-            if m > 0 and self.deadline.passed():
+            if not first and self.deadline.passed():
                 log.warning(f"{member.path}: cut by the deadline mid-way and left out ({self.deadline.describe()})")
                 self.skipped.append(str(member.path))
                 return False
-            out[idx] = _predict_or_nan(predictor, pair, self.on_bad_image, self.errors)
-        del predictor  # a ModelRef's weights go now: the next member loads into the freed memory
+            out[idx] = batches(pair)
+            if batches.given_up:
+                break
+        if batches.all_raised:
+            del predictor, batches
+            return self.fail(m, f"raised on every batch ({self.errors.get(str(member.path))})")
+        del predictor, batches  # a ModelRef's weights go now: the next member loads into the freed memory
         if member.device.type == "cuda":
             torch.cuda.empty_cache()
         self.record(m, out, now() - start)
         return True
+
+    def fail(self, m: int, why: str) -> bool:
+        """Member m left out whole (logged, counted in run_report.json); the rest of the ensemble goes on."""
+        path = str(self.members[m].path)
+        log.warning(f"{path}: {why}; left out of the ensemble")
+        self.failed[path] = why
+        if self.members[m].device.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
 
     def record(self, m: int, preds: np.ndarray, seconds: float, rows: np.ndarray | None = None) -> None:
         """Member m's predictions (of `rows`, default all) and the seconds they took (the throughput)."""
@@ -463,8 +550,9 @@ class EnsembleRun:
         counts = used.sum(axis=0)
         ok = readable & (counts > 0)
         return EnsemblePrediction(
-            out, ok, now() - self.started, readable, counts, left_out, list(self.skipped), len(ran)
-        )
+            out, ok, now() - self.started, readable, counts, left_out, list(self.skipped), dict(self.failed), len(ran),
+            ran_paths=[str(self.members[m].path) for m in ran], finite_members=int(used.any(axis=1).sum()),
+        )  # fmt: skip
 
 
 def predict_ensemble(

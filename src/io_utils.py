@@ -37,6 +37,13 @@ def make_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -50,6 +57,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would make submission.csv unreadable to others
         os.replace(tmp_path, path)
     except OSError as err:
         raise BiomassError(f"{path}: write failed ({err.strerror or err}); the previous file is left intact") from err

@@ -70,8 +70,16 @@ def tile_views(images: torch.Tensor, grid: tuple[int, int], tile: int) -> torch.
 
 
 def probe_patch_size(cfg: ModelConfig) -> int:
-    """Patch size of cfg's backbone, read from a weightless copy built on the meta device (instant)."""
-    with torch.device("meta"):
+    """Patch size of cfg's backbone, read from a weightless copy built on the meta device (instant).
+
+    timm 1.0.19 (Kaggle's image) cannot build a ViT on meta (`.item()` in its drop-path schedule): then a CPU build
+    (seconds for a ViT-B). Inference reads the patch and tile size from the checkpoint and reaches this only for
+    checkpoints saved before they were stored.
+    """
+    try:
+        with torch.device("meta"):
+            return patch_size(create_backbone(cfg.backbone, tile_size=224, **cfg.backbone_kwargs))
+    except RuntimeError:
         return patch_size(create_backbone(cfg.backbone, tile_size=224, **cfg.backbone_kwargs))
 
 

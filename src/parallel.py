@@ -10,6 +10,7 @@ members' predictions with the same `EnsembleRun`, so the result equals one devic
 
 from __future__ import annotations
 
+import logging
 import queue
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.multiprocessing as mp
 from src.deadline import Deadline, now
 from src.errors import BiomassError
 from src.inference import CachedViews, EnsemblePrediction, EnsembleRun, ModelRef
-from src.logs import get_logger
+from src.logs import PROJECT, get_logger
 
 log = get_logger(__name__)
 SPLITS = ("models", "images")
@@ -30,8 +31,21 @@ SPLIT = "models"  # bench/stream.py: see docs/BENCHMARKS.md
 POLL_SECONDS = 1.0
 
 
+class _ToParent(logging.Handler):
+    """A worker's project log records (deadline skips, lost members, OOM retries), sent to the parent, which logs
+    them under its own handlers, so they reach infer.log, not only the worker's stderr."""
+
+    def __init__(self, results, rank: int) -> None:
+        super().__init__()
+        self.results, self.rank = results, rank
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.results.put(("log", self.rank, record.levelno, record.getMessage(), None, None))
+
+
 def _worker(rank: int, job: dict, tasks, results) -> None:
     """One device: decode its images once, then run members from `tasks` until the None, reporting each."""
+    logging.getLogger(PROJECT).handlers[:] = [_ToParent(results, rank)]  # the parent writes them (and infer.log)
     results.put(("started", rank, None, None, None, None))  # imports done: the rest is work
     try:
         if job["threads"]:
@@ -44,7 +58,11 @@ def _worker(rank: int, job: dict, tasks, results) -> None:
         results.put(("readable", rank, None, rows, views.readable, None))
         while (m := tasks.get()) is not None:
             done = run.run_member(m, views)
-            results.put(("member", rank, m, rows, run.preds[m] if done else None, run.errors.get(str(members[m].path))))
+            path = str(members[m].path)
+            if path in run.failed:  # could not load, or raised on every batch: lost whole, not cut by the deadline
+                results.put(("failed", rank, m, rows, None, run.failed[path]))
+                continue
+            results.put(("member", rank, m, rows, run.preds[m] if done else None, run.errors.get(path)))
         results.put(("done", rank, None, None, None, None))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which decides (fallback or error)
         results.put(("error", rank, f"{type(err).__name__}: {str(err).strip()[:300]}", None, None, None))
@@ -121,8 +139,13 @@ def predict_parallel(
                 started.add(rank)
                 if len(started) == n:
                     startup = now() - run.started
+            elif kind == "log":  # a worker's log record: into this process's handlers (console, infer.log)
+                log.log(a, f"worker {rank} ({devices[rank]}): {rows}")
             elif kind == "readable":
                 readable[rows] = preds
+            elif kind == "failed":
+                run.failed.setdefault(str(run.members[a].path), error)
+                lost[a] = True
             elif kind == "member":
                 _take(run, a, rows, preds, error, parts, lost, n if split == "images" else 1, on_update, readable)
             elif kind == "error":

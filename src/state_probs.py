@@ -35,7 +35,7 @@ def state_probabilities(
             raise BiomassError(
                 f"{p.path}: has no State head (trained with --no-use-aux-heads); --structural-zeros needs one"
             )
-        dataset = MultiSizeViewDataset(frame, [p.view_size], True, on_bad_image, [p.cleaning])
+        dataset = MultiSizeViewDataset(frame, [p.view_size], [p.jpeg_reduce], on_bad_image, [p.cleaning])
         for batch in progress(DataLoader(dataset, batch_size=batch_size), desc="State head", leave=False):
             idx, ok = batch["index"].numpy(), batch["ok"].numpy().astype(bool)
             pair = batch[p.input_key]

@@ -28,6 +28,7 @@ from src.inference import (
     Predictor,
     deadline_order,
     fallback_values,
+    first_line,
     grid_weight_map,
     load_predictors,
     predict_ensemble,
@@ -39,6 +40,7 @@ from src.metric import score
 from src.parallel import predict_parallel
 from src.postprocess import apply_physics, structural_zeros
 from src.report import load_runs, selection_table, to_markdown
+from src.run_report import REPORT_NAME, RunReport
 from src.schema import STATES, TARGETS
 from src.state_probs import state_probabilities
 from src.submission import build_submission, guard, write_submission
@@ -60,73 +62,135 @@ def run_submission(cfg: InferConfig) -> pd.DataFrame:
     Model-major: one checkpoint resident per device at a time (`ModelRef`), on every device of `--device`
     (`src.parallel` for more than one). submission.csv is written as soon as the first model has predicted every
     image and rewritten after each further one, so whatever `--deadline` cuts, a complete one exists. The resolved
-    config is written beside it as `<out>.yaml` and the log as `infer.log`. Returns the submission.
+    config is written beside it as `<out>.yaml`, the log as `infer.log` and the run's record as `run_report.json`.
+
+    Under `--on-bad-image fallback` (the kernel) a failure once a valid submission exists (the State pass, the
+    fine-tune, a worker, ...) is logged and recorded, and the last submission stands: Kaggle scores no notebook that
+    errored. A checkpoint that cannot be read or loaded is one member lost. Returns the submission.
     """
     out = Path(cfg.out)
     check_writable(out)  # a read-only --out fails now, not after the whole ensemble ran
     deadline = Deadline(cfg.deadline)
+    report = RunReport(out.with_name(REPORT_NAME))
     with log_file(out.with_name("infer.log")):
-        data_dir = Path(cfg.data_dir)
-        test_long = read_test_csv(data_dir)  # test.csv and sample_submission.csv come from the rerun: lenient
-        test_images = load_test(data_dir, check_images=cfg.on_bad_image == "error", test_long=test_long)
-        sample = load_sample_submission(data_dir, test_long)
+        with report.stage("read"):
+            data_dir = Path(cfg.data_dir)
+            test_long = read_test_csv(data_dir)  # test.csv and sample_submission.csv come from the rerun: lenient
+            test_images = load_test(data_dir, check_images=cfg.on_bad_image == "error", test_long=test_long)
+            sample = load_sample_submission(data_dir, test_long)
         blended = blend_values(cfg, test_images)  # issue 20: a blend.yaml directory or head experiments
         if blended is not None:
             if cfg.pseudo_label.enabled:
                 raise BiomassError("--pseudo-label-epochs fine-tunes networks; it does not go with heads or a blend")
-            sub = _Writer(cfg, [], test_images, test_long, sample, out).write(blended)
+            sub = _Writer(cfg, [], test_images, test_long, sample, out, report).write(blended)
             save_config(cfg, out.with_suffix(".yaml"))
             log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
             return sub
         paths = find_checkpoints(cfg.checkpoints)
         devices = resolve_devices(cfg.device)
-        members = load_predictors(paths, devices[0], cfg.tta, cfg.amp, stream=True)
+        with report.stage("metadata"):
+            members, paths = _readable_members(paths, devices[0], cfg, report)
         order = deadline_order(members)  # one fold of every grid first: what a cut ensemble keeps
         members, paths = [members[i] for i in order], [paths[i] for i in order]
         weights = grid_weight_map(members, cfg.grid_weights)
-        writer = _Writer(cfg, members, test_images, test_long, sample, out)
+        writer = _Writer(cfg, members, test_images, test_long, sample, out, report)
         if deadline.active:
             log.info(f"{deadline.describe()}; {len(members)} model(s) in this order: " + ", ".join(map(str, paths)))
-        if len(devices) > 1:
-            pred = predict_parallel(
-                paths, devices, test_images, cfg.tta, cfg.amp, cfg.batch_size, weights, cfg.on_bad_image,
-                deadline=deadline, on_update=writer.update,
-            )  # fmt: skip
-        else:
-            pred = predict_ensemble(
-                members, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers,
-                deadline=deadline, on_update=writer.update,
-            )  # fmt: skip
-        if pred.skipped:
-            log.warning(
-                f"the deadline left out {len(pred.skipped)} of {len(members)} model(s): {', '.join(pred.skipped)}"
-            )
-        values = _fill_fallback(apply_physics(pred.mean(cfg.tta), cfg.physics, upper_bounds(members)), pred,
-                                test_images, members, cfg)  # fmt: skip
-        if cfg.structural_zeros and pred.members_ran:  # issue 20: the State head zeros Dead in WA, Clover in NSW
-            p_state = state_probabilities(members, test_images, cfg.batch_size, cfg.on_bad_image)
-            values = apply_physics(structural_zeros(values, p_state), cfg.physics, upper_bounds(members))
-            writer.write(values)
-        if cfg.pseudo_label.enabled and pred.members_ran:
-            values = _pseudo_label_or_plain(cfg, members, test_images, values, pred, weights, deadline)
-        sub = writer.write(values)
+        stage = "predict"
+        try:
+            with report.stage(stage):
+                pred = _predict(cfg, members, paths, devices, test_images, weights, deadline, writer)
+            report.take(pred, paths)
+            if pred.skipped:
+                log.warning(
+                    f"the deadline left out {len(pred.skipped)} of {len(members)} model(s): {', '.join(pred.skipped)}"
+                )
+            values = _fill_fallback(apply_physics(pred.mean(cfg.tta), cfg.physics, upper_bounds(members)), pred,
+                                    test_images, members, cfg)  # fmt: skip
+            writer.write(values)  # also when no member ran: the fallback everywhere, which push.py --submit refuses
+            if cfg.structural_zeros and pred.members_ran:  # issue 20: the State head zeros Dead in WA, Clover in NSW
+                stage = "structural_zeros"
+                with report.stage(stage):
+                    p_state = state_probabilities(members, test_images, cfg.batch_size, cfg.on_bad_image)
+                    values = apply_physics(structural_zeros(values, p_state), cfg.physics, upper_bounds(members))
+                    writer.write(values)
+            if cfg.pseudo_label.enabled and pred.members_ran:
+                stage = "pseudo_label"
+                with report.stage(stage):
+                    values = _pseudo_label_or_plain(cfg, members, test_images, values, pred, weights, deadline)
+            stage = "write"
+            sub = writer.write(values)
+        except Exception as err:  # noqa: BLE001 - under fallback: the last valid submission stands (see above)
+            if cfg.on_bad_image != "fallback":
+                raise
+            sub = _survive(err, stage, writer, members, test_images, cfg, report)
         save_config(cfg, out.with_suffix(".yaml"))
-        log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images")
+        report.write()
+        log.info(f"wrote {out}: {len(sub)} rows for {len(test_images)} images; {report.path.name} beside it")
     return sub
 
 
-class _Writer:
-    """Turns an ensemble (so far) into a guarded submission.csv, written atomically: called after every model."""
+def _readable_members(paths: list[Path], device, cfg: InferConfig, report: RunReport) -> tuple[list, list[Path]]:
+    """Every checkpoint's metadata (`ModelRef`); under fallback one that cannot be read is a failed member."""
+    if cfg.on_bad_image != "fallback":
+        return load_predictors(paths, device, cfg.tta, cfg.amp, stream=True), list(paths)
+    members, kept = [], []
+    for path in paths:
+        try:
+            members.append(load_predictors([path], device, cfg.tta, cfg.amp, stream=True)[0])
+            kept.append(path)
+        except Exception as err:  # noqa: BLE001 - one unreadable checkpoint must not cost the submission
+            log.warning(f"{path}: cannot be read ({first_line(err)}); left out of the ensemble")
+            report.failed[str(path)] = f"cannot be read ({first_line(err)})"
+    if not members:
+        raise BiomassError(f"none of the {len(paths)} checkpoint(s) could be read: {report.failed}")
+    return members, kept
 
-    def __init__(self, cfg, members, test_images, test_long, sample, out: Path) -> None:
+
+def _predict(cfg: InferConfig, members, paths, devices, test_images, weights, deadline, writer):
+    """The ensemble on one device (`predict_ensemble`) or one worker per device (`predict_parallel`)."""
+    if len(devices) > 1:
+        return predict_parallel(
+            paths, devices, test_images, cfg.tta, cfg.amp, cfg.batch_size, weights, cfg.on_bad_image,
+            deadline=deadline, on_update=writer.update,
+        )  # fmt: skip
+    return predict_ensemble(
+        members, test_images, cfg.batch_size, weights, cfg.on_bad_image, cfg.num_workers,
+        deadline=deadline, on_update=writer.update,
+    )  # fmt: skip
+
+
+def _survive(err: Exception, stage: str, writer, members, test_images, cfg: InferConfig, report: RunReport):
+    """After a failure under fallback: the last valid submission, else (nothing written yet) the fallback for every
+    image, which run_report.json marks as having no finite model (push.py --submit refuses it)."""
+    why = first_line(err)
+    report.errors.append({"stage": stage, "error": why})
+    if writer.last is not None:
+        log.error(f"{stage} failed ({why}); the submission written before it stands")
+        return writer.last
+    log.error(f"{stage} failed before any submission ({why}); every image gets the training-median fallback")
+    report.images, report.images_on_fallback, report.finite_models = len(test_images), len(test_images), 0
+    values = np.repeat(_fallback_row(members, cfg), len(test_images), axis=0)
+    return writer.write(values)
+
+
+class _Writer:
+    """Turns an ensemble (so far) into a guarded submission.csv, written atomically: called after every model.
+
+    Each write also rewrites run_report.json, so the record on disk always describes the submission on disk.
+    """
+
+    def __init__(self, cfg, members, test_images, test_long, sample, out: Path, report: RunReport) -> None:
         self.cfg, self.members, self.test_images = cfg, members, test_images
-        self.test_long, self.sample, self.out = test_long, sample, out
+        self.test_long, self.sample, self.out, self.report = test_long, sample, out, report
+        self.last: pd.DataFrame | None = None  # the last submission written (what stands if a later stage fails)
 
     def update(self, pred) -> None:
         values = apply_physics(pred.mean(self.cfg.tta), self.cfg.physics, upper_bounds(self.members))
         out = np.array(values, dtype=np.float64, copy=True)
         if not pred.ok.all():
             out[~pred.ok] = _fallback_row(self.members, self.cfg)
+        self.report.take(pred, [m.path for m in self.members])
         self.write(out)
         log.info(f"wrote {self.out} from {pred.members_ran} of {len(self.members)} model(s)")
 
@@ -134,6 +198,11 @@ class _Writer:
         sub = build_submission(self.test_images["image_id"], values, self.test_long, self.sample)
         guard(sub, self.test_long, self.sample, physics=self.cfg.physics == "project")
         write_submission(sub, self.out)
+        self.last = sub
+        self.report.submission_written = True
+        if not self.members:  # a blend or heads: every image has a value from its members (src.blend)
+            self.report.images, self.report.finite_models = len(self.test_images), 1
+        self.report.write()
         return sub
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -894,3 +895,131 @@ def test_readme_table_rows_are_rows_of_the_troubleshooting_doc():
     readme_rows = [ln for ln in readme.splitlines() if ln.startswith("| `")]
     assert len(readme_rows) >= 5
     assert [r for r in readme_rows if r not in doc_rows] == []
+
+
+# ---- issue 25: the kernel's mode (--on-bad-image fallback) ends with a submission, whatever breaks -----------------
+KERNEL_MODE = ("--on-bad-image", "fallback", "--tta", "none")
+
+
+def _run_report(out: Path) -> dict:
+    return json.loads((out / "run_report.json").read_text())
+
+
+def _values(out: Path) -> pd.Series:
+    return pd.read_csv(out / "submission.csv").set_index("sample_id")["target"].sort_index()
+
+
+@pytest.fixture(scope="module")
+def healthy_run(synthetic_dir: Path, trained_exp: Path, tmp_path_factory) -> tuple[Path, pd.Series]:
+    """infer.py in the kernel's mode on the untouched experiment (4 checkpoints): its submission."""
+    out = tmp_path_factory.mktemp("healthy")
+    assert run_cli(infer_script.main, infer_argv(synthetic_dir, trained_exp, out, *KERNEL_MODE)) == 0
+    return out, _values(out)
+
+
+def test_an_unloadable_checkpoint_on_one_device_is_one_member_lost(synthetic_dir, trained_exp, tmp_path, capsys):
+    """Its weights do not fit its config (open() fails after the metadata read): exit 0, the three others averaged
+    exactly as infer.py averages them alone, run_report.json names it; outside the kernel's mode it stays an error."""
+    exp = Path(shutil.copytree(trained_exp, tmp_path / "exp"))
+    broken = exp / "grid2x2" / "fold0" / "best.pt"
+    ckpt = torch.load(broken, weights_only=True)
+    ckpt["model"].pop(next(k for k in ckpt["model"] if k.startswith("heads.")))
+    torch.save(ckpt, broken)
+    out = tmp_path / "out"
+    assert run_cli(infer_script.main, infer_argv(synthetic_dir, exp, out, *KERNEL_MODE)) == 0
+    report = _run_report(out)
+    assert list(report["failed"]) == [str(broken)] and report["failed"][str(broken)].startswith("could not load (")
+    assert len(report["used"]) == 3 and report["finite_models"] == 3 and report["submission_written"] is True
+    assert (out / "submission.csv").stat().st_mode & 0o777 == 0o644  # issue 25 item 7: readable by others
+    healthy = [str(p) for p in sorted(exp.glob("grid*/fold*/best.pt")) if p != broken]
+    ref = tmp_path / "ref"
+    argv = ["--data-dir", str(synthetic_dir), "--checkpoints", *healthy, "--out", str(ref / "submission.csv"),
+            "--device", "cpu", *KERNEL_MODE]  # fmt: skip
+    assert run_cli(infer_script.main, argv) == 0
+    assert np.allclose(_values(out), _values(ref), rtol=1e-6, atol=1e-6)
+    capsys.readouterr()
+    assert run_cli(infer_script.main, infer_argv(synthetic_dir, exp, tmp_path / "strict", "--tta", "none")) == 1
+    assert "weights do not fit its own config" in capsys.readouterr().err
+
+
+def test_an_out_of_memory_batch_is_retried_at_half_size_down_to_one(synthetic_dir, trained_exp, healthy_run,
+                                                                    tmp_path, monkeypatch, caplog):  # fmt: skip
+    """Every batch above one image runs out of memory: halved 4 -> 2 -> 1, the same values as the healthy run."""
+    from src.inference import Predictor
+
+    real = Predictor.predict_views
+
+    def small_only(self, left, right):
+        if len(left) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, left, right)
+
+    monkeypatch.setattr(Predictor, "predict_views", small_only)
+    out = tmp_path / "out"
+    assert (
+        run_cli(infer_script.main, infer_argv(synthetic_dir, trained_exp, out, *KERNEL_MODE, "--batch-size", "4")) == 0
+    )
+    assert np.allclose(_values(out), healthy_run[1], rtol=1e-5, atol=1e-6)
+    assert _run_report(out)["failed"] == {} and _run_report(out)["finite_models"] == 4
+    text = caplog.text
+    assert "out of memory at batch 4; retrying at 2" in text and "out of memory at batch 2; retrying at 1" in text
+
+
+def test_a_model_that_raises_on_every_batch_is_given_up_and_no_finite_model_is_refused(
+    synthetic_dir, trained_exp, tmp_path, monkeypatch
+):
+    """One model raising on every batch (an fp16 overflow, say) is lost whole after FAIL_FAST batches; when every
+    model does, the kernel still exits 0 with the training median, and run_report.json makes push.py refuse it."""
+    from src.inference import Predictor
+    from src.run_report import refusal
+
+    real = Predictor.predict_views
+    bad = {"grid2x2/fold1"}
+
+    def flaky(self, left, right):
+        if any(b in str(self.path) for b in bad):
+            raise ValueError("fp16 overflow in attention")
+        return real(self, left, right)
+
+    monkeypatch.setattr(Predictor, "predict_views", flaky)
+    out = tmp_path / "one"
+    argv = infer_argv(synthetic_dir, trained_exp, out, *KERNEL_MODE, "--batch-size", "2")
+    assert run_cli(infer_script.main, argv) == 0
+    report = _run_report(out)
+    assert [Path(p).parent.name for p in report["failed"]] == ["fold1"] and len(report["used"]) == 3
+    assert "raised on every batch (ValueError: fp16 overflow in attention)" in next(iter(report["failed"].values()))
+    assert refusal(report) is None
+
+    bad.update({"grid2x2/fold0", "grid1x2/fold0", "grid1x2/fold1"})
+    out = tmp_path / "all"
+    assert run_cli(infer_script.main, infer_argv(synthetic_dir, trained_exp, out, *KERNEL_MODE)) == 0
+    report = _run_report(out)
+    assert report["finite_models"] == 0 and len(report["failed"]) == 4
+    assert report["images_on_fallback"] == report["images"] > 0
+    assert refusal(report).startswith(f"no model produced a finite prediction: all {report['images']} images")
+    sub = pd.read_csv(out / "submission.csv")
+    assert np.isfinite(sub["target"]).all() and sub["target"].nunique() <= len(TARGETS)  # the median, every image
+
+
+def test_a_failure_after_the_submission_exists_keeps_it_and_exits_0(synthetic_dir, trained_exp, healthy_run,
+                                                                    tmp_path, monkeypatch):  # fmt: skip
+    """The State-probability pass (--structural-zeros) raises after the ensemble's submission is written: exit 0,
+    that submission stands, run_report.json records the stage; outside the kernel's mode the error propagates."""
+    from src import submit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(submit, "state_probabilities", broken)
+    out = tmp_path / "out"
+    assert (
+        run_cli(infer_script.main, infer_argv(synthetic_dir, trained_exp, out, *KERNEL_MODE, "--structural-zeros")) == 0
+    )
+    assert np.allclose(_values(out), healthy_run[1], rtol=1e-5, atol=1e-6)  # threads: float order only
+    report = _run_report(out)
+    assert report["errors"] == [
+        {"stage": "structural_zeros", "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    ]
+    assert set(report["minutes"]) >= {"read", "metadata", "predict", "structural_zeros"}
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_cli(infer_script.main, infer_argv(synthetic_dir, trained_exp, tmp_path / "strict", "--structural-zeros"))

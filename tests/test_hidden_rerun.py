@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -294,7 +297,9 @@ def test_a_model_that_raises_on_a_batch_is_left_out_under_fallback(predictors, s
 
     monkeypatch.setattr(Predictor, "predict_views", fake)
     ens = predict_ensemble(predictors, images, on_bad_image="fallback", show=False)
-    assert ens.ok.all() and ens.models_used.tolist() == [3] * 6 and ens.left_out == {str(predictors[3].path): 6}
+    assert ens.ok.all() and ens.models_used.tolist() == [3] * 6 and ens.left_out == {}
+    # every batch raised (also after the OOM retries at half size down to 1): lost whole, with the reason (issue 25)
+    assert ens.failed == {str(predictors[3].path): "raised on every batch (RuntimeError: CUDA error: out of memory)"}
     with pytest.raises(RuntimeError, match="out of memory"):
         predict_ensemble(predictors, images, show=False)  # --on-bad-image error: the error itself
 
@@ -486,3 +491,58 @@ def test_every_row_of_the_rerun_table_is_tied_to_an_existing_test():
         assert cited or "rehearsal" in row.split(" | ")[-1], row
         for path, name in cited:
             assert path and re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), (path, name, row)
+
+
+# ---- issue 25: a checkpoint of native tiles under Kaggle's timm 1.0.19 ----------------------------------------------
+UNDER_KAGGLE_TIMM = r"""
+import json, sys
+import timm, torch
+from src.backbone import create_backbone
+from src.inference import ModelRef
+try:  # the positive control: this timm really cannot build a ViT on the meta device
+    with torch.device("meta"):
+        create_backbone("vit_small_patch14_reg4_dinov2", 224, depth=1, embed_dim=64, num_heads=2)
+    meta = "built"
+except RuntimeError as err:
+    meta = str(err)
+out = {"timm": timm.__version__, "meta": meta}
+for path in sys.argv[1:]:
+    ref = ModelRef(path, "cpu", tta="none")
+    views = torch.rand(1, 3, *ref.view_size, generator=torch.Generator().manual_seed(0))
+    pred = ref.open().predict_views(views, views)
+    out[path] = {"view_size": list(ref.view_size), "flops": ref.flops_per_image(), "pred": pred.tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_a_native_tile_checkpoint_loads_and_predicts_under_kaggles_timm(tmp_path):
+    """issue 25 item 1: no meta-device build at inference. A checkpoint trained without --tile-size (native tiles),
+    saved now (tile/patch/FLOPs stored) and as an older one (those keys removed: the CPU-build fallback), opened by
+    ModelRef and Predictor under timm 1.0.19 (which fails the meta build: the control), predicts; both agree."""
+    from kernels.rehearse import KAGGLE_TIMM, kaggle_timm, random_checkpoint
+
+    timm_dir, note = kaggle_timm()
+    if timm_dir is None:
+        pytest.skip(note)
+    tiny = {"backbone": "vit_small_patch14_reg4_dinov2", "backbone_kwargs": {"depth": 1, "embed_dim": 64,
+            "num_heads": 2}, "fusion_dim": 32, "grid": [2, 2], "tile_size": None}  # fmt: skip
+    new = random_checkpoint(tmp_path / "new" / "best.pt", tiny)
+    ckpt = torch.load(new, weights_only=True)
+    assert (ckpt["tile_size"], ckpt["patch_size"]) == (504, 14) and ckpt["tile_flops"] > 0  # 1000/sqrt(4) -> 504
+    assert ckpt["timm_version"] and ckpt["config"]["model"]["tile_size"] is None
+    for key in ("tile_size", "patch_size", "tile_flops", "timm_version"):
+        del ckpt[key]
+    old = tmp_path / "old" / "best.pt"
+    old.parent.mkdir()
+    torch.save(ckpt, old)
+    env = {**os.environ, "PYTHONPATH": f"{timm_dir}{os.pathsep}{REPO}", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run([sys.executable, "-c", UNDER_KAGGLE_TIMM, str(new), str(old)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["timm"] == KAGGLE_TIMM and "cannot be called on meta tensors" in out["meta"]
+    assert out[str(new)]["view_size"] == out[str(old)]["view_size"] == [1008, 1008]
+    assert out[str(new)]["flops"] == pytest.approx(out[str(old)]["flops"], rel=1e-9)
+    pred = np.asarray(out[str(new)]["pred"])
+    assert pred.shape == (1, 1, 5) and np.isfinite(pred).all()
+    assert np.allclose(pred, out[str(old)]["pred"], rtol=1e-5)  # same weights: same prediction

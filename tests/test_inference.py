@@ -225,8 +225,9 @@ def test_submission_values_settings(
     assert run_cli(infer_script.main, infer_argv(synthetic_dir, trained_exp, out, *extra)) == 0, capsys.readouterr().err
     assert f"wrote {out}: {5 * len(test_images)} rows for {len(test_images)} images" in capsys.readouterr().out
     assert sorted(reads) == sorted(test_images["path"])  # every unique image decoded exactly once
-    # no temp file left; beside the submission: its resolved config (a valid --config) and the run's log
-    assert sorted(p.name for p in out.parent.iterdir()) == ["infer.log", "submission.csv", "submission.yaml"]
+    # no temp file left; beside the submission: its resolved config (a valid --config), the log and run_report.json
+    names = ["infer.log", "run_report.json", "submission.csv", "submission.yaml"]
+    assert sorted(p.name for p in out.parent.iterdir()) == names
     saved = InferConfig.from_dict(load_yaml(out.with_suffix(".yaml")))
     assert (saved.tta, saved.physics, saved.batch_size, saved.out) == (tta, physics, 4, str(out))
     assert f"wrote {out}" in (out.parent / "infer.log").read_text().splitlines()[-1]
@@ -451,6 +452,34 @@ def test_oof_report_matches_hand_recomputation(trained_exp, synthetic_dir, folds
     )
     np.testing.assert_allclose(ens[[f"true_{t}" for t in TARGETS]].to_numpy(), truth)
     assert (ens["fold"].to_numpy() == held_out["fold"].to_numpy()).all()
+
+
+def test_inference_honours_each_checkpoints_jpeg_reduce(synthetic_dir, trained_exp, tmp_path):
+    """issue 27 item 7: a checkpoint trained with data.jpeg_reduce false is fed full decodes, as in training (bit for
+    bit), one trained with it true the reduced ones; both from one read per image, each under its own input key."""
+    from src.data import load_train
+    from src.dataset import ViewPairDataset, decode_reduction, input_key, jpeg_header_size
+    from src.inference import CachedViews, ModelRef
+    from src.transforms import build_transform
+
+    best = trained_exp / "grid1x2" / "fold0" / "best.pt"
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["config"]["data"]["jpeg_reduce"] = False
+    full_pt = tmp_path / "full" / "best.pt"
+    full_pt.parent.mkdir()
+    torch.save(ckpt, full_pt)
+    reduced, full = ModelRef(best, tta="none"), ModelRef(full_pt, tta="none")
+    assert (reduced.jpeg_reduce, full.jpeg_reduce) == (True, False) and reduced.input_key != full.input_key
+    frame = load_train(synthetic_dir).head(2)
+    view = full.view_size
+    assert decode_reduction(jpeg_header_size(frame.at[0, "path"]), view, Cleaning()) > 1  # the flag matters here
+    cached = CachedViews(frame, [reduced, full], 2, "error", 0, True, False)
+    assert set(cached.views) == {input_key(view), input_key(view, None, False)} == {reduced.input_key, full.input_key}
+    for jpeg_reduce, member in ((True, reduced), (False, full)):
+        train = ViewPairDataset(frame, view, build_transform(view, train=False), jpeg_reduce=jpeg_reduce)[1]
+        (_, pair), *_ = cached.batches(member)
+        assert torch.equal(pair[1, 0], train["left"]) and torch.equal(pair[1, 1], train["right"])
+    assert not torch.equal(cached.views[reduced.input_key], cached.views[full.input_key])  # a positive control
 
 
 def test_multi_size_dataset_gives_every_model_exactly_its_training_views(synthetic_dir):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import REPO, run_script
 
@@ -226,9 +227,8 @@ def test_kernel_with_stamp_cleaning_pseudo_labels_and_a_bundled_timm(clean_exp, 
     info = json.loads((out / "build.json").read_text())
     assert info["infer"]["pseudo_label"] == {"epochs": 1, "weight": 1.0, "blend": 0.5, "fold": "best", "lr_scale": 0.2}
     assert info["infer"]["time_budget"] == 30.0
-    assert info["timm"] == {"min_version": "0.9.0", "wheel": f"wheels/{wheels[0].name}"} and info["cleaning"] == [
-        "stamps+crop0.05"
-    ]
+    timm_entry = {"min_version": "1.0.19", "trained_with": timm.__version__, "wheel": f"wheels/{wheels[0].name}"}
+    assert info["timm"] == timm_entry and info["cleaning"] == ["stamps+crop0.05"]
 
     root = tmp_path / "kaggle"
     dirs = {"I2B_WEIGHTS_DIR": root / "input" / f"{SLUG}-weights", "I2B_CODE_DIR": root / "input" / f"{SLUG}-code",
@@ -278,6 +278,22 @@ def test_kernel_without_a_new_enough_timm_names_the_fix(kernel_build, tmp_path, 
     ):
         kernel_template.ensure_timm(tmp_path)
     assert kbuild.timm_min_version(["vit_small_patch16_dinov3.lvd1689m", "vit_base_patch14_reg4_dinov2"]) == "1.0.20"
+
+
+def test_the_bundled_timm_replaces_one_older_than_the_backbones_or_the_training():
+    """issue 25: the wheel goes in when Kaggle's timm is older than the family floor, or (bundled) than training's."""
+    need = kbuild.timm_min_version(["vit_base_patch14_reg4_dinov2"])
+    assert need == "1.0.19" and kbuild.timm_min_version(["vit_small_patch16_dinov3"]) == "1.0.20"
+    assert kernel_template.wheel_needed("1.0.19", need, "1.0.31", bundled=True)  # trained under a newer timm
+    assert not kernel_template.wheel_needed("1.0.19", need, "1.0.31", bundled=False)  # nothing to install: run
+    assert not kernel_template.wheel_needed("1.0.31", need, "1.0.31", bundled=True)
+    assert kernel_template.wheel_needed("1.0.31", need, "1.0.31", bundled=True, force=True)
+    assert kernel_template.wheel_needed("1.0.15", need, None, bundled=False)
+    assert kernel_template.wheel_needed(None, need, None, bundled=False)
+    plan = kbuild.timm_plan([{"backbone": "vit_small_patch16_dinov3", "timm_version": "1.0.22"},
+                             {"backbone": "vit_base_patch14_reg4_dinov2", "timm_version": "1.0.31"},
+                             {"backbone": "vit_base_patch14_reg4_dinov2", "timm_version": None}], None)  # fmt: skip
+    assert plan == {"min_version": "1.0.20", "trained_with": "1.0.31", "wheel": None}
 
 
 def test_kernel_exits_nonzero_with_one_line(kernel_build, mock_kaggle, tmp_path):
@@ -527,9 +543,14 @@ def test_a_fine_tune_build_needs_the_runs_drop_ids_file(trained_exp: Path, tmp_p
 class FakeKaggleRun(FakeKaggle):
     """FakeKaggle that also answers `kernels status` (one state per poll), `kernels logs` and `competitions submit`."""
 
-    def __init__(self, versions: dict[str, int], states: list[str], failure: str = "", push_version: int = 7):
+    HEALTHY = {"submission_written": True, "finite_models": 2, "models_total": 2, "used": ["a", "b"], "images": 3,
+               "images_on_fallback": 0, "failed": {}, "errors": []}  # fmt: skip
+
+    def __init__(
+        self, versions: dict[str, int], states: list[str], failure: str = "", push_version: int = 7, report=HEALTHY
+    ):
         super().__init__(versions, f"Kernel version {push_version} successfully pushed.  Please check progress at x")
-        self.states, self.failure = list(states), failure
+        self.states, self.failure, self.report = list(states), failure, report
 
     def __call__(self, args: list[str], echo: bool = True) -> tuple[int, str]:
         if args[:2] == ["kernels", "status"]:
@@ -541,6 +562,11 @@ class FakeKaggleRun(FakeKaggle):
             self.calls.append(args)
             events = [{"stream_name": "stdout", "time": i, "data": f"line {i}\n"} for i in range(40)]
             return 0, json.dumps(events)
+        if args[:2] == ["kernels", "output"]:  # writes the run's run_report.json into -p (None: the output lacks it)
+            self.calls.append(args)
+            if self.report is not None:
+                (Path(args[args.index("-p") + 1]) / "run_report.json").write_text(json.dumps(self.report))
+            return 0, "Output file downloaded"
         if args[:2] == ["competitions", "submit"]:
             self.calls.append(args)
             return 0, "Submission ref: 123\n5 submissions remaining today.\nSuccessfully submitted"
@@ -561,6 +587,7 @@ def test_push_submit_waits_for_the_run_then_submits_that_version(kernel_build: P
         ["kernels", "status", f"{IDS['kernel']}/7"],
         ["kernels", "status", f"{IDS['kernel']}/7"],
         ["kernels", "logs", f"{IDS['kernel']}/7"],
+        ["kernels", "output", f"{IDS['kernel']}/7", "-p", after_push[5][4], "--file-pattern", r"run_report\.json"],
         ["competitions", "submit", "csiro-biomass", "-k", IDS["kernel"], "-v", "7", "-f", "submission.csv",
          "-m", "v1 test"],
     ]  # fmt: skip
@@ -594,6 +621,31 @@ def test_push_submit_submits_nothing_after_a_failed_run(kernel_build: Path, monk
     assert run_cli(push.main, [str(kernel_build), "--skip-weights", "--submit", "--run-wait", "0"]) == 1
     err = capsys.readouterr().err
     assert "version 7: still running after 0s; nothing submitted; when it is complete: kaggle competitions" in err
+    assert not [c for c in fake.calls if c[0] == "competitions"]
+
+
+@pytest.mark.parametrize(
+    "report, expected",
+    [
+        ({**FakeKaggleRun.HEALTHY, "finite_models": 0, "failed": {"w/e/best.pt": "could not load (OOM)"}},
+         "no model produced a finite prediction: all 3 images got the training median; failed: w/e/best.pt: could not "
+         "load (OOM)"),
+        (None, "the run's output holds no run_report.json (built by an older kernels/build.py?)"),
+        ({**FakeKaggleRun.HEALTHY, "submission_written": False}, "the run wrote no submission"),
+    ],
+)  # fmt: skip
+def test_push_submit_refuses_a_run_where_no_model_was_finite(kernel_build: Path, monkeypatch, capsys, report, expected):
+    """issue 25 item 2: a completed run (exit 0) whose run_report.json shows no finite model is not submitted."""
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "fake-token")
+    monkeypatch.setattr(push, "POLL_SECONDS", 0)
+    monkeypatch.setattr(push, "KERNEL_POLL_SECONDS", 0)
+    fake = FakeKaggleRun({IDS["weights"]: 1, IDS["code"]: 1}, ["COMPLETE"], report=report)
+    monkeypatch.setattr(push, "run_kaggle", fake)
+    assert run_cli(push.main, [str(kernel_build), "--skip-weights", "--submit"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: kernel {IDS['kernel']} version 7 completed but is not worth submitting: {expected}; nothing submitted"
+    ), err
     assert not [c for c in fake.calls if c[0] == "competitions"]
 
 

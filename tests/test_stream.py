@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import weakref
 from pathlib import Path
 
@@ -162,6 +163,16 @@ def test_two_cpu_worker_processes_equal_one_device(synthetic_dir, paths, images,
     two = predict_parallel(paths, [torch.device("cpu")] * 2, images, "full", split="models", threads=1)
     np.testing.assert_allclose(two.per_view, one.per_view, atol=1e-6)
     assert two.members_ran == 4 and two.ok.all()  # (split by images: bench/stream.py compares it too)
+
+
+def test_worker_log_records_reach_the_parents_log(paths, images, caplog):
+    """issue 25 item 7: a worker's warnings (here: every member skipped by a deadline already passed) are logged by
+    the parent (so infer.log has them), prefixed with the worker; nothing ran, so no image has a prediction."""
+    got = predict_parallel(paths[:2], [torch.device("cpu")] * 2, images, "none", on_bad_image="fallback",
+                           deadline=Deadline(1e-9), threads=1)  # fmt: skip
+    assert got.members_ran == 0 and not got.ok.any()
+    lines = [r.getMessage() for r in caplog.records if "skipped, it would cross the deadline" in r.getMessage()]
+    assert len(lines) == 2 and all(re.match(r"worker [01] \(cpu\): ", line) for line in lines), lines
 
 
 def test_deadline_order_takes_one_fold_of_every_grid_first(paths):
