@@ -526,10 +526,12 @@ def check_backbone_weights(cfg: Config) -> Config:
 
     Its backbone lr (1e-5) is meant for pretrained weights: a silent random init trains a model that cannot learn.
     A backbone reshaped by `backbone_kwargs` (the tiny presets) has no pretrained weights, so random is its only start.
+    A colour-feature head (`--regressor ridge|kernel-ridge|hgb --features colour`) builds no backbone at all.
     """
     model = cfg.model
     reshaped = any(k in model.backbone_kwargs for k in RESHAPING_KWARGS)
-    if model.backbone_weights is None and not reshaped:
+    no_backbone = cfg.head.regressor != "network" and cfg.head.features == "colour"
+    if model.backbone_weights is None and not reshaped and not no_backbone:
         name = model.backbone
         raise BiomassError(
             f"--backbone {name} would start from random weights: pass --backbone-weights "
