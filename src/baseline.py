@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         for seed in args.seeds:
-            name = "plain_loop" if seed == args.seeds[0] else f"plain_loop_seed{seed}"
+            name = f"plain_loop_seed{seed}"
             frames[name] = oof_frame(wide, folds, plain_loop_oof(wide, folds, args.plain_tile, args.plain_epochs, seed))
     table = pd.concat([fold_scores(frame, name) for name, frame in frames.items()], ignore_index=True)
     for name in frames:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from src.baseline import plain_loop_oof
@@ -44,3 +45,28 @@ def test_colour_head_builds_no_backbone_and_asks_for_no_weights(synthetic_dir, f
     assert train.main(argv) == 0
     heads = sorted(tmp_path.glob("colour/grid*/fold*/head.json"))
     assert len(heads) == 3 and all((h.parent / "oof.csv").is_file() for h in heads)
+
+
+def _frame(truth: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
+    out = pd.DataFrame({"image_id": [f"i{k}" for k in range(len(truth))], "fold": np.arange(len(truth)) % 3})
+    for j, name in enumerate(TARGETS):
+        out[name] = pred[:, j]
+        out[f"true_{name}"] = truth[:, j]
+    return out
+
+
+def test_blend_verdicts_read_better_only_when_the_blend_beats_the_system():
+    """blend - system with its paired interval: a blend near the truth beats a noisy system, not an equal one."""
+    from src.docs import blend_verdicts
+    from src.metric import score
+
+    rng = np.random.default_rng(0)
+    truth = rng.gamma(2.0, 20.0, size=(120, 5))
+    blend = _frame(truth, truth * rng.normal(1.0, 0.05, size=truth.shape))
+    noisy = [_frame(truth, truth * rng.normal(1.0, 0.6, size=truth.shape).clip(0)) for _ in range(2)]
+    rows = blend_verdicts(blend, {"noisy": noisy, "same": [blend]}, pd.Index(blend["image_id"]))
+    by = {r["system"]: r for r in rows}
+    expected = np.mean([score(truth, f[list(TARGETS)].to_numpy())["weighted_r2"] for f in noisy])
+    assert by["noisy"]["weighted_r2"] == pytest.approx(expected) and by["noisy"]["seeds"] == 2
+    assert by["noisy"]["verdict"] == "better" and by["noisy"]["low"] > 0
+    assert by["same"]["delta"] == 0 and by["same"]["verdict"] == "can't tell"
