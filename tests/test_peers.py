@@ -70,3 +70,24 @@ def test_blend_verdicts_read_better_only_when_the_blend_beats_the_system():
     assert by["noisy"]["weighted_r2"] == pytest.approx(expected) and by["noisy"]["seeds"] == 2
     assert by["noisy"]["verdict"] == "better" and by["noisy"]["low"] > 0
     assert by["same"]["delta"] == 0 and by["same"]["verdict"] == "can't tell"
+
+
+def test_demo_trains_with_a_one_epoch_ema_and_no_early_stop():
+    """The demo's flags (Makefile DEMO_FLAGS): every fold runs its whole cosine schedule, and what is validated
+    and scored is an EMA of the weights with a one-epoch half-life (issue 26: the raw weights' epoch-to-epoch
+    swings set the fixed-schedule headline)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import train
+    from src.averaging import ema_decay_for
+    from src.config import resolve_config
+    from src.training import steps_per_epoch
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    flags = shlex.split(re.search(r"^DEMO_FLAGS := (.*)$", makefile, re.M).group(1))
+    cfg = resolve_config(train.parse_args(["--fold", "0", *flags]))
+    per_epoch = steps_per_epoch(192, cfg.train, 1)  # a demo fold: ~192 training images, batch 16
+    assert per_epoch == 12 and cfg.train.patience == 0 and cfg.train.ema_warmup
+    assert ema_decay_for(cfg.train, per_epoch) == pytest.approx(0.5 ** (1 / 12))
