@@ -7,7 +7,7 @@ FOLDS := data/folds.csv
 EXP := demo
 # the tiny preset at a larger tile and more epochs: measured best per CPU-minute on the demo data (README).
 # --ema-half-life 1 (issue 26): the headline scores each fold at the median best epoch of the other folds, and a
-# random-init net's raw weights swing by up to 0.2-0.3 wR2 between epochs (checkpoints/demo/*/metrics.csv), so that
+# random-init net's raw weights swing by up to 0.2-0.3 wR2 between epochs (docs/ABLATION.md, issue 26), so that
 # epoch's score was mostly the swing; an EMA of the weights over about one epoch smooths the curve so the chosen epoch
 # scores like its neighbours (README demo table: fixed schedule vs last epoch; docs/ABLATION.md)
 DEMO_FLAGS := --preset tiny --tile-size 84 --epochs 24 --ema-half-life 1
