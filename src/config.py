@@ -401,6 +401,10 @@ PRESETS: dict[str, dict] = {
             "finetune_head_lr": 2e-3,  # random-init heads keep learning at the head lr (1e-4 is for a converged start)
             "batch_size": 16,
             "mixup_prob": 0.3,
+            # no early stop: a random-init net's validation curve swings by +-0.15 wR2 from epoch to epoch at these
+            # lrs (issue 26), so patience stopped folds on a dip, before the cosine schedule's low-lr end where the
+            # stable epochs are (docs/ABLATION.md)
+            "patience": 0,
         },
         # images are tiny: worker start-up would cost more than decoding in the main process, and
         # decoding is most of a step (docs/BENCHMARKS.md): decode each image once, keep it in RAM
@@ -560,10 +564,12 @@ def check_backbone_weights(cfg: Config) -> Config:
 
     Its backbone lr (1e-5) is meant for pretrained weights: a silent random init trains a model that cannot learn.
     A backbone reshaped by `backbone_kwargs` (the tiny presets) has no pretrained weights, so random is its only start.
+    A colour-feature head (`--regressor ridge|kernel-ridge|hgb --features colour`) builds no backbone at all.
     """
     model = cfg.model
     reshaped = any(k in model.backbone_kwargs for k in RESHAPING_KWARGS)
-    if model.backbone_weights is None and not reshaped:
+    no_backbone = cfg.head.regressor != "network" and cfg.head.features == "colour"
+    if model.backbone_weights is None and not reshaped and not no_backbone:
         name = model.backbone
         raise BiomassError(
             f"--backbone {name} would start from random weights: pass --backbone-weights "

@@ -9,7 +9,7 @@ bar verdicts README.md summarises).
 
     python -m src.docs                  # rewrite every generated section from its sources
     python -m src.docs --check          # exit 1 naming each section that differs (tests/test_docs.py)
-    python -m src.docs demo checkpoints/demo [--baselines DIR] [--write]   # the demo's per-fold numbers
+    python -m src.docs demo checkpoints/demo [--baselines DIR] [--blend DIR] [--write]   # the demo's numbers
     python -m src.docs params           # count the model's parameters per config -> docs/param_counts.csv
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from src.bootstrap import paired_bootstrap
 from src.checkpoint import git_description
@@ -40,6 +41,7 @@ from src.report import (
     frame_terms,
     load_runs,
     oof_score,
+    per_image_predictions,
     seeds_of,
     to_markdown,
 )
@@ -207,9 +209,56 @@ def _seed_mean_scores(frames_by_seed: list[list[pd.DataFrame]]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def collect_demo(exp_dir: Path, baselines_dir: Path) -> tuple[pd.DataFrame, dict]:
-    """Per fold and pooled: the model's best-epoch and fixed-schedule OOF (mean over seeds) and the two peers'
-    OOF on the same folds; meta = the ensemble's infer.py default row and the paired bootstrap of model - peer."""
+def _last_epoch(run) -> pd.DataFrame | None:
+    """A fold's held-out predictions at its last validated epoch (oof_epochs.csv), or None without that file."""
+    if run.epochs is None or not len(run.epochs):
+        return None
+    last = run.epochs[run.epochs["epoch"] == run.epochs["epoch"].max()]
+    return last.drop(columns=["epoch"]).reset_index(drop=True)
+
+
+def _plain_loop_frames(baselines_dir: Path) -> list[pd.DataFrame]:
+    """The plain loop's OOF, one frame per seed (`python -m src.baseline --plain --seeds ... --out DIR`); may be []."""
+    paths = sorted(baselines_dir.glob("oof_plain_loop*.csv"))
+    return [pd.read_csv(p, dtype={"image_id": str}) for p in paths]
+
+
+def _blend_frames(blend_dir: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict]:
+    """The blend's nested OOF (oof_blend.csv), each member's one prediction per image (as src.blend read it), and
+    blend.yaml."""
+    record = yaml.safe_load((blend_dir / "blend.yaml").read_text())
+    members = {}
+    for path in record["experiments"]:
+        frame, _ = per_image_predictions(Path(path), load_runs(path))
+        members[Path(path).name] = frame
+    return pd.read_csv(blend_dir / "oof_blend.csv", dtype={"image_id": str}), members, record
+
+
+def blend_verdicts(blend: pd.DataFrame, others: dict[str, list[pd.DataFrame]], images: pd.Index) -> list[dict]:
+    """The submitted blend against each other system on the same images: blend - other, paired bootstrap 95%
+    interval (images resampled together, the other's seeds resampled too), verdict: better = the blend is better."""
+    mine = frame_terms([blend], images)
+    rows = []
+    for name, frames in others.items():
+        interval = paired_bootstrap(mine, frame_terms(frames, images))
+        rows.append(
+            {
+                "system": name,
+                "weighted_r2": _seed_mean_scores([[f[f["image_id"].isin(images)]] for f in frames]),
+                "seeds": len(frames),
+                "delta": interval.delta,
+                "low": interval.low,
+                "high": interval.high,
+                "verdict": interval.verdict,
+            }
+        )
+    return rows
+
+
+def collect_demo(exp_dir: Path, baselines_dir: Path, blend_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """Per fold and pooled: the model's best-epoch and fixed-schedule OOF (mean over seeds), the peers' OOF on the
+    same folds (and the plain loop's, seed mean, when `--plain` wrote it), the submitted blend's nested OOF; meta =
+    the ensemble's infer.py default row, the paired bootstrap of model - peer and of the blend - every system."""
     runs = [r for r in load_runs(exp_dir) if r.oof is not None]
     schedule = fixed_schedule(runs)
     seeds = seeds_of(runs)
@@ -219,6 +268,8 @@ def collect_demo(exp_dir: Path, baselines_dir: Path) -> tuple[pd.DataFrame, dict
         if not path.is_file():
             raise BiomassError(f"{path}: not found; run `python -m src.baseline --colour --out {baselines_dir}` first")
         peers[name] = pd.read_csv(path, dtype={"image_id": str})
+    plain = _plain_loop_frames(baselines_dir)
+    blend, members, record = _blend_frames(blend_dir) if blend_dir is not None else (None, {}, {})
     folds = sorted({r.fold for r in runs})
     rows = []
     for fold in [*folds, None]:
@@ -229,8 +280,13 @@ def collect_demo(exp_dir: Path, baselines_dir: Path) -> tuple[pd.DataFrame, dict
         row = {"fold": "pooled" if fold is None else str(fold), "images": len(images)}
         row["model_best"] = _seed_mean_scores(best)
         row["model_fixed"] = _seed_mean_scores(fixed)
+        row["model_last"] = _seed_mean_scores([[_last_epoch(r) for r in mine if r.seed == s] for s in seeds])
         for name, frame in peers.items():
             row[name] = oof_score(frame[frame["image_id"].isin(images)])["weighted_r2"]
+        if plain:
+            row["plain_loop"] = _seed_mean_scores([[f[f["image_id"].isin(images)]] for f in plain])
+        if blend is not None:
+            row["blend"] = oof_score(blend[blend["image_id"].isin(images)])["weighted_r2"]
         rows.append(row)
     table = pd.DataFrame(rows)
     images = pd.Index(sorted(set(pd.concat([r.oof for r in runs])["image_id"])))
@@ -251,6 +307,25 @@ def collect_demo(exp_dir: Path, baselines_dir: Path) -> tuple[pd.DataFrame, dict
     if ens is not None:
         row = default_setting_row(ens)
         meta["ensemble"] = {"tta": row["tta"], "physics": row["physics"], "weighted_r2": float(row["weighted_r2"])}
+    if blend is not None:
+        others = {
+            "network, fixed schedule": None if any(f is None for fs in fixed_frames for f in fs) else fixed_frames,
+            "network, best epoch": [[r.oof for r in runs if r.seed == s] for s in seeds],
+        }
+        others = {k: [pd.concat(f, ignore_index=True) for f in v] for k, v in others.items() if v is not None}
+        others |= {f"member: {name}": [frame] for name, frame in members.items()}
+        if plain:
+            others["plain loop (last epoch)"] = plain
+        others |= {"colour ridge (peer)": [peers["colour_ridge"]], "train mean": [peers["train_mean"]]}
+        meta["blend"] = {
+            "dir": blend_dir.name,
+            "weighted_r2": oof_score(blend)["weighted_r2"],
+            "in_sample_weighted_r2": record["oof"]["in_sample_weighted_r2"],
+            "members": [Path(p).name for p in record["experiments"]],
+            "vs": blend_verdicts(blend, others, images),
+        }
+    if plain:
+        meta["plain_loop_seeds"] = len(plain)
     meta["commands"] = list(dict.fromkeys(r.command for r in runs if r.command))
     # the commit the folds were trained at (git.txt of each run), not the one collecting them
     trained_at = {(r.path / "git.txt").read_text().strip() for r in runs if (r.path / "git.txt").is_file()}
@@ -261,25 +336,26 @@ def collect_demo(exp_dir: Path, baselines_dir: Path) -> tuple[pd.DataFrame, dict
 
 def render_demo_table(table: pd.DataFrame, meta: dict) -> str:
     """README's demo table: model vs peer per fold, the ensemble, and whether the model beats the peer."""
-    shown = pd.DataFrame(
-        {
-            "fold": table["fold"],
-            "images": table["images"],
-            "model, fixed schedule (headline)": table["model_fixed"],
-            "model, best epoch": table["model_best"],
-            "colour ridge (peer)": table["colour_ridge"],
-            "train mean": table["train_mean"],
-        }
-    )
+    columns = {"fold": table["fold"], "images": table["images"]}
+    if "blend" in table:
+        columns["blend (submitted, nested)"] = table["blend"]
+    columns["model, fixed schedule"] = table["model_fixed"]
+    if "model_last" in table:
+        columns["model, last epoch"] = table["model_last"]
+    columns["model, best epoch"] = table["model_best"]
+    if "plain_loop" in table:
+        columns["plain loop"] = table["plain_loop"]
+    columns |= {"colour ridge (peer)": table["colour_ridge"], "train mean": table["train_mean"]}
+    shown = pd.DataFrame(columns)
     seeds = f"mean over {meta['seeds']} seeds, " if meta.get("seeds", 1) > 1 else ""
     lines = [
         to_markdown(shown, {"images": 0}),
         "",
         f"Weighted R² out of fold ({seeds}`{meta['exp']}`, {meta['date']}, `{meta['git']}`). Model columns: each "
-        "fold's held-out predictions from training (no TTA, no physics); the headline is the fixed schedule: each "
-        "fold scored at the median of the other folds' best epochs (halves round up), so no fold's labels choose "
-        "its own epoch; a fold whose early stopping fired keeps its best.pt but trains on to the last epoch, so "
-        "that scheduled epoch is always one it ran, never cut to its own stop. Best epoch is selected on the "
+        "fold's held-out predictions from training (no TTA, no physics); fixed schedule = each fold at the median "
+        "of the other folds' best epochs (halves round up), chosen without its labels (a fold whose early stopping "
+        "fired keeps its best.pt but trains on to the last epoch, so that epoch is always one it ran); last epoch = "
+        "the end of the schedule, no choice at all (as the plain loop is scored); best epoch is selected on the "
         "fold's own labels and so optimistic.",
     ]
     if "ensemble" in meta:
@@ -295,6 +371,35 @@ def render_demo_table(table: pd.DataFrame, meta: dict) -> str:
                 f" Model ({name}) - peer, pooled: {v['delta']:+.4f}, paired bootstrap 95% interval "
                 f"[{v['low']:+.4f}, {v['high']:+.4f}]: {v['verdict']}."
             )
+    if meta.get("plain_loop_seeds"):
+        lines[-1] += (
+            f" Plain loop: `python -m src.baseline --plain` (its own loop, scored at its last epoch), mean over "
+            f"{meta['plain_loop_seeds']} seed(s)."
+        )
+    if "blend" in meta:
+        b = meta["blend"]
+        members = ", ".join(f"`{m}`" for m in b["members"])
+        vs = pd.DataFrame(b["vs"])
+        vs = pd.DataFrame(
+            {
+                "system": vs["system"],
+                "seeds": vs["seeds"],
+                "pooled wR2": vs["weighted_r2"],
+                "blend - system": vs["delta"].map(lambda v: f"{v:+.4f}"),
+                "95% interval": [f"[{lo:+.4f}, {hi:+.4f}]" for lo, hi in zip(vs["low"], vs["high"])],
+                "verdict (blend is ...)": vs["verdict"],
+            }
+        )
+        lines += [
+            "",
+            f"The submitted system is `{b['dir']}`: `python -m src.blend` of {members} (non-negative per-target "
+            f"weights); its estimate {b['weighted_r2']:.4f} is nested (each fold's rows blended with weights fitted on "
+            f"the other folds; in-sample {b['in_sample_weighted_r2']:.4f}), and `make demo`'s submission.csv comes "
+            "from it. Against every other system on the same images (paired bootstrap, 2000 draws; `verdict` reads "
+            "better when the interval of blend - system is above 0):",
+            "",
+            to_markdown(vs, {"seeds": 0}),
+        ]
     return "\n".join(lines)
 
 
@@ -512,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="collect a demo run's per-fold numbers (model vs peers)")
     demo.add_argument("exp", help="experiment directory, e.g. checkpoints/demo")
     demo.add_argument("--baselines", default=None, help="python -m src.baseline --out DIR (default <exp>/baselines)")
+    demo.add_argument("--blend", default=None, help="the submitted blend directory (python -m src.blend --out DIR)")
     demo.add_argument("--write", action="store_true", help="write docs/demo.csv + .json and rewrite the docs")
     sub.add_parser("params", help="count the parameters of each model config -> docs/param_counts.csv")
     args = parser.parse_args(argv)
@@ -520,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {DOCS / 'param_counts.csv'}")
     if args.command == "demo":
         exp = Path(args.exp)
-        table, meta = collect_demo(exp, Path(args.baselines) if args.baselines else exp / "baselines")
+        blend = Path(args.blend) if args.blend else None
+        table, meta = collect_demo(exp, Path(args.baselines) if args.baselines else exp / "baselines", blend)
         print(render_demo_table(table, meta))
         out = DOCS if args.write else exp
         write_csv_atomic(table, out / "demo.csv")
