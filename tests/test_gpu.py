@@ -255,19 +255,29 @@ def test_train_py_under_torchrun_one_process_per_gpu(synthetic_dir: Path, folds_
 
 
 # ---- infer.py on cuda and on two workers sharing one GPU ---------------------------------------------------------
-def _infer(trained_exp: Path, synthetic_dir: Path, out: Path, *flags: str) -> pd.Series:
+@pytest.fixture(scope="module")
+def tiny_exp(tmp_path_factory) -> Path:
+    """Random-init tiny checkpoints, grid 2x2 folds 0 and 1 and grid 1x2 fold 0: inference needs no training."""
+    exp = tmp_path_factory.mktemp("tiny") / "exp"
+    for grid, fold in (((2, 2), 0), ((2, 2), 1), ((1, 2), 0)):
+        cfg = make_config("tiny_quick", grid=grid)
+        save_random_checkpoint(cfg, exp / f"grid{grid[0]}x{grid[1]}" / f"fold{fold}" / "best.pt", fold=fold)
+    return exp
+
+
+def _infer(exp: Path, synthetic_dir: Path, out: Path, *flags: str) -> pd.Series:
     run_script(
-        "infer.py", "--data-dir", str(synthetic_dir), "--checkpoints", str(trained_exp), "--out", str(out), *flags,
+        "infer.py", "--data-dir", str(synthetic_dir), "--checkpoints", str(exp), "--out", str(out), *flags,
         timeout=300,
     )  # fmt: skip
     return pd.read_csv(out).set_index("sample_id")["target"].sort_index()
 
 
-def test_infer_py_on_cuda_and_two_workers_on_one_gpu_equal_the_cpu(trained_exp: Path, synthetic_dir: Path, tmp_path):
-    cpu = _infer(trained_exp, synthetic_dir, tmp_path / "cpu.csv", "--device", "cpu")
-    one = _infer(trained_exp, synthetic_dir, tmp_path / "cuda.csv", "--device", "cuda")
-    two = _infer(trained_exp, synthetic_dir, tmp_path / "two.csv", "--device", "cuda:0,cuda:0")
-    amp = _infer(trained_exp, synthetic_dir, tmp_path / "amp.csv", "--device", "cuda", "--amp")
+def test_infer_py_on_cuda_and_two_workers_on_one_gpu_equal_the_cpu(tiny_exp: Path, synthetic_dir: Path, tmp_path):
+    cpu = _infer(tiny_exp, synthetic_dir, tmp_path / "cpu.csv", "--device", "cpu")
+    one = _infer(tiny_exp, synthetic_dir, tmp_path / "cuda.csv", "--device", "cuda")
+    two = _infer(tiny_exp, synthetic_dir, tmp_path / "two.csv", "--device", "cuda:0,cuda:0")
+    amp = _infer(tiny_exp, synthetic_dir, tmp_path / "amp.csv", "--device", "cuda", "--amp")
     assert cpu.index.equals(one.index) and cpu.index.equals(two.index) and len(cpu) > 0
     np.testing.assert_allclose(one, cpu, rtol=FP32_RTOL, atol=FP32_ATOL_G)
     np.testing.assert_allclose(two, cpu, rtol=FP32_RTOL, atol=FP32_ATOL_G)
