@@ -7,10 +7,12 @@ the stage switch; NCCL (DDP) and train.py under torchrun, one process per GPU; i
 sharing one GPU against the CPU result; the kernel's device check and test operation; an OOM forced with a memory cap;
 the deadline with model-major streaming and `torch.cuda.empty_cache`.
 
-Tolerances (stated once, used below): CUDA fp32 vs CPU fp32 (TF32 stays off at inference) within FP32_RTOL
-and FP32_ATOL_G; CUDA bf16 autocast vs CPU fp32 within BF16_RTOL / BF16_ATOL_G (bf16 keeps 8 mantissa bits in the
-backbone; the heads run in fp32); two runs of a CUDA training loop are not bit-identical (atomics in the backward
-pass), so a resumed fold is held to the uninterrupted one within RESUME_ATOL.
+Tolerances (stated once, used below): CUDA fp32 vs CPU fp32 within FP32_RTOL and FP32_ATOL_G (TF32 matmuls
+stay off at inference, but cuDNN's convolutions may use TF32: `torch.backends.cudnn.allow_tf32` defaults to True);
+one worker vs two on the same GPU within WORKERS_ATOL_G; CUDA bf16 autocast vs CPU fp32 within BF16_RTOL and
+BF16_ATOL_G (bf16 keeps 8 mantissa bits in the backbone; the heads run in fp32); two runs of a CUDA training loop
+are not bit-identical (atomics in the backward pass), so a resumed fold is held to the uninterrupted one within
+RESUME_ATOL.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from src.training import fit, train_one_epoch
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
-FP32_RTOL, FP32_ATOL_G = 1e-4, 1e-3
+FP32_RTOL, FP32_ATOL_G = 2e-3, 2e-2  # cuDNN convolutions (the patch embedding) may use TF32 by default on Ampere+
+WORKERS_ATOL_G = 1e-4  # one worker vs two on the same GPU: the same kernels, only the summation order of the mean
 BF16_RTOL, BF16_ATOL_G = 0.05, 0.5
 RESUME_ATOL = 1e-2
 
@@ -184,13 +187,13 @@ def test_real_shaped_backbone_trains_two_steps(backbone, grid, tile, ckpt, fp16,
         "month": torch.tensor([2, 3]),
         "species": torch.tensor([1, 4]),
     }
-    block = dict(model.backbone.blocks[-1].named_parameters())["mlp.fc1.weight"].detach().clone()
+    last_block = next(p for p in model.backbone.blocks[-1].parameters() if p.ndim == 2)  # a weight of the top block
+    block = last_block.detach().clone()
     scaler = make_scaler(CUDA, True)
     assert scaler.is_enabled() == fp16
     stats = train_one_epoch(model, [batch, batch], optimizer, scheduler, cfg, CUDA, False, DistInfo(), 0, scaler=scaler)
     assert stats["bad_steps"] == 0 and np.isfinite(stats["train_loss"]) and stats["overflow_steps"] < 2
-    after = dict(model.backbone.blocks[-1].named_parameters())["mlp.fc1.weight"]
-    assert torch.isfinite(after).all() and not torch.equal(after, block)  # the backbone took a step
+    assert torch.isfinite(last_block).all() and not torch.equal(last_block, block)  # the backbone took a step
 
 
 def test_ema_and_the_stage_switch_on_cuda(synthetic_dir: Path, folds_csv: Path, tmp_path: Path):
@@ -281,6 +284,7 @@ def test_infer_py_on_cuda_and_two_workers_on_one_gpu_equal_the_cpu(tiny_exp: Pat
     assert cpu.index.equals(one.index) and cpu.index.equals(two.index) and len(cpu) > 0
     np.testing.assert_allclose(one, cpu, rtol=FP32_RTOL, atol=FP32_ATOL_G)
     np.testing.assert_allclose(two, cpu, rtol=FP32_RTOL, atol=FP32_ATOL_G)
+    np.testing.assert_allclose(two, one, rtol=0, atol=WORKERS_ATOL_G)
     np.testing.assert_allclose(amp, cpu, rtol=BF16_RTOL, atol=BF16_ATOL_G)
 
 
@@ -305,9 +309,10 @@ def test_the_kernel_device_check_and_test_operation_on_a_real_gpu():
 # ---- OOM under a memory cap ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vits_checkpoints(tmp_path_factory) -> list[Path]:
-    """Two random ViT-S/14 checkpoints at grid 2x2, tile 448 (view 896 px): a batch of 6 images needs ~1 GB."""
+    """Two random ViT-S/14 checkpoints at grid 2x2, tile 448 (view 896 px), every tile of a batch in one backbone call
+    (so memory grows with the batch: about 0.4 GB at 1 image, 2 GB at 6)."""
     root = tmp_path_factory.mktemp("vits")
-    cfg = make_config("vit_s", grid=(2, 2), tile_size=448)
+    cfg = make_config("vit_s", grid=(2, 2), tile_size=448, max_tiles_per_call=4096)
     return [save_random_checkpoint(cfg, root / f"fold{k}" / "best.pt", fold=k) for k in range(2)]
 
 
@@ -338,7 +343,7 @@ class MemoryCap:
 
 @pytest.fixture(scope="module")
 def oom_setting(vits_checkpoints, synthetic_dir: Path) -> dict:
-    """The uncapped predictions, the peaks at batch 1 and 6, and a cap between them (geometric mean)."""
+    """The uncapped predictions, the peaks at batch 1 and 6, and a cap half-way between them."""
     frame = load_test(synthetic_dir)
     predictor = Predictor(vits_checkpoints[0], CUDA, tta="full")
     views = torch.randint(0, 256, (len(frame), 3, *predictor.view_size), dtype=torch.uint8)
@@ -347,8 +352,8 @@ def oom_setting(vits_checkpoints, synthetic_dir: Path) -> dict:
     predictor = None  # its weights go before the reference run
     torch.cuda.empty_cache()
     reference = predict_ensemble([ModelRef(vits_checkpoints[0], CUDA)], frame, batch_size=len(frame), show=False)
-    assert big > 2 * small, f"batch {len(frame)} peaks at {big / 2**20:.0f} MiB, batch 1 at {small / 2**20:.0f} MiB"
-    return {"frame": frame, "small": small, "big": big, "cap": int((small * big) ** 0.5), "reference": reference}
+    assert big > 3 * small, f"batch {len(frame)} peaks at {big / 2**20:.0f} MiB, batch 1 at {small / 2**20:.0f} MiB"
+    return {"frame": frame, "small": small, "big": big, "cap": (small + big) // 2, "reference": reference}
 
 
 def test_a_memory_cap_forces_an_oom_at_full_batch_only(vits_checkpoints, oom_setting):
