@@ -207,16 +207,17 @@ def plan(wheels_dir: Path = WHEELS_DIR, stages: tuple[str, ...] = STAGES) -> dic
 
 
 # ---- running stages ------------------------------------------------------------------------------------------------
-def run_limited(cmd: list[str], budget_s: float, env: dict | None = None, cwd: Path = REPO) -> dict:
-    """Run a child process for at most `budget_s` seconds: status ok / failed (exit code) / timeout, and its output."""
+def run_limited(cmd: list[str], budget_s: float, env: dict | None = None, cwd: Path = REPO, tail: int = 4000) -> dict:
+    """Run a child process for at most `budget_s` seconds: status ok / failed (exit code) / timeout, and the last
+    `tail` characters of its output."""
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=budget_s)
     except subprocess.TimeoutExpired as err:  # subprocess.run kills the child before raising
         out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        return {"status": "timeout", "seconds": round(time.perf_counter() - start, 1), "output": out[-4000:]}
+        return {"status": "timeout", "seconds": round(time.perf_counter() - start, 1), "output": out[-tail:]}
     status = "ok" if proc.returncode == 0 else "failed"
-    output = (proc.stdout + proc.stderr)[-4000:]
+    output = (proc.stdout + proc.stderr)[-tail:]
     return {"status": status, "returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
             "output": output}  # fmt: skip
 
