@@ -60,6 +60,17 @@ def _synced() -> float:
     return time.perf_counter()
 
 
+def build_on(model_cfg, device: torch.device):
+    """build_model (random weights) with its tensors created on `device`: timm's init of a ViT-L takes seconds of
+    CPU otherwise. Where building under the device context fails, the CPU build is moved instead (printed)."""
+    try:
+        with device:
+            return build_model(model_cfg, load_backbone_weights=False)
+    except RuntimeError as err:
+        print(f"building on {device} failed ({str(err).splitlines()[0][:120]}); built on the CPU and moved")
+        return build_model(model_cfg, load_backbone_weights=False).to(device)
+
+
 def training_batch(view_size: tuple[int, int], batch: int, seed: int = 0) -> dict:
     """A batch as the image datasets give it (uint8 views, grams, aux labels), random values."""
     gen = torch.Generator().manual_seed(seed)
@@ -84,7 +95,7 @@ def step_peak(cfg: Config, grid: tuple[int, int], grad_checkpointing: bool, devi
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    model = build_model(cfg.model, load_backbone_weights=False).to(device)
+    model = build_on(cfg.model, device)
     model.unfreeze_backbone(cfg.train.freeze_blocks)
     tc = cfg.train
     groups = model.param_groups(tc.finetune_head_lr, tc.backbone_lr, tc.weight_decay, layer_decay=tc.layer_decay)
@@ -157,7 +168,7 @@ def measure_flops(deadline: float, peak: float | None) -> list[dict]:
         seen.add(key)
         cfg, _ = resolve_recipe(REPO / "configs" / f"{shape['recipe']}.yaml", tile_size=shape["tile"])
         cfg.model.grad_checkpointing = False  # exactly one forward per backward: FLOPs = 3 x forward
-        model = build_model(cfg.model, load_backbone_weights=False).to(device)
+        model = build_on(cfg.model, device)
         n = shape["sequences_per_step"]
         tiles = torch.randn(n, 3, shape["tile"], shape["tile"], device=device).contiguous(
             memory_format=torch.channels_last
@@ -214,7 +225,7 @@ def encoder_rates(grids: list[tuple[tuple[int, int], int]]) -> dict[int, tuple[f
     device, out = torch.device("cuda"), {}
     for grid, tile in grids:
         cfg = common.make_config(INFER_KIND, grid=grid, tile_size=tile)
-        model = build_model(cfg.model, load_backbone_weights=False).to(device).eval()
+        model = build_on(cfg.model, device).eval()
         per_call = min(TTA_PASSES * 2 * INFER_BATCH * grid[0] * grid[1], cfg.model.max_tiles_per_call)
         tiles = torch.randn(per_call, 3, tile, tile, device=device).contiguous(memory_format=torch.channels_last)
         seconds = _time_calls(model, tiles, torch.bfloat16, backward=False)
