@@ -14,7 +14,7 @@ DEMO_FLAGS := --preset tiny --tile-size 84 --epochs 24 --ema-half-life 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data-synthetic data demo test ablate kernel push kaggle-sim real clean
+.PHONY: install data-synthetic data demo test ablate kernel push kaggle-sim real gpu-wheels gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,18 @@ real: install
 	$(PY) real.py --recipe $(RECIPE) $(if $(OWNER),--owner $(OWNER)) $(if $(GPUS),--gpus $(GPUS)) \
 		$(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) \
 		$(if $(FIT_MEMORY),--fit-memory $(FIT_MEMORY)) $(if $(KEEP_LAST),--keep-last $(KEEP_LAST))
+
+# the GPU suite and the GPU figures (docs/GPU.md). Here, with network: make gpu-wheels (albumentations and the
+# dependencies a bare CUDA box lacks, as Python 3.12 wheels, into the ignored .whl/). There, with .whl/ carried:
+# make gpu-check (set-up from the wheels, pytest -m gpu, peak memory, TFLOP/s, infer.py end to end; under 6 minutes on
+# an H200) -> docs/gpu.json + docs/GPU.md. GPU_FLAGS=--dry-run prints the plan on any machine.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_FLAGS ?=
+gpu-wheels: install
+	$(PY) bench/gpu_check.py --fetch-wheels
+
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(GPU_FLAGS)
 
 clean:
 	rm -rf $(DATA) $(FOLDS) checkpoints/$(EXP) checkpoints/$(EXP)-colour checkpoints/$(EXP)-hgb checkpoints/$(EXP)-blend \

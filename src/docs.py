@@ -2,10 +2,10 @@
 
 A section is `<!-- generated:NAME -->...<!-- /generated -->`; NAME's renderer below turns its sources (CSV/JSON
 committed under docs/) into the text between the markers. The sources are written by the scripts that measure:
-`bench/ablate.py` (docs/ablation.csv + .json), `bench/recipes.py` (docs/recipes*.csv),
-`python -m src.docs demo checkpoints/demo --write` (docs/demo.csv
-+ .json, from a `make demo` run's files), `bench/*.py` (the dated sections they append to docs/BENCHMARKS.md, whose
-bar verdicts README.md summarises).
+`bench/ablate.py` (docs/ablation.csv + .json), `bench/recipes.py` (docs/recipes*.csv), `bench/gpu_check.py`
+(docs/gpu.json), `python -m src.docs demo checkpoints/demo --write` (docs/demo.csv + .json, from a `make demo`
+run's files), `bench/*.py` (the dated sections they append to docs/BENCHMARKS.md, whose bar verdicts README.md
+summarises).
 
     python -m src.docs                  # rewrite every generated section from its sources
     python -m src.docs --check          # exit 1 naming each section that differs (tests/test_docs.py)
@@ -577,6 +577,121 @@ def _recipes_readme(repo: Path) -> str:
     return "\n".join(lines)
 
 
+# ---- the GPU check (bench/gpu_check.py -> docs/gpu.json) ------------------------------------------------------------
+GPU_RESULTS = "gpu.json"
+NOT_MEASURED = (
+    "**No GPU has been measured yet.** `make gpu-check` has not run on a CUDA machine for this repo (there is no "
+    "docs/gpu.json), so none of the CUDA paths above has run on a GPU and every GPU figure elsewhere is *assumed*: "
+    "docs/RECIPES.md's memory and minutes per fold, docs/KAGGLE.md's kernel plan (`kernels/plan.py`) and the T4 / "
+    "P100 rows of docs/BENCHMARKS.md are FLOP and byte arithmetic at assumed rates (a T4 at 30% of its 65 TFLOP/s "
+    "fp16 peak, A100 / H100 at 40%) and an assumed activation model (34 bytes per token x width per block, 1 GB "
+    "overhead), not measurements."
+)
+
+
+def _fmt(value, spec: str = "", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def render_gpu(results: dict | None) -> str:
+    """docs/GPU.md's generated section: the machine, the stages, pytest -m gpu, memory, TFLOP/s and infer.py rows."""
+    if results is None:
+        return NOT_MEASURED
+    m = results["machine"]
+    lines = []
+    if results.get("kind") != "measurement":
+        lines += [f"**FIXTURE, not a measurement** ({results.get('note', 'a test file')}).", ""]
+    lines += [
+        f"Measured on **{m['card']}** ({m['capability']}, {m['memory_gib']} GiB, {m['gpus']} GPU), driver "
+        f"{m['driver']}, torch {m['torch']} (CUDA {m['cuda']}), timm {m['timm']}, Python {m['python']}, {m['date']}, "
+        f"commit {str(m['git'])[:12]}; `make gpu-check` took {results['total_seconds']:.0f} s (budget "
+        f"{results['total_budget_s']} s). Card peak used for shares: {_fmt(m.get('peak_tflops'), '.0f')} TFLOP/s "
+        "(datasheet, dense fp16/bf16).",
+        "",
+        "| stage | status | seconds | budget s |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {s['status']} | {s.get('seconds', 0)} | {s.get('budget_s', '-')} |"
+        for name, s in results["stages"].items()
+    ]
+    tests = results.get("tests")
+    if tests:
+        lines += [
+            "",
+            f"`pytest -m gpu`: {tests['passed']} passed, {tests['failed']} failed, {tests.get('error', 0)} errors, "
+            f"{tests['skipped']} skipped, {tests.get('xfailed', 0)} expected failures.",
+        ]
+        odd = [c for c in tests["cases"] if c["outcome"] != "passed"]
+        if odd:
+            lines += ["", "| test | outcome | message |", "|---|---|---|"]
+            lines += [f"| `{c['name']}` | {c['outcome']} | {c['message'].replace('|', '/')} |" for c in odd]
+    if results.get("memory"):
+        lines += [
+            "",
+            "Peak CUDA memory of two finetune-stage training steps (`torch.cuda.max_memory_allocated`: tensors only, "
+            "no CUDA context) at each recipe's real shapes with random weights, against bench/recipes.py's memory "
+            "model (which adds 1 GB for context and slack):",
+            "",
+            "| recipe | backbone | grid | batch | grad ckpt | measured GB | model GB | measured / model | status |",
+            "|---|---|---|---:|---|---:|---:|---:|---|",
+        ]
+        for r in results["memory"]:
+            status = r.get("status", "") + (f" (= {r['same_as']})" if r.get("same_as") else "")
+            lines.append(
+                f"| {r['recipe']} | `{r['backbone']}` | {r['grid']} | {r['batch_size']} | "
+                f"{'on' if r['grad_checkpointing'] else 'off'} | {_fmt(r.get('peak_gb'), '.2f')} | "
+                f"{r['model_gb']:.1f} | {_fmt(r.get('ratio_to_model'), '.2f')} | {status} |"
+            )
+    if results.get("flops"):
+        t4 = results.get("t4_peak_tflops")
+        lines += [
+            "",
+            "Sustained throughput of each recipe backbone at one training step's sequences (bench/recipes.py's FLOP "
+            f"count; fwd+bwd = 3 x forward). T4 column: the measured share x the T4's {_fmt(t4, '.0f')} TFLOP/s fp16 "
+            "peak, an upper bound (sm_75 has no FlashAttention-2 and no bf16; its 70 W clocks drop under load):",
+            "",
+            "| backbone | tile | sequences | dtype | mode | TFLOP/s | share of peak | T4 projection TFLOP/s |",
+            "|---|---:|---:|---|---|---:|---:|---:|",
+        ]
+        for r in results["flops"]:
+            share = r.get("share_of_peak")
+            t4_rate = share * t4 if share is not None and t4 else None
+            lines.append(
+                f"| `{r['backbone']}` | {r['tile']} | {r['sequences_per_step']} | {r['dtype']} | {r['mode']} | "
+                f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(share, '.1%')} | {_fmt(t4_rate, '.1f')} |"
+            )
+    infer = results.get("infer")
+    if infer and infer.get("status") == "ok":
+        lines += [
+            "",
+            f"`infer.py` end to end on the GPU: {infer['models']} random ViT-B/14 checkpoints "
+            f"({infer['checkpoint_mb']} MB each), {infer['images']} full-size images, tta full, bf16 "
+            f"(`{infer['command']}`): wall {infer['wall_s']:.1f} s, of which predicting {infer['predict_s']:.1f} s "
+            f"(fixed {infer['fixed_s']:.1f} s); "
+            f"{infer['e2e_tflops']:.1f} TFLOP/s = **{infer['share_of_encoder']:.0%} of the encoder alone** "
+            f"({infer['encoder_tflops']:.1f} TFLOP/s, same precision and tiles per call), "
+            f"{_fmt(infer.get('share_of_peak'), '.1%')} of the card's peak.",
+        ]
+    elif infer:
+        lines += ["", f"`infer.py` end to end: {infer.get('status')}."]
+    return "\n".join(lines)
+
+
+def _gpu(repo: Path) -> str:
+    """docs/GPU.md: the results of the last `make gpu-check` (docs/gpu.json), or that no GPU has been measured."""
+    path = repo / "docs" / GPU_RESULTS
+    if not path.is_file():
+        return render_gpu(None)
+    results = read_json(path)
+    if results.get("kind") != "measurement":
+        raise BiomassError(
+            f"{path}: kind {results.get('kind')!r}, not 'measurement'; docs/gpu.json is written only by "
+            "bench/gpu_check.py on a GPU (a fixture belongs under tests/)"
+        )
+    return render_gpu(results)
+
+
 # ---- all sections ----------------------------------------------------------------------------------------------------
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "ablation": _ablation,
@@ -588,6 +703,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "param-counts": _param_counts,
     "recipes": _recipes,
     "recipes-readme": _recipes_readme,
+    "gpu": _gpu,
 }
 
 
