@@ -366,12 +366,8 @@ def test_a_memory_cap_forces_an_oom_at_full_batch_only(vits_checkpoints, oom_set
             predictor.predict_views(views, views)
 
 
-@pytest.mark.xfail(
-    reason="issue 25's OOM retry at half batch is not merged yet: the OOM model is left out", strict=True,
-    raises=AssertionError,
-)  # fmt: skip
 def test_an_oom_retries_at_half_batch_and_keeps_the_model(vits_checkpoints, oom_setting):
-    """Under the cap the ensemble's batch OOMs; the retry at half size (issue 25) gives the uncapped predictions."""
+    """Under the cap the batch OOMs; the retry at half size (BatchPredictor) gives the uncapped predictions."""
     frame = oom_setting["frame"]
     with MemoryCap(oom_setting["cap"]):
         pred = predict_ensemble(

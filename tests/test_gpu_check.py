@@ -92,7 +92,7 @@ def test_the_dry_run_plan_resolves_shapes_projections_wheels_and_commands(tmp_pa
     assert run_cli(gpu_check.main, ["--dry-run", "--wheels", str(wheels)]) == 0
     plan = json.loads(capsys.readouterr().out)
     shapes = {(s["recipe"], s["grid"]): s for s in plan["shapes"]}
-    assert set(shapes) == {("gpu-smoke", "2x2"), ("seed", "2x2"), ("seed", "3x3"), ("top", "1x1")}
+    assert set(shapes) == {("gpu-smoke", "2x2"), ("seed", "2x2"), ("seed", "3x3"), ("top", "1x1"), ("top-h", "1x1")}
     seed = shapes[("seed", "2x2")]  # ViT-B/14 reg4 at 504: 36 x 36 patches + 5 prefix tokens; 8 images x 2 views x 4
     assert (seed["tile"], seed["tokens"], seed["sequences_per_step"]) == (504, 36 * 36 + 5, 64)
     top = shapes[("top", "1x1")]  # ViT-L/16 DINOv3 at 768, batch 4, EMA

@@ -45,6 +45,11 @@ elif args[:2] == ["kernels", "status"]:
     print(args[2] + ' has status "KernelWorkerStatus.COMPLETE"')
 elif args[:2] == ["kernels", "logs"]:
     print("[]")
+elif args[:2] == ["kernels", "output"]:  # the run's run_report.json: one finite model, so push.py may submit
+    report = {{"submission_written": True, "finite_models": 1, "models_total": 1, "used": ["a"], "images": 3,
+              "images_on_fallback": 0, "failed": {{}}, "errors": []}}
+    (Path(args[args.index("-p") + 1]) / "run_report.json").write_text(json.dumps(report))
+    print("Output file downloaded")
 elif args[:2] == ["competitions", "submit"]:
     print("Successfully submitted")
 else:
@@ -106,7 +111,7 @@ def test_make_real_chain_on_synthetic_data(synthetic_dir, folds_csv, tmp_path, c
     calls = [json.loads(ln) for ln in (fake.parent / "calls.jsonl").read_text().splitlines()]
     verbs = [c[:2] for c in calls if c[1] != "status"]
     assert verbs == [["datasets", "create"], ["datasets", "create"], ["kernels", "push"], ["kernels", "logs"],
-                     ["competitions", "submit"]]  # fmt: skip
+                     ["kernels", "output"], ["competitions", "submit"]]  # fmt: skip
     submit = next(c for c in calls if c[0] == "competitions")
     assert submit[:4] == ["competitions", "submit", "csiro-biomass", "-k"] and submit[4].startswith("tester/")
     assert submit[5:7] == ["-v", "3"] and "submitted" in out  # the version kernels push reported
