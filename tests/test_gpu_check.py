@@ -162,8 +162,9 @@ def test_peak_table_matches_cards_by_name():
 
 def test_make_targets_call_the_script():
     run = {"cwd": REPO, "capture_output": True, "text": True, "check": True}
-    dry = subprocess.run(["make", "-n", "gpu-check", "GPU_FLAGS=--dry-run"], **run).stdout
+    make = ["make", "--no-print-directory", "-n"]  # no "Entering directory" lines under a parent make (make test)
+    dry = subprocess.run([*make, "gpu-check", "GPU_FLAGS=--dry-run"], **run).stdout
     assert "bench/gpu_check.py --dry-run" in dry
-    bare = subprocess.run(["make", "-n", "gpu-check", "PY=/no/such/python"], **run).stdout  # a GPU box has no .venv
+    bare = subprocess.run([*make, "gpu-check", "PY=/no/such/python"], **run).stdout  # a GPU box has no .venv
     assert bare.strip().startswith("python3 bench/gpu_check.py")
-    assert "bench/gpu_check.py --fetch-wheels" in subprocess.run(["make", "-n", "gpu-wheels"], **run).stdout
+    assert "bench/gpu_check.py --fetch-wheels" in subprocess.run([*make, "gpu-wheels"], **run).stdout
