@@ -273,18 +273,23 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_nan_on_one_rank_finishes_and_equals_the_single_process_run(tmp_path: Path):
+def _two_ranks(worker, tmp_path: Path, hang: str) -> list[dict]:
+    """Runs `worker` on 2 gloo ranks (fork) and returns what each saved; a hang kills both ranks and fails."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     context = mp.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
+        worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
     )
     deadline = time.time() + 60
     while not context.join(timeout=1):
-        if time.time() > deadline:  # a hang: end the two ranks we started, then fail
+        if time.time() > deadline:
             for proc in context.processes:
                 proc.kill()
-            pytest.fail("DDP ranks did not finish: a rank-local skip left the other waiting in the all-reduce")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+            pytest.fail(f"DDP ranks did not finish: {hang}")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_nan_on_one_rank_finishes_and_equals_the_single_process_run(tmp_path: Path):
+    ranks = _two_ranks(_ddp_worker, tmp_path, "a rank-local skip left the other waiting in the all-reduce")
     # the single process sees the whole batches: the NaN makes it skip the same step
     cfg = tiny_cfg()
     model = head_model(cfg)
@@ -519,17 +524,7 @@ def _ddp_accum_worker(rank: int, world: int, init_file: str, out_dir: str) -> No
 
 
 def test_ddp_accumulation_syncs_once_per_step_and_matches_one_process(tmp_path: Path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.start_processes(
-        _ddp_accum_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
-    )
-    deadline = time.time() + 60
-    while not context.join(timeout=1):
-        if time.time() > deadline:
-            for proc in context.processes:
-                proc.kill()
-            pytest.fail("DDP ranks did not finish")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = _two_ranks(_ddp_accum_worker, tmp_path, "an accumulation step left a rank waiting")
     cfg = tiny_cfg(accum=2, grad_clip=0.0)
     model = head_model(cfg)
     batches = [feature_batch(model, s, n=8) for s in (1, 2, 3, 4)]
